@@ -1,0 +1,97 @@
+"""One error hierarchy for the whole project, mapped to gRPC status in one place.
+
+    PointsmanError                 UNKNOWN
+     ├── InvalidRequestError       INVALID_ARGUMENT   malformed bytes, missing model name
+     ├── ModelNotFoundError        NOT_FOUND          no instance's repository knows the model
+     ├── NoReadyInstanceError      UNAVAILABLE        the model exists but nothing can serve it
+     ├── OverloadedError           RESOURCE_EXHAUSTED too much in flight; retry later
+     ├── NotSupportedError         UNIMPLEMENTED      an RPC the sidecar deliberately refuses
+     ├── ManagedByRouterError      FAILED_PRECONDITION placement is the router's job
+     └── ConfigError               INVALID_ARGUMENT   a config or policy file that does not validate
+
+Upstream (Triton) errors are not wrapped: their status code and message pass through as they are.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+
+__all__ = [
+    "ConfigError",
+    "InvalidRequestError",
+    "ManagedByRouterError",
+    "ModelNotFoundError",
+    "NoReadyInstanceError",
+    "NotSupportedError",
+    "OverloadedError",
+    "PointsmanError",
+    "abort",
+    "status_of",
+]
+
+
+class PointsmanError(Exception):
+    """Base of every error Pointsman raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+
+class InvalidRequestError(PointsmanError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFoundError(PointsmanError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, model_name: str, version: str = "") -> None:
+        what = f"model '{model_name}'" + (f" version '{version}'" if version else "")
+        super().__init__(f"{what} is not known to any Triton instance in the fleet")
+        self.model_name = model_name
+
+
+class NoReadyInstanceError(PointsmanError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, model_name: str, version: str = "", detail: str = "") -> None:
+        what = f"model '{model_name}'" + (f" version '{version}'" if version else "")
+        msg = f"no ready Triton instance serves {what}"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+        self.model_name = model_name
+
+
+class OverloadedError(PointsmanError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NotSupportedError(PointsmanError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class ManagedByRouterError(PointsmanError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ConfigError(PointsmanError):
+    """A configuration that does not validate; the message names the field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for any exception: ours by class, upstream RPC errors as they came."""
+    if isinstance(error, PointsmanError):
+        return error.code, str(error)
+    if isinstance(error, grpc.RpcError):
+        code = error.code() if callable(getattr(error, "code", None)) else None
+        details = error.details() if callable(getattr(error, "details", None)) else None
+        return code or grpc.StatusCode.UNKNOWN, details or ""
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+
+
+async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:  # type: ignore[type-arg]
+    """Ends the RPC with the status that `status_of` gives for `error`."""
+    code, message = status_of(error)
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

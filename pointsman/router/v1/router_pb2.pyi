@@ -1,0 +1,187 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class MemorySource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEMORY_SOURCE_UNSPECIFIED: _ClassVar[MemorySource]
+    MEMORY_SOURCE_GPU_METRICS: _ClassVar[MemorySource]
+    MEMORY_SOURCE_DECLARED: _ClassVar[MemorySource]
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_READY: _ClassVar[ModelState]
+    MODEL_STATE_LOADING: _ClassVar[ModelState]
+    MODEL_STATE_UNLOADING: _ClassVar[ModelState]
+    MODEL_STATE_UNAVAILABLE: _ClassVar[ModelState]
+MEMORY_SOURCE_UNSPECIFIED: MemorySource
+MEMORY_SOURCE_GPU_METRICS: MemorySource
+MEMORY_SOURCE_DECLARED: MemorySource
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_READY: ModelState
+MODEL_STATE_LOADING: ModelState
+MODEL_STATE_UNLOADING: ModelState
+MODEL_STATE_UNAVAILABLE: ModelState
+
+class PickTargetRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "headers")
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    headers: _containers.ScalarMap[str, str]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class PickTargetResponse(_message.Message):
+    __slots__ = ("target", "fallbacks", "generation")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    target: Target
+    fallbacks: _containers.RepeatedCompositeFieldContainer[Target]
+    generation: int
+    def __init__(self, target: _Optional[_Union[Target, _Mapping]] = ..., fallbacks: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class Target(_message.Message):
+    __slots__ = ("instance_id", "grpc_address", "ready_versions")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    READY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    grpc_address: str
+    ready_versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instance_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., ready_versions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WatchRoutesRequest(_message.Message):
+    __slots__ = ("client_id", "model_names")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    model_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, client_id: _Optional[str] = ..., model_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WatchRoutesResponse(_message.Message):
+    __slots__ = ("full_snapshot", "tables", "removed_models", "generation", "router_id")
+    FULL_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    full_snapshot: bool
+    tables: _containers.RepeatedCompositeFieldContainer[RouteTable]
+    removed_models: _containers.RepeatedScalarFieldContainer[str]
+    generation: int
+    router_id: str
+    def __init__(self, full_snapshot: _Optional[bool] = ..., tables: _Optional[_Iterable[_Union[RouteTable, _Mapping]]] = ..., removed_models: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ..., router_id: _Optional[str] = ...) -> None: ...
+
+class RouteTable(_message.Message):
+    __slots__ = ("model_name", "candidates", "ttl_ms", "generation", "default_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
+    ttl_ms: int
+    generation: int
+    default_version: str
+    def __init__(self, model_name: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., ttl_ms: _Optional[int] = ..., generation: _Optional[int] = ..., default_version: _Optional[str] = ...) -> None: ...
+
+class RouteCandidate(_message.Message):
+    __slots__ = ("target", "weight")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    target: Target
+    weight: float
+    def __init__(self, target: _Optional[_Union[Target, _Mapping]] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class ListInstancesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListInstancesResponse(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+
+class Instance(_message.Message):
+    __slots__ = ("instance_id", "grpc_address", "metrics_url", "healthy", "data_age_ms", "models", "memory_used_bytes", "memory_budget_bytes", "pending_requests", "inferences_per_second", "memory_source", "last_error")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    DATA_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    grpc_address: str
+    metrics_url: str
+    healthy: bool
+    data_age_ms: int
+    models: _containers.RepeatedCompositeFieldContainer[LoadedModel]
+    memory_used_bytes: int
+    memory_budget_bytes: int
+    pending_requests: int
+    inferences_per_second: float
+    memory_source: MemorySource
+    last_error: str
+    def __init__(self, instance_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., metrics_url: _Optional[str] = ..., healthy: _Optional[bool] = ..., data_age_ms: _Optional[int] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., pending_requests: _Optional[int] = ..., inferences_per_second: _Optional[float] = ..., memory_source: _Optional[_Union[MemorySource, str]] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class LoadedModel(_message.Message):
+    __slots__ = ("model_name", "model_version", "state", "pending_requests", "declared_memory_bytes")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PENDING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    DECLARED_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    state: ModelState
+    pending_requests: int
+    declared_memory_bytes: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., pending_requests: _Optional[int] = ..., declared_memory_bytes: _Optional[int] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelSummary]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
+
+class ModelSummary(_message.Message):
+    __slots__ = ("model_name", "ready_instances", "loading_instances", "ready_versions", "route_table")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    READY_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    LOADING_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    READY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_TABLE_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    ready_instances: _containers.RepeatedScalarFieldContainer[str]
+    loading_instances: _containers.RepeatedScalarFieldContainer[str]
+    ready_versions: _containers.RepeatedScalarFieldContainer[str]
+    route_table: RouteTable
+    def __init__(self, model_name: _Optional[str] = ..., ready_instances: _Optional[_Iterable[str]] = ..., loading_instances: _Optional[_Iterable[str]] = ..., ready_versions: _Optional[_Iterable[str]] = ..., route_table: _Optional[_Union[RouteTable, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,193 @@
+"""Contracts of the router: immutable views of the fleet and the plugin protocols.
+
+The data layer produces `FleetSnapshot`s; scheduling reads them and never does I/O.
+A scheduling cycle is: filters narrow the candidates, each scorer scores all remaining
+candidates at once in [0, 1] (1 is best), the engine weights and sums, a picker chooses.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "Candidate",
+    "Filter",
+    "FleetSnapshot",
+    "InstanceSnapshot",
+    "MemorySource",
+    "ModelOnInstance",
+    "Picker",
+    "PluginFactory",
+    "RoutingRequest",
+    "ScoredCandidate",
+    "Scorer",
+    "SchedulingCycle",
+]
+
+
+class MemorySource(enum.Enum):
+    """Where an instance's memory use comes from."""
+
+    UNKNOWN = "unknown"
+    GPU_METRICS = "gpu_metrics"  # nv_gpu_memory_used_bytes
+    DECLARED = "declared"  # sum of loaded models' declared footprints
+
+
+@dataclass(frozen=True, slots=True)
+class ModelOnInstance:
+    """One model on one instance, all versions together."""
+
+    name: str
+    ready_versions: frozenset[str] = frozenset()
+    loading_versions: frozenset[str] = frozenset()
+    # Requests of this model queued inside Triton (nv_inference_pending_request_count).
+    pending_requests: int = 0
+    # Declared footprint of the loaded versions, bytes (config parameter pointsman.memory_bytes).
+    declared_memory_bytes: int = 0
+
+    @property
+    def is_ready(self) -> bool:
+        return bool(self.ready_versions)
+
+    @property
+    def is_loading(self) -> bool:
+        return bool(self.loading_versions)
+
+    def serves(self, version: str) -> bool:
+        """True if `version` is ready here; an empty version means any ready version."""
+        return bool(self.ready_versions) if not version else version in self.ready_versions
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSnapshot:
+    """The router's view of one Triton instance at one refresh."""
+
+    instance_id: str
+    grpc_address: str
+    metrics_url: str = ""
+    healthy: bool = False
+    # Clock time (seconds, the injected clock) of the last successful refresh; 0 = never.
+    refreshed_at: float = 0.0
+    # Models by name that have some version ready or loading here.
+    models: Mapping[str, ModelOnInstance] = field(default_factory=dict)
+    memory_used_bytes: int = 0
+    memory_budget_bytes: int = 0
+    memory_source: MemorySource = MemorySource.UNKNOWN
+    # Inferences per second over the recent window, all models.
+    inferences_per_second: float = 0.0
+    # Requests queued in Triton across all models.
+    pending_requests: int = 0
+    # GPU utilisation in [0, 1] when Triton reports nv_gpu_utilization, else None.
+    gpu_utilization: float | None = None
+    last_error: str = ""
+
+    def model(self, name: str) -> ModelOnInstance | None:
+        return self.models.get(name)
+
+    @property
+    def memory_free_bytes(self) -> int:
+        return max(0, self.memory_budget_bytes - self.memory_used_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSnapshot:
+    """Every instance at one moment, plus every model any repository index lists."""
+
+    taken_at: float
+    instances: tuple[InstanceSnapshot, ...] = ()
+    # Models present in some instance's model repository, loaded or not.
+    known_models: frozenset[str] = frozenset()
+
+    def instance(self, instance_id: str) -> InstanceSnapshot | None:
+        for inst in self.instances:
+            if inst.instance_id == instance_id:
+                return inst
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingRequest:
+    """What scheduling knows of a request: the model, a pinned version, routing headers."""
+
+    model_name: str
+    model_version: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An instance considered for a request, with load the router knows Triton has not shown yet."""
+
+    instance: InstanceSnapshot
+    # Requests the router routed here for this model since the instance was last refreshed.
+    assumed_inflight: int = 0
+
+    @property
+    def instance_id(self) -> str:
+        return self.instance.instance_id
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredCandidate:
+    candidate: Candidate
+    # Weighted sum of the scorers' scores.
+    total: float
+    # Each scorer's raw score in [0, 1], by scorer name (for decisions made visible).
+    scores: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingCycle:
+    """Inputs shared by every plugin in one cycle. `now` comes from the injected clock."""
+
+    request: RoutingRequest
+    now: float
+
+
+@runtime_checkable
+class Filter(Protocol):
+    """Removes candidates that must not serve the request. Pure, synchronous."""
+
+    @property
+    def name(self) -> str: ...
+
+    def filter(self, cycle: SchedulingCycle, candidates: Sequence[Candidate]) -> list[Candidate]: ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores all candidates at once: one value in [0, 1] per candidate, 1 the best.
+
+    Relative scores (min-max over the candidates) are normal; all-equal candidates get 1.0.
+    The engine applies the weight and clamps out-of-range values.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def score(self, cycle: SchedulingCycle, candidates: Sequence[Candidate]) -> list[float]: ...
+
+
+@runtime_checkable
+class Picker(Protocol):
+    """Orders scored candidates: the first is the pick, the rest are fallbacks in order.
+
+    Must not herd: choose at random among the best, using only the given random source.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def pick(
+        self, scored: Sequence[ScoredCandidate], rng: random.Random
+    ) -> list[ScoredCandidate]: ...
+
+
+class PluginFactory(Protocol):
+    """Builds a plugin from its instance name and parameters; raises ConfigError on bad params."""
+
+    def __call__(self, name: str, params: Mapping[str, Any]) -> Filter | Scorer | Picker: ...
