@@ -9,6 +9,7 @@ and caches it. `TritonSpec` describes one server; `triton_process` turns it into
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -43,7 +44,9 @@ class TritonInstallation:
         # The Python backend stub imports numpy from this interpreter's environment, and one
         # BLAS thread per stub keeps several servers on a small machine from oversubscribing.
         bin_dir = str(Path(sys.executable).parent)
-        ld = os.pathsep.join(p for p in (str(self.library_path), os.environ.get("LD_LIBRARY_PATH", "")) if p)
+        ld = os.pathsep.join(
+            p for p in (str(self.library_path), os.environ.get("LD_LIBRARY_PATH", "")) if p
+        )
         return {
             "LD_LIBRARY_PATH": ld,
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
@@ -80,10 +83,9 @@ def prepare_installation(cache_dir: Path | None = None) -> TritonInstallation:
         shutil.copytree(wheel_server, copy, ignore=shutil.ignore_patterns("python_backend_stubs"))
         shutil.copy2(stub, copy / "backends" / "python" / "triton_python_backend_stub")
         (copy / ".complete").touch()
-        try:
+        # Another process may win the race; its copy is as good as ours.
+        with contextlib.suppress(OSError):
             copy.rename(target)
-        except OSError:  # another process won the race; its copy is as good as ours
-            pass
         shutil.rmtree(staging, ignore_errors=True)
     return TritonInstallation(
         server_binary=target / "bin" / "tritonserver",
@@ -181,7 +183,9 @@ def wait_until_ready(
             except InferenceServerException:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Triton at {address} not ready with {list(models)} in {timeout_s}s")
+                raise TimeoutError(
+                    f"Triton at {address} not ready with {list(models)} in {timeout_s}s"
+                )
             time.sleep(0.1)
     finally:
         client.close()

@@ -23,9 +23,9 @@ __all__ = [
     "Picker",
     "PluginFactory",
     "RoutingRequest",
+    "SchedulingCycle",
     "ScoredCandidate",
     "Scorer",
-    "SchedulingCycle",
 ]
 
 
@@ -155,7 +155,9 @@ class Filter(Protocol):
     @property
     def name(self) -> str: ...
 
-    def filter(self, cycle: SchedulingCycle, candidates: Sequence[Candidate]) -> list[Candidate]: ...
+    def filter(
+        self, cycle: SchedulingCycle, candidates: Sequence[Candidate]
+    ) -> list[Candidate]: ...
 
 
 @runtime_checkable
