@@ -1,0 +1,3 @@
+from pointsman.cli import main
+
+raise SystemExit(main())

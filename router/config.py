@@ -1,0 +1,150 @@
+"""Typed, frozen configuration of the router, parsed and validated once.
+
+A file looks like:
+
+    listen: 127.0.0.1:8101
+    refresh_interval_s: 0.1       # repository index and readiness, per instance
+    metrics_interval_s: 0.25      # Prometheus metrics, per instance
+    stale_after_s: 1.0            # an instance not refreshed for this long is unusable
+    route_ttl_ms: 5000
+    instances:
+      - id: triton-0
+        grpc: 127.0.0.1:8001
+        metrics_url: http://127.0.0.1:8002/metrics
+        memory_budget_bytes: 2147483648
+    scheduling: {...}             # see router.plugins.registry.build_profile
+
+Every error names the field, e.g. "instances[1].grpc: must be host:port".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pointsman.errors import ConfigError
+
+__all__ = ["InstanceConfig", "RouterConfig", "load_router_config", "parse_router_config"]
+
+DEFAULT_LISTEN = "127.0.0.1:8101"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    instance_id: str
+    grpc_address: str
+    metrics_url: str = ""
+    # Memory the instance may give to models. 0 = unknown (GPU total when GPU metrics exist).
+    memory_budget_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    instances: tuple[InstanceConfig, ...]
+    listen: str = DEFAULT_LISTEN
+    refresh_interval_s: float = 0.1
+    metrics_interval_s: float = 0.25
+    stale_after_s: float = 1.0
+    route_ttl_ms: int = 5000
+    heartbeat_interval_s: float = 1.0
+    # Raw scheduling data, validated by router.plugins.registry.build_profile.
+    scheduling: Mapping[str, Any] = field(default_factory=dict)
+    # Seed for the picker's random source; None seeds from the OS.
+    seed: int | None = None
+
+
+def _address(value: Any, where: str) -> str:
+    if not isinstance(value, str) or ":" not in value or not value.rsplit(":", 1)[1].isdigit():
+        raise ConfigError(f"{where}: must be host:port, got {value!r}")
+    return value
+
+
+def _number(data: Mapping[str, Any], key: str, default: float, *, positive: bool = True) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: must be a number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    return float(value)
+
+
+def _instance(item: Any, where: str) -> InstanceConfig:
+    if not isinstance(item, Mapping):
+        raise ConfigError(f"{where}: must be a mapping")
+    unknown = set(item) - {"id", "grpc", "metrics_url", "memory_budget_bytes"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
+    instance_id = item.get("id")
+    if not isinstance(instance_id, str) or not instance_id:
+        raise ConfigError(f"{where}.id: must be a non-empty string")
+    metrics_url = item.get("metrics_url", "")
+    if not isinstance(metrics_url, str) or (metrics_url and not metrics_url.startswith("http")):
+        raise ConfigError(f"{where}.metrics_url: must be an http(s) URL, got {metrics_url!r}")
+    budget = item.get("memory_budget_bytes", 0)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ConfigError(f"{where}.memory_budget_bytes: must be an integer >= 0, got {budget!r}")
+    return InstanceConfig(
+        instance_id=instance_id,
+        grpc_address=_address(item.get("grpc"), f"{where}.grpc"),
+        metrics_url=metrics_url,
+        memory_budget_bytes=budget,
+    )
+
+
+_TOP_LEVEL = {
+    "listen",
+    "instances",
+    "refresh_interval_s",
+    "metrics_interval_s",
+    "stale_after_s",
+    "route_ttl_ms",
+    "heartbeat_interval_s",
+    "scheduling",
+    "seed",
+}
+
+
+def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
+    """Validates plain data (from YAML or flags) into a RouterConfig."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("router config: must be a mapping")
+    unknown = set(data) - _TOP_LEVEL
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown field")
+    raw_instances = data.get("instances", [])
+    if not isinstance(raw_instances, list):
+        raise ConfigError("instances: must be a list")
+    instances = tuple(_instance(item, f"instances[{i}]") for i, item in enumerate(raw_instances))
+    ids = [inst.instance_id for inst in instances]
+    duplicate = next((i for i in ids if ids.count(i) > 1), None)
+    if duplicate:
+        raise ConfigError(f"instances: duplicate id {duplicate!r}")
+    scheduling = data.get("scheduling", {})
+    if not isinstance(scheduling, Mapping):
+        raise ConfigError("scheduling: must be a mapping")
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"seed: must be an integer, got {seed!r}")
+    return RouterConfig(
+        instances=instances,
+        listen=_address(data.get("listen", DEFAULT_LISTEN), "listen"),
+        refresh_interval_s=_number(data, "refresh_interval_s", 0.1),
+        metrics_interval_s=_number(data, "metrics_interval_s", 0.25),
+        stale_after_s=_number(data, "stale_after_s", 1.0),
+        route_ttl_ms=int(_number(data, "route_ttl_ms", 5000)),
+        heartbeat_interval_s=_number(data, "heartbeat_interval_s", 1.0),
+        scheduling=scheduling,
+        seed=seed,
+    )
+
+
+def load_router_config(path: Path) -> RouterConfig:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_router_config(data)

@@ -1,0 +1,271 @@
+"""Collectors: keep a fresh view of every Triton instance and publish immutable snapshots.
+
+Per instance, one task polls the model repository index over gRPC (readiness and model
+states; `refresh_interval_s`) and one scrapes Prometheus metrics (`metrics_interval_s`).
+A change wakes whoever waits on `FleetCollector.changed`; `snapshot()` copies the current
+state into a `FleetSnapshot` that scheduling reads without locks or I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from pointsman.clock import Clock
+from router.config import InstanceConfig, RouterConfig
+from router.contracts import FleetSnapshot, InstanceSnapshot, MemorySource, ModelOnInstance
+from router.datalayer.triton_metrics import TritonMetrics, parse_triton_metrics
+from router.discovery import Discovery
+
+__all__ = ["DECLARED_MEMORY_PARAMETER", "FleetCollector", "InstanceWatcher"]
+
+log = logging.getLogger(__name__)
+
+# The model config parameter that declares a model's memory footprint in bytes.
+DECLARED_MEMORY_PARAMETER = "pointsman.memory_bytes"
+# Throughput is measured over this many seconds of counter history.
+_RATE_WINDOW_S = 5.0
+
+
+@dataclass
+class _ModelStates:
+    ready: set[str] = field(default_factory=set)
+    loading: set[str] = field(default_factory=set)
+
+
+class InstanceWatcher:
+    """Refreshes one instance; `snapshot()` is its latest view."""
+
+    def __init__(
+        self,
+        config: InstanceConfig,
+        *,
+        clock: Clock,
+        http: httpx.AsyncClient,
+        refresh_interval_s: float,
+        metrics_interval_s: float,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._http = http
+        self._refresh_interval_s = refresh_interval_s
+        self._metrics_interval_s = metrics_interval_s
+        self._on_change = on_change
+        self._channel = grpc.aio.insecure_channel(config.grpc_address)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._states: dict[str, _ModelStates] = {}
+        self.known_models: frozenset[str] = frozenset()
+        self._declared: dict[tuple[str, str], int] = {}
+        self._metrics = TritonMetrics()
+        self._counts: deque[tuple[float, float]] = deque()
+        self._healthy = False
+        self._refreshed_at = 0.0
+        self._last_error = ""
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._loop(self.refresh_index, self._refresh_interval_s)),
+            asyncio.create_task(self._loop(self.refresh_metrics, self._metrics_interval_s)),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._channel.close()
+
+    async def _loop(self, refresh: Callable[[], object], interval_s: float) -> None:
+        while True:
+            started = self._clock()
+            try:
+                await refresh()  # type: ignore[misc]
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop the watcher; it shows as last_error
+                log.exception("refreshing %s failed", self.config.instance_id)
+            await asyncio.sleep(max(0.0, interval_s - (self._clock() - started)))
+
+    async def refresh_index(self) -> None:
+        timeout = max(0.5, 4 * self._refresh_interval_s)
+        try:
+            index = await self._stub.RepositoryIndex(
+                service_pb2.RepositoryIndexRequest(), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            changed = self._healthy
+            self._healthy = False
+            self._last_error = f"repository index: {exc.code().name}: {exc.details()}"
+            if changed:
+                self._on_change()
+            return
+        states: dict[str, _ModelStates] = {}
+        known: set[str] = set()
+        for entry in index.models:
+            known.add(entry.name)
+            if entry.state == "READY":
+                states.setdefault(entry.name, _ModelStates()).ready.add(entry.version or "1")
+            elif entry.state == "LOADING":
+                states.setdefault(entry.name, _ModelStates()).loading.add(entry.version or "")
+        await self._learn_declared_memory(states)
+        changed = (
+            not self._healthy or states != self._states or frozenset(known) != self.known_models
+        )
+        self._states, self.known_models = states, frozenset(known)
+        self._healthy, self._last_error = True, ""
+        self._refreshed_at = self._clock()
+        if changed:
+            self._on_change()
+
+    async def _learn_declared_memory(self, states: dict[str, _ModelStates]) -> None:
+        for name, model in states.items():
+            for version in model.ready - {v for (n, v) in self._declared if n == name}:
+                try:
+                    response = await self._stub.ModelConfig(
+                        service_pb2.ModelConfigRequest(name=name, version=version), timeout=2.0
+                    )
+                except grpc.aio.AioRpcError:
+                    continue  # unloaded meanwhile; learnt on the next refresh
+                declared = response.config.parameters.get(DECLARED_MEMORY_PARAMETER)
+                try:
+                    self._declared[(name, version)] = int(declared.string_value) if declared else 0
+                except ValueError:
+                    log.warning("%s: %s is not an integer", name, DECLARED_MEMORY_PARAMETER)
+                    self._declared[(name, version)] = 0
+
+    async def refresh_metrics(self) -> None:
+        if not self.config.metrics_url:
+            return
+        try:
+            response = await self._http.get(self.config.metrics_url)
+            response.raise_for_status()
+            metrics = parse_triton_metrics(response.text)
+        except (httpx.HTTPError, ValueError) as exc:
+            self._last_error = f"metrics: {exc}"
+            return
+        now = self._clock()
+        self._counts.append((now, metrics.inference_count))
+        while len(self._counts) > 2 and now - self._counts[0][0] > _RATE_WINDOW_S:
+            self._counts.popleft()
+        pending_changed = metrics.pending_by_model != self._metrics.pending_by_model
+        self._metrics = metrics
+        if pending_changed:
+            self._on_change()
+
+    def _rate(self) -> float:
+        if len(self._counts) < 2:
+            return 0.0
+        (t0, c0), (t1, c1) = self._counts[0], self._counts[-1]
+        # A counter that went down means Triton restarted: no rate until history rebuilds.
+        return max(0.0, c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def snapshot(self) -> InstanceSnapshot:
+        metrics = self._metrics
+        models: dict[str, ModelOnInstance] = {}
+        declared_total = 0
+        for name, st in self._states.items():
+            declared = sum(self._declared.get((name, v), 0) for v in st.ready)
+            declared_total += declared
+            models[name] = ModelOnInstance(
+                name=name,
+                ready_versions=frozenset(st.ready),
+                loading_versions=frozenset(st.loading),
+                pending_requests=metrics.pending_by_model.get(name, 0),
+                declared_memory_bytes=declared,
+            )
+        if metrics.gpu_memory_used_bytes is not None:
+            used, source = metrics.gpu_memory_used_bytes, MemorySource.GPU_METRICS
+            budget = self.config.memory_budget_bytes or (metrics.gpu_memory_total_bytes or 0)
+        else:
+            used, source = declared_total, MemorySource.DECLARED
+            budget = self.config.memory_budget_bytes
+        return InstanceSnapshot(
+            instance_id=self.config.instance_id,
+            grpc_address=self.config.grpc_address,
+            metrics_url=self.config.metrics_url,
+            healthy=self._healthy,
+            refreshed_at=self._refreshed_at,
+            models=models,
+            memory_used_bytes=used,
+            memory_budget_bytes=budget,
+            memory_source=source,
+            inferences_per_second=self._rate(),
+            pending_requests=metrics.pending_requests,
+            gpu_utilization=metrics.gpu_utilization,
+            last_error=self._last_error,
+        )
+
+
+class FleetCollector:
+    """Runs one `InstanceWatcher` per discovered instance and publishes fleet snapshots."""
+
+    def __init__(self, config: RouterConfig, discovery: Discovery, *, clock: Clock) -> None:
+        self._config = config
+        self._discovery = discovery
+        self._clock = clock
+        self._watchers: dict[str, InstanceWatcher] = {}
+        self._http = httpx.AsyncClient(timeout=max(1.0, 4 * config.metrics_interval_s))
+        self._discovery_task: asyncio.Task[None] | None = None
+        # Set whenever any instance's view changed; the route builder clears it.
+        self.changed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._sync_watchers()
+        self._discovery_task = asyncio.create_task(self._rediscover())
+
+    async def stop(self) -> None:
+        if self._discovery_task is not None:
+            self._discovery_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._discovery_task
+        for watcher in self._watchers.values():
+            await watcher.stop()
+        self._watchers.clear()
+        await self._http.aclose()
+
+    async def _rediscover(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._sync_watchers()
+
+    def _sync_watchers(self) -> None:
+        wanted = {inst.instance_id: inst for inst in self._discovery.instances()}
+        for instance_id in list(self._watchers):
+            watcher = self._watchers[instance_id]
+            if wanted.get(instance_id) != watcher.config:
+                del self._watchers[instance_id]
+                asyncio.create_task(watcher.stop())  # noqa: RUF006 - stop() cancels its own tasks
+                self.changed.set()
+        for instance_id, inst in wanted.items():
+            if instance_id not in self._watchers:
+                watcher = InstanceWatcher(
+                    inst,
+                    clock=self._clock,
+                    http=self._http,
+                    refresh_interval_s=self._config.refresh_interval_s,
+                    metrics_interval_s=self._config.metrics_interval_s,
+                    on_change=self.changed.set,
+                )
+                self._watchers[instance_id] = watcher
+                watcher.start()
+
+    def snapshot(self) -> FleetSnapshot:
+        known: set[str] = set()
+        for watcher in self._watchers.values():
+            known |= watcher.known_models
+        return FleetSnapshot(
+            taken_at=self._clock(),
+            instances=tuple(w.snapshot() for w in self._watchers.values()),
+            known_models=frozenset(known),
+        )

@@ -1,0 +1,96 @@
+"""`pointsman router`: runs the router alone, configured by flags and a file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from pointsman.errors import ConfigError
+from router.config import RouterConfig, load_router_config, parse_router_config
+
+__all__ = ["add_arguments", "config_from_args", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="router YAML file (see router/config.py)")
+    parser.add_argument("--listen", help="host:port to serve on (default 127.0.0.1:8101)")
+    parser.add_argument(
+        "--instance",
+        action="append",
+        default=[],
+        metavar="ID=GRPC[,METRICS_URL[,BUDGET_BYTES]]",
+        help="a Triton instance (repeatable); adds to the file's list",
+    )
+    parser.add_argument("--seed", type=int, help="seed of the picker's random source")
+    parser.add_argument("--grace", type=float, default=5.0, help="seconds to drain on SIGTERM")
+
+
+def _instance_flag(value: str) -> dict[str, Any]:
+    instance_id, sep, rest = value.partition("=")
+    if not sep:
+        raise ConfigError(f"--instance {value!r}: expected ID=GRPC[,METRICS_URL[,BUDGET_BYTES]]")
+    parts = rest.split(",")
+    item: dict[str, Any] = {"id": instance_id, "grpc": parts[0]}
+    if len(parts) > 1 and parts[1]:
+        item["metrics_url"] = parts[1]
+    if len(parts) > 2:
+        try:
+            item["memory_budget_bytes"] = int(parts[2])
+        except ValueError as exc:
+            raise ConfigError(f"--instance {value!r}: budget must be an integer") from exc
+    return item
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    base = load_router_config(args.config) if args.config else parse_router_config({})
+    data: dict[str, Any] = {
+        "listen": args.listen or base.listen,
+        "instances": [
+            {
+                "id": i.instance_id,
+                "grpc": i.grpc_address,
+                "metrics_url": i.metrics_url,
+                "memory_budget_bytes": i.memory_budget_bytes,
+            }
+            for i in base.instances
+        ]
+        + [_instance_flag(v) for v in args.instance],
+        "refresh_interval_s": base.refresh_interval_s,
+        "metrics_interval_s": base.metrics_interval_s,
+        "stale_after_s": base.stale_after_s,
+        "route_ttl_ms": base.route_ttl_ms,
+        "heartbeat_interval_s": base.heartbeat_interval_s,
+        "scheduling": dict(base.scheduling),
+        "seed": args.seed if args.seed is not None else base.seed,
+    }
+    return parse_router_config(data)
+
+
+async def _serve(config: RouterConfig, grace_s: float) -> None:
+    from router.server import start_router
+
+    router = await start_router(config)
+    print(f"pointsman router listening on 127.0.0.1:{router.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await router.stop(grace_s)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"pointsman router: {exc}")
+        return 2
+    import uvloop
+
+    uvloop.run(_serve(config, args.grace))
+    return 0

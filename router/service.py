@@ -1,0 +1,213 @@
+"""The gRPC RouterService: PickTarget, WatchRoutes, ListInstances, ListModels."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from pointsman import errors
+from pointsman.clock import Clock
+from pointsman.router.v1 import router_pb2 as pb
+from pointsman.router.v1 import router_pb2_grpc as pb_grpc
+from router.contracts import FleetSnapshot, MemorySource, RoutingRequest, SchedulingCycle
+from router.routes import (
+    AssumedLoad,
+    ModelRoutes,
+    RouteBook,
+    RouteEntry,
+    RouteUpdate,
+    candidates_for,
+)
+
+__all__ = ["RouterServicer"]
+
+_MEMORY_SOURCE = {
+    MemorySource.UNKNOWN: pb.MEMORY_SOURCE_UNSPECIFIED,
+    MemorySource.GPU_METRICS: pb.MEMORY_SOURCE_GPU_METRICS,
+    MemorySource.DECLARED: pb.MEMORY_SOURCE_DECLARED,
+}
+
+
+def _target(entry: RouteEntry) -> pb.Target:
+    return pb.Target(
+        instance_id=entry.instance_id,
+        grpc_address=entry.grpc_address,
+        ready_versions=list(entry.ready_versions),
+    )
+
+
+def table_to_proto(table: ModelRoutes, ttl_ms: int) -> pb.RouteTable:
+    return pb.RouteTable(
+        model_name=table.model_name,
+        candidates=[
+            pb.RouteCandidate(target=_target(e), weight=e.weight) for e in table.candidates
+        ],
+        ttl_ms=ttl_ms,
+        generation=table.generation,
+        default_version=table.default_version,
+    )
+
+
+class RouterServicer(pb_grpc.RouterServiceServicer):
+    def __init__(
+        self,
+        *,
+        book: RouteBook,
+        snapshot: Callable[[], FleetSnapshot],
+        assumed: AssumedLoad,
+        clock: Clock,
+        rng: random.Random,
+        router_id: str,
+        heartbeat_interval_s: float,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._book = book
+        self._snapshot = snapshot
+        self._assumed = assumed
+        self._clock = clock
+        self._rng = rng
+        self._router_id = router_id
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._stopping = stopping
+
+    async def PickTarget(
+        self, request: pb.PickTargetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PickTargetResponse:
+        try:
+            return self._pick(request)
+        except Exception as exc:  # every failure leaves as a status, never a crash
+            await errors.abort(context, exc)
+
+    def _pick(self, request: pb.PickTargetRequest) -> pb.PickTargetResponse:
+        if not request.model_name:
+            raise errors.InvalidRequestError("model_name is required")
+        snapshot = self._snapshot()
+        if request.model_name not in snapshot.known_models:
+            raise errors.ModelNotFoundError(request.model_name)
+        now = self._clock()
+        cycle = SchedulingCycle(
+            request=RoutingRequest(
+                model_name=request.model_name,
+                model_version=request.model_version,
+                headers=dict(request.headers),
+            ),
+            now=now,
+        )
+        candidates = candidates_for(snapshot, request.model_name, self._assumed, now)
+        ranked, trace = self._book.scheduler.rank_with_trace(cycle, candidates)
+        ordered = self._book.scheduler.profile.picker.pick(ranked, self._rng) if ranked else []
+        if not ordered:
+            raise errors.NoReadyInstanceError(
+                request.model_name, request.model_version, trace.summary()
+            )
+        targets = []
+        for scored in ordered:
+            inst = scored.candidate.instance
+            model = inst.model(request.model_name)
+            targets.append(
+                pb.Target(
+                    instance_id=inst.instance_id,
+                    grpc_address=inst.grpc_address,
+                    ready_versions=sorted(model.ready_versions) if model else [],
+                )
+            )
+        self._assumed.add(targets[0].instance_id, request.model_name, now)
+        return pb.PickTargetResponse(
+            target=targets[0], fallbacks=targets[1:], generation=self._book.generation
+        )
+
+    def _message(self, update: RouteUpdate, models: frozenset[str]) -> pb.WatchRoutesResponse:
+        ttl = self._book.ttl_ms
+        return pb.WatchRoutesResponse(
+            full_snapshot=update.full,
+            tables=[
+                table_to_proto(t, ttl)
+                for t in update.tables
+                if not models or t.model_name in models
+            ],
+            removed_models=[m for m in update.removed if not models or m in models],
+            generation=update.generation,
+            router_id=self._router_id,
+        )
+
+    async def WatchRoutes(
+        self, request: pb.WatchRoutesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchRoutesResponse]:
+        models = frozenset(request.model_names)
+        queue = self._book.watch()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    update = await asyncio.wait_for(queue.get(), self._heartbeat_interval_s)
+                except TimeoutError:
+                    yield pb.WatchRoutesResponse(
+                        generation=self._book.generation, router_id=self._router_id
+                    )
+                    continue
+                if update is None:
+                    return
+                yield self._message(update, models)
+        finally:
+            self._book.unwatch(queue)
+
+    async def ListInstances(
+        self, request: pb.ListInstancesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListInstancesResponse:
+        now = self._clock()
+        instances = []
+        for inst in self._snapshot().instances:
+            models = [
+                pb.LoadedModel(
+                    model_name=m.name,
+                    model_version=version,
+                    state=state,
+                    pending_requests=m.pending_requests,
+                    declared_memory_bytes=m.declared_memory_bytes,
+                )
+                for m in inst.models.values()
+                for versions, state in (
+                    (m.ready_versions, pb.MODEL_STATE_READY),
+                    (m.loading_versions, pb.MODEL_STATE_LOADING),
+                )
+                for version in sorted(versions)
+            ]
+            age_ms = int((now - inst.refreshed_at) * 1000) if inst.refreshed_at else 2**32 - 1
+            instances.append(
+                pb.Instance(
+                    instance_id=inst.instance_id,
+                    grpc_address=inst.grpc_address,
+                    metrics_url=inst.metrics_url,
+                    healthy=inst.healthy,
+                    data_age_ms=min(age_ms, 2**32 - 1),
+                    models=models,
+                    memory_used_bytes=inst.memory_used_bytes,
+                    memory_budget_bytes=inst.memory_budget_bytes,
+                    pending_requests=inst.pending_requests,
+                    inferences_per_second=inst.inferences_per_second,
+                    memory_source=_MEMORY_SOURCE[inst.memory_source],
+                    last_error=inst.last_error,
+                )
+            )
+        return pb.ListInstancesResponse(instances=instances)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        snapshot = self._snapshot()
+        summaries = []
+        for name in sorted(snapshot.known_models):
+            on = [(i.instance_id, i.model(name)) for i in snapshot.instances]
+            table = self._book.tables.get(name)
+            summaries.append(
+                pb.ModelSummary(
+                    model_name=name,
+                    ready_instances=[i for i, m in on if m and m.is_ready],
+                    loading_instances=[i for i, m in on if m and m.is_loading],
+                    ready_versions=sorted({v for _, m in on if m for v in m.ready_versions}),
+                    route_table=table_to_proto(table, self._book.ttl_ms) if table else None,
+                )
+            )
+        return pb.ListModelsResponse(models=summaries)
