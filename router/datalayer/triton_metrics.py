@@ -55,14 +55,16 @@ def parse_triton_metrics(text: str) -> TritonMetrics:
     }
     gpu: dict[str, list[float]] = defaultdict(list)
     for family in text_string_to_metric_families(text):
+        # Match by family: the parser names counter samples with a `_total` suffix that
+        # Triton's exposition does not have.
+        kind = _PER_MODEL.get(family.name)
         for sample in family.samples:
-            kind = _PER_MODEL.get(sample.name)
             if kind is not None:
                 model = sample.labels.get("model")
                 if model:
                     per_model[kind][model] += sample.value
-            elif sample.name in _GPU:
-                gpu[sample.name].append(sample.value)
+            elif family.name in _GPU:
+                gpu[family.name].append(sample.value)
     used = gpu.get("nv_gpu_memory_used_bytes")
     total = gpu.get("nv_gpu_memory_total_bytes")
     util = gpu.get("nv_gpu_utilization")

@@ -1,0 +1,90 @@
+"""Router configuration: valid files parse; every invalid field is named in the error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pointsman.errors import ConfigError
+from router.config import load_router_config, parse_router_config
+
+VALID: dict[str, Any] = {
+    "listen": "127.0.0.1:9000",
+    "refresh_interval_s": 0.05,
+    "instances": [
+        {"id": "a", "grpc": "127.0.0.1:8001", "metrics_url": "http://127.0.0.1:8002/metrics"},
+        {"id": "b", "grpc": "10.0.0.2:8001", "memory_budget_bytes": 1024},
+    ],
+    "scheduling": {"picker": {"type": "max-score"}},
+    "seed": 3,
+}
+
+
+def test_valid_config_parses_into_frozen_objects() -> None:
+    config = parse_router_config(VALID)
+    assert config.listen == "127.0.0.1:9000"
+    assert [i.instance_id for i in config.instances] == ["a", "b"]
+    assert config.instances[1].memory_budget_bytes == 1024
+    assert config.refresh_interval_s == 0.05
+    assert config.metrics_interval_s == 0.25  # default
+    with pytest.raises(AttributeError):
+        config.listen = "x"  # type: ignore[misc]
+
+
+def _with(path: list[str | int], value: Any) -> dict[str, Any]:
+    import copy
+
+    data = copy.deepcopy(VALID)
+    node: Any = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        pytest.param(_with(["listen"], "nope"), "listen", id="listen-not-host-port"),
+        pytest.param(_with(["instances", 1, "grpc"], 8001), "instances[1].grpc", id="grpc"),
+        pytest.param(_with(["instances", 0, "id"], ""), "instances[0].id", id="empty-id"),
+        pytest.param(
+            _with(["instances", 0, "memory_budget_bytes"], -1),
+            "instances[0].memory_budget_bytes",
+            id="negative-budget",
+        ),
+        pytest.param(
+            _with(["instances", 0, "metrics_url"], "ftp://x"),
+            "instances[0].metrics_url",
+            id="metrics-url",
+        ),
+        pytest.param(_with(["instances", 0, "colour"], "red"), "instances[0].colour", id="unk"),
+        pytest.param(_with(["refresh_interval_s"], 0), "refresh_interval_s", id="zero-interval"),
+        pytest.param(_with(["stale_after_s"], "1s"), "stale_after_s", id="string-number"),
+        pytest.param(_with(["instances"], {"a": 1}), "instances", id="instances-not-list"),
+        pytest.param(_with(["seed"], 1.5), "seed", id="seed"),
+        pytest.param(_with(["bogus"], 1), "bogus", id="unknown-top-level"),
+        pytest.param(
+            _with(["instances", 1, "id"], "a"), "instances: duplicate id", id="duplicate-id"
+        ),
+    ],
+)
+def test_invalid_field_is_named(data: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_router_config(data)
+    assert str(info.value).startswith(field)
+
+
+def test_load_from_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text("instances:\n  - id: a\n    grpc: 127.0.0.1:1\n")
+    assert load_router_config(path).instances[0].grpc_address == "127.0.0.1:1"
+
+
+def test_broken_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text("instances: [\n")
+    with pytest.raises(ConfigError, match="router.yaml"):
+        load_router_config(path)
