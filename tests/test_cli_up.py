@@ -59,7 +59,7 @@ def test_up_serves_reports_deaths_and_stops_everything(tmp_path: Path) -> None:
         victim = ready["tritons"][0]["grpc"]
         pid = int(
             subprocess.run(
-                ["pgrep", "-f", f"--grpc-port={victim.rsplit(':', 1)[1]}"],
+                ["pgrep", "-f", "--", f"--grpc-port={victim.rsplit(':', 1)[1]}"],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -71,7 +71,7 @@ def test_up_serves_reports_deaths_and_stops_everything(tmp_path: Path) -> None:
         assert _port_open(ready["sidecar"])
     finally:
         up.send_signal(signal.SIGTERM)
-        out, err = up.communicate(timeout=60)
+        _out, err = up.communicate(timeout=60)
     assert up.returncode == 0, err
     assert "triton-0" in err and "exited with code" in err
     for address in addresses:
