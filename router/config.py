@@ -5,14 +5,14 @@ A file looks like:
     listen: 127.0.0.1:8101
     refresh_interval_s: 0.1       # repository index and readiness, per instance
     metrics_interval_s: 0.25      # Prometheus metrics, per instance
-    stale_after_s: 1.0            # an instance not refreshed for this long is unusable
     route_ttl_ms: 5000
     instances:
       - id: triton-0
         grpc: 127.0.0.1:8001
         metrics_url: http://127.0.0.1:8002/metrics
         memory_budget_bytes: 2147483648
-    scheduling: {...}             # see router.plugins.registry.build_profile
+    scheduling:                   # sections replace the default profile's
+      picker: {type: power-of-two}  # see router.plugins.profile
 
 Every error names the field, e.g. "instances[1].grpc: must be host:port".
 """
@@ -48,10 +48,9 @@ class RouterConfig:
     listen: str = DEFAULT_LISTEN
     refresh_interval_s: float = 0.1
     metrics_interval_s: float = 0.25
-    stale_after_s: float = 1.0
     route_ttl_ms: int = 5000
     heartbeat_interval_s: float = 1.0
-    # Raw scheduling data, validated by router.plugins.registry.build_profile.
+    # Raw scheduling data, validated by router.plugins.profile.build_profile.
     scheduling: Mapping[str, Any] = field(default_factory=dict)
     # Seed for the picker's random source; None seeds from the OS.
     seed: int | None = None
@@ -100,7 +99,6 @@ _TOP_LEVEL = {
     "instances",
     "refresh_interval_s",
     "metrics_interval_s",
-    "stale_after_s",
     "route_ttl_ms",
     "heartbeat_interval_s",
     "scheduling",
@@ -134,7 +132,6 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
         listen=_address(data.get("listen", DEFAULT_LISTEN), "listen"),
         refresh_interval_s=_number(data, "refresh_interval_s", 0.1),
         metrics_interval_s=_number(data, "metrics_interval_s", 0.25),
-        stale_after_s=_number(data, "stale_after_s", 1.0),
         route_ttl_ms=int(_number(data, "route_ttl_ms", 5000)),
         heartbeat_interval_s=_number(data, "heartbeat_interval_s", 1.0),
         scheduling=scheduling,

@@ -61,7 +61,6 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         + [_instance_flag(v) for v in args.instance],
         "refresh_interval_s": base.refresh_interval_s,
         "metrics_interval_s": base.metrics_interval_s,
-        "stale_after_s": base.stale_after_s,
         "route_ttl_ms": base.route_ttl_ms,
         "heartbeat_interval_s": base.heartbeat_interval_s,
         "scheduling": dict(base.scheduling),

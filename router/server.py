@@ -18,7 +18,8 @@ from router.config import RouterConfig
 from router.contracts import FleetSnapshot
 from router.datalayer.collector import FleetCollector
 from router.discovery import Discovery, StaticDiscovery
-from router.plugins.registry import build_profile, default_registry
+from router.plugins.profile import DEFAULT_PROFILE_DATA, build_profile
+from router.plugins.registry import default_registry
 from router.routes import AssumedLoad, RouteBook
 from router.scheduling import Scheduler
 from router.service import RouterServicer
@@ -78,7 +79,9 @@ async def start_router(
     clock: Clock = monotonic,
     rng: random.Random | None = None,
 ) -> RouterServer:
-    scheduler = Scheduler(build_profile(config.scheduling or {}, default_registry()))
+    # Sections given in the config replace the default's (filters, scorers, picker).
+    profile_data = {**DEFAULT_PROFILE_DATA, **config.scheduling}
+    scheduler = Scheduler(build_profile(profile_data, default_registry(), path="scheduling"))
     book = RouteBook(scheduler, ttl_ms=config.route_ttl_ms)
     collector = FleetCollector(config, discovery or StaticDiscovery(config.instances), clock=clock)
     assumed = AssumedLoad(window_s=2 * config.metrics_interval_s)

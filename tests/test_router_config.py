@@ -62,7 +62,7 @@ def _with(path: list[str | int], value: Any) -> dict[str, Any]:
         ),
         pytest.param(_with(["instances", 0, "colour"], "red"), "instances[0].colour", id="unk"),
         pytest.param(_with(["refresh_interval_s"], 0), "refresh_interval_s", id="zero-interval"),
-        pytest.param(_with(["stale_after_s"], "1s"), "stale_after_s", id="string-number"),
+        pytest.param(_with(["metrics_interval_s"], "1s"), "metrics_interval_s", id="string-number"),
         pytest.param(_with(["instances"], {"a": 1}), "instances", id="instances-not-list"),
         pytest.param(_with(["seed"], 1.5), "seed", id="seed"),
         pytest.param(_with(["bogus"], 1), "bogus", id="unknown-top-level"),
