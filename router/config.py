@@ -12,7 +12,7 @@ A file looks like:
         metrics_url: http://127.0.0.1:8002/metrics
         memory_budget_bytes: 2147483648
     scheduling:                   # sections replace the default profile's
-      picker: {type: power-of-two}  # see router.plugins.profile
+      picker: {type: power-of-two}  # see router.plugins.registry
 
 Every error names the field, e.g. "instances[1].grpc: must be host:port".
 """
@@ -50,7 +50,7 @@ class RouterConfig:
     metrics_interval_s: float = 0.25
     route_ttl_ms: int = 5000
     heartbeat_interval_s: float = 1.0
-    # Raw scheduling data, validated by router.plugins.profile.build_profile.
+    # Raw scheduling data, validated by router.plugins.registry.build_profile.
     scheduling: Mapping[str, Any] = field(default_factory=dict)
     # Seed for the picker's random source; None seeds from the OS.
     seed: int | None = None

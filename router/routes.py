@@ -55,7 +55,7 @@ def _version_key(version: str) -> tuple[int, int | str]:
 
 
 def _quantise(weight: float) -> float:
-    return max(WEIGHT_STEP, round(weight / WEIGHT_STEP) * WEIGHT_STEP)
+    return max(WEIGHT_STEP, round(round(weight / WEIGHT_STEP) * WEIGHT_STEP, 6))
 
 
 class AssumedLoad:

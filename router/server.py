@@ -10,7 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from pointsman.clock import Clock, monotonic
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
@@ -18,8 +19,7 @@ from router.config import RouterConfig
 from router.contracts import FleetSnapshot
 from router.datalayer.collector import FleetCollector
 from router.discovery import Discovery, StaticDiscovery
-from router.plugins.profile import DEFAULT_PROFILE_DATA, build_profile
-from router.plugins.registry import default_registry
+from router.plugins.registry import build_profile, default_registry
 from router.routes import AssumedLoad, RouteBook
 from router.scheduling import Scheduler
 from router.service import RouterServicer
@@ -38,14 +38,14 @@ class RouterServer:
     port: int
     collector: FleetCollector
     book: RouteBook
-    health: health.HealthServicer
+    health: health_aio.HealthServicer
     stopping: asyncio.Event
     router_id: str
     snapshot: FleetSnapshot
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()
         self.stopping.set()
         self.book.close_watchers()
         await self.server.stop(grace_s)
@@ -79,15 +79,15 @@ async def start_router(
     clock: Clock = monotonic,
     rng: random.Random | None = None,
 ) -> RouterServer:
-    # Sections given in the config replace the default's (filters, scorers, picker).
-    profile_data = {**DEFAULT_PROFILE_DATA, **config.scheduling}
-    scheduler = Scheduler(build_profile(profile_data, default_registry(), path="scheduling"))
+    # Sections left out of the config take the default profile's.
+    profile = build_profile(config.scheduling, default_registry(), path="scheduling")
+    scheduler = Scheduler(profile)
     book = RouteBook(scheduler, ttl_ms=config.route_ttl_ms)
     collector = FleetCollector(config, discovery or StaticDiscovery(config.instances), clock=clock)
     assumed = AssumedLoad(window_s=2 * config.metrics_interval_s)
     stopping = asyncio.Event()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = health_aio.HealthServicer()
     router = RouterServer(
         server=server,
         port=0,
