@@ -90,7 +90,7 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
 
 
-async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:  # type: ignore[type-arg]
+async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
     """Ends the RPC with the status that `status_of` gives for `error`."""
     code, message = status_of(error)
     await context.abort(code, message)

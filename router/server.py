@@ -108,7 +108,7 @@ async def start_router(
         heartbeat_interval_s=config.heartbeat_interval_s,
         stopping=stopping,
     )
-    pb_grpc.add_RouterServiceServicer_to_server(servicer, server)
+    pb_grpc.add_RouterServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     router.port = server.add_insecure_port(config.listen)
     if router.port == 0:
