@@ -1,0 +1,174 @@
+"""Reading the model name from a serialized request without parsing it.
+
+The sidecar forwards ModelInfer requests as raw bytes. To route one it needs only the model
+name and version, fields 1 and 2 of ModelInferRequest (and of ModelReadyRequest,
+ModelMetadataRequest, ModelConfigRequest and ModelStatisticsRequest, which share that layout).
+`peek_model` walks the top-level tags of the protobuf wire format, skips every other field by
+its length (tensor contents are never copied) and checks the top-level structure as it goes:
+a request that a protobuf parser would reject is rejected here too, with InvalidRequestError.
+Nested messages (inputs, parameters) are not looked into; Triton parses those itself.
+
+Wire format: each field is a varint tag `(field_number << 3) | wire_type` followed by
+    0 VARINT  a varint            1 I64  8 bytes
+    2 LEN     a varint length, then that many bytes
+    5 I32     4 bytes             3, 4 (groups), 6, 7: not used by Triton's messages, rejected.
+When a string field occurs more than once the last occurrence wins, as in protobuf.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from pointsman.errors import InvalidRequestError
+
+__all__ = ["RequestHead", "peek_model", "peek_request"]
+
+_MAX_FIELD_NUMBER = (1 << 29) - 1
+# Field numbers of the strings we read; their wire type must be LEN.
+_NAME, _VERSION, _ID = 1, 2, 3
+_FIELD_NAMES = {_NAME: "model_name", _VERSION: "model_version", _ID: "id"}
+
+
+class RequestHead(NamedTuple):
+    """The routing-relevant strings of a request: model name, version and request id."""
+
+    model_name: str
+    model_version: str
+    request_id: str
+
+
+def _truncated(what: str, offset: int) -> InvalidRequestError:
+    return InvalidRequestError(f"malformed request: truncated {what} at byte {offset}")
+
+
+def _walk(data: bytes) -> tuple[int, int, int, int, int, int]:
+    """Offsets (start, end) of the last model_name, model_version and id; -1 when absent.
+
+    Raises InvalidRequestError when the top-level structure is not valid protobuf.
+    """
+    n = len(data)
+    i = 0
+    ns = ne = vs = ve = is_ = ie = -1
+    while i < n:
+        # Tag varint; most tags are one byte, so that path comes first.
+        start = i
+        b = data[i]
+        i += 1
+        if b < 0x80:
+            tag = b
+        else:
+            tag = b & 0x7F
+            shift = 7
+            while True:
+                if i >= n:
+                    raise _truncated("tag", start)
+                b = data[i]
+                i += 1
+                tag |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+                if shift >= 35:  # a tag is at most 5 bytes (32 bits)
+                    raise InvalidRequestError(f"malformed request: bad tag at byte {start}")
+        field = tag >> 3
+        wire_type = tag & 7
+        if field == 0 or field > _MAX_FIELD_NUMBER:
+            raise InvalidRequestError(
+                f"malformed request: invalid field number {field} at byte {start}"
+            )
+        if wire_type == 2:
+            if i < n and data[i] < 0x80:
+                length = data[i]
+                i += 1
+            else:
+                length = 0
+                shift = 0
+                while True:
+                    if i >= n:
+                        raise _truncated("length", start)
+                    b = data[i]
+                    i += 1
+                    length |= (b & 0x7F) << shift
+                    if b < 0x80:
+                        break
+                    shift += 7
+                    if shift >= 64:
+                        raise InvalidRequestError(f"malformed request: bad length at byte {start}")
+            end = i + length
+            if end > n:
+                raise _truncated(f"field {field} ({length} bytes)", start)
+            if field <= _ID:
+                if field == _NAME:
+                    ns, ne = i, end
+                elif field == _VERSION:
+                    vs, ve = i, end
+                else:
+                    is_, ie = i, end
+            i = end
+            continue
+        if field <= _ID:
+            raise InvalidRequestError(
+                f"malformed request: {_FIELD_NAMES[field]} has wire type {wire_type}, not 2"
+            )
+        if wire_type == 0:
+            # Skip a varint of at most 10 bytes.
+            for _ in range(10):
+                if i >= n:
+                    raise _truncated("varint", start)
+                b = data[i]
+                i += 1
+                if b < 0x80:
+                    break
+            else:
+                raise InvalidRequestError(f"malformed request: varint too long at byte {start}")
+        elif wire_type == 1:
+            i += 8
+            if i > n:
+                raise _truncated("fixed64", start)
+        elif wire_type == 5:
+            i += 4
+            if i > n:
+                raise _truncated("fixed32", start)
+        else:
+            raise InvalidRequestError(
+                f"malformed request: unsupported wire type {wire_type} at byte {start}"
+            )
+    return ns, ne, vs, ve, is_, ie
+
+
+def _text(data: bytes, start: int, end: int, field: str) -> str:
+    if start < 0:
+        return ""
+    try:
+        return str(data[start:end], "utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequestError(f"malformed request: {field} is not valid UTF-8") from None
+
+
+def peek_model(data: bytes, *, require_name: bool = True) -> tuple[str, str]:
+    """(model_name, model_version) of a serialized request, reading only the top-level tags.
+
+    Raises InvalidRequestError for malformed bytes, invalid UTF-8 in either string, or
+    (when `require_name`) a missing or empty model name.
+    """
+    ns, ne, vs, ve, _, _ = _walk(data)
+    if ns < 0 or ns == ne:
+        if require_name:
+            raise InvalidRequestError("malformed request: model_name is required")
+        name = ""
+    else:
+        name = _text(data, ns, ne, "model_name")
+    version = "" if vs < 0 else _text(data, vs, ve, "model_version")
+    return name, version
+
+
+def peek_request(data: bytes, *, require_name: bool = True) -> RequestHead:
+    """Like `peek_model`, with the request id as well (for logs and errors, not the hot path)."""
+    ns, ne, vs, ve, is_, ie = _walk(data)
+    if require_name and (ns < 0 or ns == ne):
+        raise InvalidRequestError("malformed request: model_name is required")
+    return RequestHead(
+        _text(data, ns, ne, "model_name"),
+        _text(data, vs, ve, "model_version"),
+        _text(data, is_, ie, "id"),
+    )
