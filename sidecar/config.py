@@ -1,0 +1,228 @@
+"""The sidecar's configuration: one frozen dataclass, validated once, loadable from YAML.
+
+Every field can come from a YAML file (`load_config`), whose keys are the field names; the
+command line overrides the file (see `sidecar.main`). A bad value raises ConfigError naming
+the field.
+
+    listen: 127.0.0.1:8001
+    routers: [router-0.router:50051, router-1.router:50051]
+    pick_mode: table                   # or per-request: ask the router for every request
+    max_message_bytes: 67108864
+    static_routes:                     # used for a model the router has no table for
+      echo: [10.0.0.5:8001, 10.0.0.6:8001]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import socket
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from pointsman.errors import ConfigError
+
+__all__ = ["PICK_MODES", "PickMode", "SidecarConfig", "config_from_mapping", "load_config"]
+
+PickMode = Literal["table", "per-request"]
+PICK_MODES: tuple[PickMode, ...] = ("table", "per-request")
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def _default_client_id() -> str:
+    return f"pointsman-sidecar@{socket.gethostname()}"
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """Everything the sidecar needs; immutable once built."""
+
+    # host:port the Triton-compatible API is served on (port 0 lets the kernel choose).
+    listen: str = "127.0.0.1:8001"
+    # host:port of each router replica, tried in order; empty runs on static_routes alone.
+    routers: tuple[str, ...] = ()
+    # "table": pick from the streamed route tables (no router round trip per request);
+    # "per-request": ask the router's PickTarget for every request, tables as fallback.
+    pick_mode: PickMode = "table"
+    # Largest request or response, both on the listening port and towards Triton.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # model -> Triton gRPC addresses, for models the router has no table for.
+    static_routes: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+    # Name the router logs this watcher under.
+    client_id: str = field(default_factory=_default_client_id)
+    # Models to watch; empty watches every model.
+    watch_models: tuple[str, ...] = ()
+    # Reconnect backoff towards the router: full jitter between 0 and a ceiling that doubles
+    # from the initial value up to the maximum.
+    reconnect_initial_s: float = 0.2
+    reconnect_max_s: float = 5.0
+    # A watch stream silent this long (no tables, no heartbeat) is treated as broken.
+    router_idle_timeout_s: float = 30.0
+    # Deadline of one PickTarget call in per-request mode.
+    pick_timeout_s: float = 0.5
+    # A Triton instance absent from every table this long gets its channel closed.
+    upstream_idle_close_s: float = 60.0
+    # Deadline of each call of a fan-out (RepositoryIndex, ModelStatistics for all models).
+    fanout_timeout_s: float = 5.0
+    # Try another candidate once when Triton answers UNAVAILABLE (the request was not run:
+    # the instance is unreachable or its queue is full).
+    retry_unavailable: bool = True
+    # Seconds in-flight requests get to finish on shutdown.
+    shutdown_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check_address("listen", self.listen, allow_port_zero=True)
+        for address in self.routers:
+            _check_address("routers", address)
+        if self.pick_mode not in PICK_MODES:
+            raise ConfigError(
+                f"sidecar config field 'pick_mode': expected one of {list(PICK_MODES)}, "
+                f"got {self.pick_mode!r}"
+            )
+        if self.pick_mode == "per-request" and not self.routers:
+            raise ConfigError("sidecar config field 'pick_mode': per-request needs 'routers'")
+        if (
+            isinstance(self.max_message_bytes, bool)
+            or not isinstance(self.max_message_bytes, int)
+            or self.max_message_bytes <= 0
+        ):
+            raise ConfigError(
+                "sidecar config field 'max_message_bytes': expected a positive integer, "
+                f"got {self.max_message_bytes!r}"
+            )
+        for model, addresses in self.static_routes.items():
+            if not model or not addresses:
+                raise ConfigError(
+                    f"sidecar config field 'static_routes': model {model!r} needs a name "
+                    "and at least one address"
+                )
+            for address in addresses:
+                _check_address(f"static_routes.{model}", address)
+        # A read-only view, so the frozen config cannot change behind the sidecar's back.
+        object.__setattr__(
+            self,
+            "static_routes",
+            types.MappingProxyType({k: tuple(v) for k, v in self.static_routes.items()}),
+        )
+        for name in (
+            "reconnect_initial_s",
+            "reconnect_max_s",
+            "router_idle_timeout_s",
+            "pick_timeout_s",
+            "upstream_idle_close_s",
+            "fanout_timeout_s",
+        ):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(
+                    f"sidecar config field {name!r}: expected a positive number, got {value!r}"
+                )
+        if not _is_number(self.shutdown_grace_s) or self.shutdown_grace_s < 0:
+            raise ConfigError(
+                "sidecar config field 'shutdown_grace_s': expected a number >= 0, "
+                f"got {self.shutdown_grace_s!r}"
+            )
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ConfigError(
+                "sidecar config field 'reconnect_max_s': must be >= reconnect_initial_s"
+            )
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rsplit(":", 1)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_address(field_name: str, address: object, *, allow_port_zero: bool = False) -> None:
+    ok = isinstance(address, str) and ":" in address
+    if ok:
+        host, _, port = cast(str, address).rpartition(":")
+        ok = bool(host) and port.isdigit() and (allow_port_zero or int(port) > 0)
+        ok = ok and int(port) < 65536
+    if not ok:
+        raise ConfigError(
+            f"sidecar config field {field_name!r}: expected host:port, got {address!r}"
+        )
+
+
+_TUPLE_FIELDS = {"routers", "watch_models"}
+
+
+def config_from_mapping(
+    data: Mapping[str, Any], base: SidecarConfig | None = None
+) -> SidecarConfig:
+    """A config from a mapping of field names (e.g. parsed YAML) over `base` or the defaults."""
+    known = {f.name for f in dataclasses.fields(SidecarConfig)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"sidecar config field {key!r}: unknown field")
+        if key in _TUPLE_FIELDS:
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(
+                    f"sidecar config field {key!r}: expected a list of strings, got {value!r}"
+                )
+            value = tuple(value)
+        elif key == "static_routes":
+            value = _static_routes(value)
+        elif key in ("listen", "client_id", "pick_mode") and not isinstance(value, str):
+            raise ConfigError(f"sidecar config field {key!r}: expected a string, got {value!r}")
+        elif key == "retry_unavailable" and not isinstance(value, bool):
+            raise ConfigError(f"sidecar config field {key!r}: expected true or false")
+        values[key] = value
+    try:
+        return dataclasses.replace(base or SidecarConfig(), **values)
+    except TypeError as error:  # pragma: no cover - every field is checked above
+        raise ConfigError(f"sidecar config: {error}") from None
+
+
+def _static_routes(value: object) -> dict[str, tuple[str, ...]]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            "sidecar config field 'static_routes': expected a mapping of model to addresses"
+        )
+    routes: dict[str, tuple[str, ...]] = {}
+    for model, addresses in value.items():
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        if not isinstance(model, str) or not isinstance(addresses, list | tuple):
+            raise ConfigError(
+                f"sidecar config field 'static_routes.{model}': expected a list of host:port"
+            )
+        routes[model] = tuple(addresses)
+    return routes
+
+
+def load_config(path: str | Path, base: SidecarConfig | None = None) -> SidecarConfig:
+    """Reads a YAML file of SidecarConfig fields; raises ConfigError naming the bad field."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ConfigError(f"sidecar config file {str(path)!r}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"sidecar config file {str(path)!r}: not valid YAML: {error}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"sidecar config file {str(path)!r}: expected a mapping at top level")
+    return config_from_mapping(data, base)

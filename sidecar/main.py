@@ -1,0 +1,114 @@
+"""The `pointsman sidecar` command: flags, config file, signals.
+
+Flags override the config file, which overrides the defaults. SIGTERM or SIGINT sets health
+NOT_SERVING, lets in-flight requests finish for `shutdown_grace_s`, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import signal
+import sys
+from typing import Any
+
+from pointsman.errors import ConfigError
+from sidecar.config import PICK_MODES, SidecarConfig, config_from_mapping, load_config
+
+__all__ = ["add_arguments", "build_config", "run"]
+
+log = logging.getLogger("sidecar")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the sidecar's flags to `parser` (the `pointsman sidecar` subcommand)."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file of SidecarConfig fields")
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="where to serve Triton's API (default 127.0.0.1:8001)"
+    )
+    parser.add_argument(
+        "--router",
+        metavar="HOST:PORT",
+        action="append",
+        dest="routers",
+        help="a router replica to watch routes from; repeat for several (tried in order)",
+    )
+    parser.add_argument(
+        "--pick-mode",
+        choices=PICK_MODES,
+        help="table: pick from streamed route tables; per-request: ask the router each time",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        metavar="N",
+        help="largest request or response in bytes (default 64 MiB)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log level (default INFO)",
+    )
+
+
+def build_config(args: argparse.Namespace) -> SidecarConfig:
+    """The config from --config, with the other flags on top; raises ConfigError."""
+    base = load_config(args.config) if getattr(args, "config", None) else SidecarConfig()
+    overrides: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        overrides["listen"] = args.listen
+    if getattr(args, "routers", None):
+        overrides["routers"] = tuple(args.routers)
+    if getattr(args, "pick_mode", None):
+        overrides["pick_mode"] = args.pick_mode
+    if getattr(args, "max_message_bytes", None) is not None:
+        overrides["max_message_bytes"] = args.max_message_bytes
+    return config_from_mapping(overrides, base)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the sidecar until SIGTERM or SIGINT; the process exit code."""
+    try:
+        config = build_config(args)
+    except ConfigError as error:
+        print(f"pointsman sidecar: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    import uvloop
+
+    try:
+        return uvloop.run(_serve(config))
+    except ConfigError as error:
+        print(f"pointsman sidecar: {error}", file=sys.stderr)
+        return 2
+
+
+async def _serve(config: SidecarConfig) -> int:
+    from sidecar.server import start_sidecar
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    sidecar = await start_sidecar(config)
+    # Everything allocated so far lives as long as the process: keep the collector off it,
+    # so its pauses stay short under load.
+    gc.freeze()
+    log.info(
+        "sidecar serving inference.GRPCInferenceService on %s (routers: %s, pick mode %s)",
+        sidecar.address,
+        ", ".join(config.routers) or "none, static routes only",
+        config.pick_mode,
+    )
+    await stop.wait()
+    log.info(
+        "stopping: health NOT_SERVING, %.1fs grace for in-flight requests", config.shutdown_grace_s
+    )
+    await sidecar.stop(config.shutdown_grace_s)
+    return 0

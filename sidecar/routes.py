@@ -1,0 +1,315 @@
+"""Route tables: what the sidecar knows about where each model can be served.
+
+The router streams per-model tables over `RouterService.WatchRoutes`: a full snapshot first
+(it replaces everything), then changed tables and removed models, and heartbeats (messages with
+no tables) while nothing changes. `RouterWatch` keeps that stream open across router restarts,
+trying each router address in turn with jittered backoff, and feeds a `RouteCache`.
+
+The cache compiles each table once into a `Route`, so a request costs one dict lookup and a
+`pick`: no router round trip. When the router is away the cache keeps its last tables, marks
+them stale and goes on routing with them. Static routes from the config cover models the router
+has no table for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
+
+import grpc
+
+from pointsman.errors import ModelNotFoundError, NoReadyInstanceError, PointsmanError
+from pointsman.router.v1 import router_pb2, router_pb2_grpc
+from sidecar.balancer import CandidateSet
+from sidecar.upstream import UpstreamPool
+
+__all__ = ["NoRouteTablesError", "Route", "RouteCache", "RouteSource", "RouterWatch"]
+
+log = logging.getLogger(__name__)
+
+
+class NoRouteTablesError(NoReadyInstanceError):
+    """Nothing has been heard from any router yet, so no model can be placed."""
+
+    def __init__(self) -> None:
+        PointsmanError.__init__(
+            self, "no route tables yet: the sidecar has not reached a Pointsman router"
+        )
+        self.model_name = ""
+
+
+class Route:
+    """One model's compiled table: candidate sets per ready version."""
+
+    __slots__ = ("by_version", "default_version", "fallback", "generation", "model_name", "static")
+
+    def __init__(
+        self,
+        model_name: str,
+        by_version: Mapping[str, CandidateSet],
+        *,
+        fallback: CandidateSet | None = None,
+        generation: int = 0,
+        default_version: str = "",
+        static: bool = False,
+    ) -> None:
+        self.model_name = model_name
+        # "" (any version) maps to every candidate with some version ready.
+        self.by_version: dict[str, CandidateSet] = dict(by_version)
+        # For a version no candidate lists: instances whose versions are unknown (static).
+        self.fallback = fallback
+        self.generation = generation
+        self.default_version = default_version
+        self.static = static
+
+    def candidates(self, version: str) -> CandidateSet | None:
+        return self.by_version.get(version, self.fallback)
+
+    @property
+    def has_candidates(self) -> bool:
+        return bool(self.by_version) or self.fallback is not None
+
+    def addresses(self) -> set[str]:
+        sets = [*self.by_version.values(), *([self.fallback] if self.fallback else [])]
+        return {u.address for s in sets for u in s.upstreams}
+
+
+def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
+    """A Route from the router's table: one CandidateSet per version some candidate has ready."""
+    members: dict[str, list[tuple[str, float]]] = {}
+    for candidate in table.candidates:
+        target = candidate.target
+        if not target.grpc_address:
+            continue
+        versions = set(target.ready_versions)
+        if not versions:
+            continue  # listed but nothing ready: not a candidate for any request
+        for version in (*versions, ""):
+            members.setdefault(version, []).append((target.grpc_address, candidate.weight))
+    by_version = {
+        version: CandidateSet([pool.get(a) for a, _ in pairs], [w for _, w in pairs])
+        for version, pairs in members.items()
+    }
+    return Route(
+        table.model_name,
+        by_version,
+        generation=table.generation,
+        default_version=table.default_version,
+    )
+
+
+def compile_static(model_name: str, addresses: Sequence[str], pool: UpstreamPool) -> Route:
+    """A Route from the config's static list: every address, any version, equal weights."""
+    candidates = CandidateSet([pool.get(a) for a in addresses], [1.0] * len(addresses))
+    return Route(model_name, {"": candidates}, fallback=candidates, static=True)
+
+
+class RouteCache:
+    """The current routes, read on every request, replaced as the router's updates arrive.
+
+    `routes` is a plain dict replaced wholesale on each change, so a request always sees one
+    consistent generation without locks.
+    """
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        *,
+        static_routes: Mapping[str, Sequence[str]] | None = None,
+        expects_router: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._expects_router = expects_router
+        self._static = {
+            name: compile_static(name, addresses, pool)
+            for name, addresses in (static_routes or {}).items()
+        }
+        self._router: dict[str, Route] = {}
+        self._listeners: list[Callable[[], None]] = []
+        # What requests read: router routes over static ones.
+        self.routes: dict[str, Route] = dict(self._static)
+        # True once any snapshot has arrived from a router.
+        self.has_router_tables = False
+        self.connected = False
+        self.generation = 0
+        self.router_id = ""
+        self.last_message_at: float | None = None
+        self._refresh()
+
+    # -- what requests and RPCs ask ------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True when some model has at least one candidate."""
+        return self._ready
+
+    @property
+    def stale(self) -> bool:
+        """True when the router tables are not being kept current (the stream is down)."""
+        return self._expects_router and not self.connected
+
+    @property
+    def awaiting_router(self) -> bool:
+        """True while a router is configured but no snapshot from it has arrived yet."""
+        return self._expects_router and not self.has_router_tables
+
+    def missing(self, model_name: str, version: str = "") -> PointsmanError:
+        """The error for a model with no route: NOT_FOUND, or UNAVAILABLE before any table."""
+        if self.awaiting_router:
+            return NoRouteTablesError()
+        return ModelNotFoundError(model_name, version)
+
+    def addresses(self) -> set[str]:
+        """Every Triton address any route names: the fleet, as far as this sidecar knows."""
+        return set(self._addresses)
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Calls `listener()` after every change of the routes (not on heartbeats)."""
+        self._listeners.append(listener)
+
+    # -- what the route source feeds -----------------------------------------------------------
+
+    def apply(self, message: router_pb2.WatchRoutesResponse) -> None:
+        """Applies one WatchRoutes message: a snapshot, changed tables, removals or a heartbeat."""
+        self.last_message_at = self._clock()
+        self.generation = message.generation
+        if message.router_id != self.router_id:
+            if self.router_id:
+                log.info("router changed from %s to %s", self.router_id, message.router_id)
+            self.router_id = message.router_id
+        if not message.full_snapshot and not message.tables and not message.removed_models:
+            return  # heartbeat
+        routes = {} if message.full_snapshot else dict(self._router)
+        for table in message.tables:
+            routes[table.model_name] = compile_table(table, self._pool)
+        for name in message.removed_models:
+            routes.pop(name, None)
+        self._router = routes
+        if message.full_snapshot:
+            self.has_router_tables = True
+        self._refresh()
+
+    def set_connected(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            if not connected and self.has_router_tables:
+                log.warning("router stream down: routing with the last tables (stale)")
+
+    def replace_static(self, static_routes: Mapping[str, Sequence[str]]) -> None:
+        self._static = {
+            name: compile_static(name, addresses, self._pool)
+            for name, addresses in static_routes.items()
+        }
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.routes = {**self._static, **self._router}
+        self._ready = any(route.has_candidates for route in self.routes.values())
+        self._addresses = frozenset(a for route in self.routes.values() for a in route.addresses())
+        self._pool.retain(self._addresses)
+        for listener in self._listeners:
+            listener()
+
+
+class RouteSource(Protocol):
+    """Whatever feeds a RouteCache: runs until cancelled (the swap point for tests)."""
+
+    async def run(self, cache: RouteCache) -> None: ...
+
+
+class RouterWatch:
+    """Feeds a RouteCache from RouterService.WatchRoutes, reconnecting for ever.
+
+    Each attempt opens a stream to the next router address. A stream that breaks, ends, or
+    stays silent for `idle_timeout_s` is dropped and the next address tried after a delay drawn
+    uniformly from [0, ceiling] (full jitter, so sidecars that lost the same router do not
+    return in step); the ceiling doubles per consecutive failure from `initial_backoff_s` up to
+    `max_backoff_s`, and starts again once a stream has delivered a message.
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        client_id: str,
+        models: Iterable[str] = (),
+        initial_backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        idle_timeout_s: float = 30.0,
+        rng: random.Random | None = None,
+        channel_options: Sequence[tuple[str, object]] = (),
+        sleep: Callable[[float], object] = asyncio.sleep,
+    ) -> None:
+        if not addresses:
+            raise ValueError("RouterWatch needs at least one router address")
+        self.addresses = tuple(addresses)
+        self._request = router_pb2.WatchRoutesRequest(client_id=client_id, model_names=models)
+        self._initial = initial_backoff_s
+        self._max = max_backoff_s
+        self._idle_timeout = idle_timeout_s
+        self._rng = rng or random.Random()
+        self._options = tuple(channel_options)
+        self._sleep = sleep
+        # For tests and status: how many streams have been opened and have delivered.
+        self.attempts = 0
+        self.streams_with_messages = 0
+
+    async def run(self, cache: RouteCache) -> None:
+        index = 0
+        failures = 0
+        while True:
+            address = self.addresses[index]
+            delivered = False
+            try:
+                delivered = await self._watch(address, cache)
+                log.info("route stream from %s ended", address)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as error:
+                log.warning(
+                    "route stream from %s failed: %s %s", address, error.code(), error.details()
+                )
+            except TimeoutError:
+                log.warning("route stream from %s silent for %.1fs", address, self._idle_timeout)
+            except Exception:  # never let the watcher die: the sidecar would route blind
+                log.exception("route stream from %s broke", address)
+            finally:
+                cache.set_connected(False)
+            failures = 0 if delivered else failures + 1
+            index = (index + 1) % len(self.addresses)
+            ceiling = min(self._max, self._initial * (2 ** min(failures, 30)))
+            delay = self._rng.uniform(0.0, ceiling)
+            await self._sleep(delay)  # type: ignore[misc]
+
+    async def _watch(self, address: str, cache: RouteCache) -> bool:
+        """Reads one stream until it ends; True if it delivered at least one message."""
+        self.attempts += 1
+        delivered = False
+        async with grpc.aio.insecure_channel(address, options=self._options) as channel:
+            stub = router_pb2_grpc.RouterServiceStub(channel)  # type: ignore[no-untyped-call]
+            call = stub.WatchRoutes(self._request)
+            try:
+                while True:
+                    message = await asyncio.wait_for(call.read(), self._idle_timeout)
+                    if message is grpc.aio.EOF:
+                        return delivered
+                    cache.apply(message)
+                    cache.set_connected(True)
+                    if not delivered:
+                        delivered = True
+                        self.streams_with_messages += 1
+                        log.info(
+                            "route stream from %s: router %s, generation %d, %d models",
+                            address,
+                            cache.router_id,
+                            cache.generation,
+                            len(cache.routes),
+                        )
+            finally:
+                call.cancel()
