@@ -23,7 +23,11 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton (tests, bench/batching.py): Decoder only
+    pb_utils = None
 
 VOCAB = (
     "def ", "return ", "for ", " in ", "if ", "else", "while ", "import ", "class ", "lambda ",
@@ -353,6 +357,9 @@ class StreamScheduler:
         live = []
         for seq in batch:
             if _cancelled(seq.sender):
+                self.logger.log_info(
+                    f"codegen_stream: request cancelled after {seq.pos} of {seq.count} tokens"
+                )
                 self._fail(seq, "request cancelled", pb_utils.TritonError.CANCELLED)
                 finished.append(seq)
             else:
