@@ -260,6 +260,33 @@ def test_dynamic_batcher_batches_concurrent_requests(
     assert executions - exec0 <= n / 3, (count - count0, executions - exec0, elapsed)
 
 
+def test_priority_one_overtakes_queued_requests(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    finished: queue.Queue[tuple[str, Any]] = queue.Queue()
+    # The first batch (up to 8) runs; the rest queue behind it, the urgent one sent last.
+    # Without priority it would be in the last batch, at index 16 or later.
+    for i in range(20):
+        client.async_infer(
+            "codegen",
+            codegen_inputs(f"def low_{i}():"),
+            model_version="1",
+            callback=lambda result, error, i=i: finished.put((f"low{i}", error)),
+        )
+    client.async_infer(
+        "codegen",
+        codegen_inputs("def urgent():"),
+        model_version="1",
+        priority=1,
+        timeout=20_000_000,  # shortens the queue policy's 30 s, as allow_timeout_override permits
+        callback=lambda result, error: finished.put(("urgent", error)),
+    )
+    order = [finished.get(timeout=30) for _ in range(21)]
+    assert all(error is None for _, error in order)
+    names = [name for name, _ in order]
+    assert names.index("urgent") < 16, names  # in the second batch, ahead of queued lows
+
+
 def test_codegen_stream_sends_one_response_per_token_then_final(
     client: grpcclient.InferenceServerClient,
 ) -> None:
