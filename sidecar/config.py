@@ -10,6 +10,7 @@ the field.
     max_message_bytes: 67108864
     static_routes:                     # used for a model the router has no table for
       echo: [10.0.0.5:8001, 10.0.0.6:8001]
+    cpus: [1]                          # pin the sidecar to CPU 1
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class SidecarConfig:
     retry_unavailable: bool = True
     # Seconds in-flight requests get to finish on shutdown.
     shutdown_grace_s: float = 5.0
+    # CPUs to pin every thread of the sidecar to (Linux); empty leaves placement to the OS.
+    # grpc.aio hands each request between several threads; on one CPU those hand-offs are
+    # plain context switches instead of cross-CPU wake-ups, which on small VMs is worth
+    # about a quarter of a millisecond per request and some throughput.
+    cpus: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_address("listen", self.listen, allow_port_zero=True)
@@ -127,6 +133,10 @@ class SidecarConfig:
                 "sidecar config field 'shutdown_grace_s': expected a number >= 0, "
                 f"got {self.shutdown_grace_s!r}"
             )
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.cpus):
+            raise ConfigError(
+                f"sidecar config field 'cpus': expected CPU numbers >= 0, got {self.cpus!r}"
+            )
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ConfigError(
                 "sidecar config field 'reconnect_max_s': must be >= reconnect_initial_s"
@@ -169,7 +179,13 @@ def config_from_mapping(
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"sidecar config field {key!r}: unknown field")
-        if key in _TUPLE_FIELDS:
+        if key == "cpus":
+            if isinstance(value, int):
+                value = [value]
+            if not isinstance(value, list | tuple):
+                raise ConfigError(f"sidecar config field 'cpus': expected a list, got {value!r}")
+            value = tuple(value)
+        elif key in _TUPLE_FIELDS:
             if isinstance(value, str):
                 value = (value,)
             if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):

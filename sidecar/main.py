@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from pointsman.errors import ConfigError
 from sidecar.config import PICK_MODES, SidecarConfig, config_from_mapping, load_config
 
-__all__ = ["add_arguments", "build_config", "run"]
+__all__ = ["add_arguments", "build_config", "pin_to_cpus", "run"]
 
 log = logging.getLogger("sidecar")
 
@@ -47,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request or response in bytes (default 64 MiB)",
     )
     parser.add_argument(
+        "--cpus",
+        metavar="LIST",
+        help="pin the sidecar to these CPUs, e.g. 1 or 0,1 (Linux; default: no pinning)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -66,7 +72,27 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
         overrides["pick_mode"] = args.pick_mode
     if getattr(args, "max_message_bytes", None) is not None:
         overrides["max_message_bytes"] = args.max_message_bytes
+    if getattr(args, "cpus", None):
+        try:
+            overrides["cpus"] = tuple(int(c) for c in args.cpus.split(",") if c.strip())
+        except ValueError:
+            raise ConfigError(
+                f"sidecar config field 'cpus': expected numbers like 0,1, got {args.cpus!r}"
+            ) from None
     return config_from_mapping(overrides, base)
+
+
+def pin_to_cpus(cpus: tuple[int, ...]) -> None:
+    """Pins every thread of this process (and so the threads they start) to `cpus`."""
+    if not cpus:
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        raise ConfigError("sidecar config field 'cpus': CPU pinning needs Linux")
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), cpus)
+    except OSError as error:
+        raise ConfigError(f"sidecar config field 'cpus': cannot pin to {cpus}: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     import uvloop
 
     try:
+        pin_to_cpus(config.cpus)
         return uvloop.run(_serve(config))
     except ConfigError as error:
         print(f"pointsman sidecar: {error}", file=sys.stderr)

@@ -465,11 +465,14 @@ def test_config_defaults_yaml_and_flag_overrides(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(
-        ["--config", str(path), "--router", "r3:1", "--router", "r4:1", "--max-message-bytes", "7"]
+        [
+            *("--config", str(path), "--router", "r3:1", "--router", "r4:1"),
+            *("--max-message-bytes", "7", "--cpus", "0"),
+        ]
     )
     merged = build_config(args)
     assert merged.routers == ("r3:1", "r4:1")
-    assert merged.max_message_bytes == 7
+    assert merged.max_message_bytes == 7 and merged.cpus == (0,)
     assert merged.listen == "127.0.0.1:9001" and merged.pick_mode == "per-request"
     with pytest.raises(Exception):  # noqa: B017 - frozen
         merged.listen = "x:1"  # type: ignore[misc]
@@ -488,6 +491,8 @@ def test_config_defaults_yaml_and_flag_overrides(tmp_path: Path) -> None:
         ("static_routes: {echo: []}\n", "static_routes"),
         ("static_routes: {echo: [nohost]}\n", "static_routes.echo"),
         ("reconnect_max_s: 0\n", "reconnect_max_s"),
+        ("cpus: [-1]\n", "cpus"),
+        ("cpus: one\n", "cpus"),
         ("colour: blue\n", "colour"),
         ("[1, 2]\n", "mapping"),
         ("listen: [unclosed\n", "YAML"),
