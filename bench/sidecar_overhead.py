@@ -52,6 +52,26 @@ TARGET_ADDED_P50_MS = 0.35
 TARGET_ADDED_P99_MS = 0.7
 TARGET_THROUGHPUT_RATIO = 0.25
 
+# The floor for comparison: the least a grpc.aio proxy can do (one fixed upstream, no peek,
+# no routing, no metadata, no deadline), with uvloop and a registered raw-bytes handler.
+MINIMAL_PROXY = """
+import sys, grpc, uvloop
+async def main(port, upstream):
+    channel = grpc.aio.insecure_channel(upstream)
+    call = channel.unary_unary(sys.argv[3], request_serializer=None,
+                               response_deserializer=None, _registered_method=True)
+    async def infer(request, context):
+        return await call(request)
+    server = grpc.aio.server()
+    server.add_registered_method_handlers(
+        "inference.GRPCInferenceService",
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)})
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+uvloop.run(main(sys.argv[1], sys.argv[2]))
+"""
+
 
 def echo_request() -> bytes:
     tensor = grpcclient.InferInput("INPUT0", [16], "FP32")
@@ -191,6 +211,26 @@ def throughput(
     return ("h2load, 1 connection x 64 streams" if use_h2load else "grpc.aio, 64 tasks"), rates
 
 
+def wait_for_proxy(address: str, process: ManagedProcess, timeout_s: float = 30.0) -> None:
+    """Until a ModelInfer through `address` answers (the minimal proxy has no ModelReady)."""
+    deadline = time.monotonic() + timeout_s
+    body = echo_request()
+    while True:
+        if process.exited() is not None:
+            raise RuntimeError(f"{process.name} exited:\n{process.log_tail()}")
+        try:
+            with grpc.insecure_channel(address) as channel:
+                call = channel.unary_unary(
+                    METHOD, request_serializer=None, response_deserializer=None
+                )
+                check_answer(call(body, timeout=2))
+                return
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def sidecar_process(name: str, config: Path, workdir: Path, extra: Sequence[str]) -> ManagedProcess:
     argv = [sys.executable, "-m", "sidecar", "--config", str(config), "--log-level", "WARNING"]
     return ManagedProcess(
@@ -218,6 +258,11 @@ def main() -> int:
         default=(os.cpu_count() or 1) - 1,
         help="also measure a sidecar started with --cpus N (-1: skip); default the last CPU",
     )
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the minimal grpc.aio proxy measured for comparison",
+    )
     args = parser.parse_args()
 
     installation = prepare_installation()
@@ -238,12 +283,31 @@ def main() -> int:
         )
         processes.append(sidecar_process(f"sidecar{k}", config, workdir, extra))
         sidecars[name] = f"127.0.0.1:{port}"
+    if not args.no_reference:
+        port = free_port()
+        processes.append(
+            ManagedProcess(
+                ProcessSpec(
+                    name="minimal-proxy",
+                    argv=[
+                        sys.executable,
+                        "-c",
+                        MINIMAL_PROXY,
+                        str(port),
+                        triton.grpc_address,
+                        METHOD,
+                    ],
+                    log_path=workdir / "minimal-proxy.log",
+                )
+            )
+        )
+        sidecars["minimal aio proxy"] = f"127.0.0.1:{port}"
     try:
         for proc in processes:
             proc.start()
         wait_until_ready(triton.grpc_address, ["echo"], 60, processes[0])
         for proc, address in zip(processes[1:], sidecars.values(), strict=True):
-            wait_until_ready(address, ["echo"], 30, proc)
+            wait_for_proxy(address, proc)
         addresses = {"direct": triton.grpc_address, **sidecars}
         body = echo_request()
 
