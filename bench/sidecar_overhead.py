@@ -80,7 +80,8 @@ def echo_request() -> bytes:
     request.inputs.add().CopyFrom(tensor._get_tensor())
     request.raw_input_contents.append(tensor._get_content())
     request.outputs.add(name="OUTPUT0")
-    return request.SerializeToString()
+    data: bytes = request.SerializeToString()
+    return data
 
 
 def check_answer(response: bytes) -> None:

@@ -124,6 +124,7 @@ class FakeRouter(router_pb2_grpc.RouterServiceServicer):
         answer = self.picks.get(request.model_name)
         if answer is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"router: no model {request.model_name}")
+            raise AssertionError("unreachable: abort raises")
         return answer
 
     def publish(
@@ -150,7 +151,7 @@ class FakeRouter(router_pb2_grpc.RouterServiceServicer):
 
 async def serve_router(router: FakeRouter, port: int) -> grpc.aio.Server:
     server = grpc.aio.server()
-    router_pb2_grpc.add_RouterServiceServicer_to_server(router, server)
+    router_pb2_grpc.add_RouterServiceServicer_to_server(router, server)  # type: ignore[no-untyped-call]
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server
@@ -209,7 +210,10 @@ class ProbeTriton:
             self.seen.put((metadata, context.time_remaining()))
             if "x-probe-sleep" in metadata:  # to let a caller's deadline pass
                 await asyncio.sleep(float(metadata["x-probe-sleep"]))
-            return pb.ModelInferResponse(model_name="probe", id="probed").SerializeToString()
+            answer: bytes = pb.ModelInferResponse(
+                model_name="probe", id="probed"
+            ).SerializeToString()
+            return answer
 
         server = grpc.aio.server()
         server.add_generic_rpc_handlers(
@@ -293,7 +297,7 @@ def codegen_inputs(prompt: str, max_tokens: int = 8) -> list[grpcclient.InferInp
     return [text, tokens]
 
 
-def echo_inputs(values: np.ndarray) -> list[grpcclient.InferInput]:
+def echo_inputs(values: np.ndarray[Any, Any]) -> list[grpcclient.InferInput]:
     tensor = grpcclient.InferInput("INPUT0", list(values.shape), "FP32")
     tensor.set_data_from_numpy(values)
     return [tensor]
@@ -682,9 +686,7 @@ def test_error_statuses_and_the_sidecar_keeps_serving(fleet: Fleet) -> None:
         raw = channel.unary_unary(INFER, request_serializer=None, response_deserializer=None)
         # An instance slower than the caller's deadline: DEADLINE_EXCEEDED.
         slow = pb.ModelInferRequest(model_name="probe").SerializeToString()
-        code, _ = codes_of(
-            lambda: raw(slow, timeout=0.05, metadata=(("x-probe-sleep", "0.3"),))  # type: ignore[misc]
-        )
+        code, _ = codes_of(lambda: raw(slow, timeout=0.05, metadata=(("x-probe-sleep", "0.3"),)))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         fleet.probe.seen.get(timeout=5)
         for malformed in (b"\xff\xff\xff", b"\x0a\x10short", b"", b"\x12\x011"):
