@@ -592,10 +592,34 @@ def test_streaming_client_gets_what_triton_gives(fleet: Fleet) -> None:
     assert len(via) == 12 and via == direct
 
 
-def test_aio_streaming_and_cancel_leave_nothing_in_flight(fleet: Fleet) -> None:
+def test_aio_streaming_half_close_cancel_and_errors(fleet: Fleet) -> None:
     async def run() -> None:
         via = aioclient.InferenceServerClient(fleet.address)
         try:
+            # The caller half-closes right after its request: Triton still sends every token,
+            # then ends the stream, and so does the sidecar.
+            async def one_request() -> AsyncIterator[dict[str, Any]]:
+                yield {"model_name": "codegen_stream", "inputs": codegen_inputs("half", 5)}
+
+            results = [(r, e) async for r, e in via.stream_infer(one_request())]
+            assert [e for _, e in results] == [None] * 5
+
+            # Bad first messages end the stream with the same statuses as unary calls.
+            async with grpc.aio.insecure_channel(fleet.address) as channel:
+                stream = channel.stream_stream(
+                    "/inference.GRPCInferenceService/ModelStreamInfer",
+                    request_serializer=None,
+                    response_deserializer=None,
+                )
+                unknown = pb.ModelInferRequest(model_name="nope").SerializeToString()
+                for first, code in (
+                    (b"\xff\xff", grpc.StatusCode.INVALID_ARGUMENT),
+                    (unknown, grpc.StatusCode.NOT_FOUND),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        async for _ in stream(iter([first]), timeout=10):
+                            pass
+                    assert caught.value.code() == code
 
             async def requests() -> AsyncIterator[dict[str, Any]]:
                 yield {"model_name": "codegen_stream", "inputs": codegen_inputs("x", 200)}
