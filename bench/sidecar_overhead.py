@@ -347,6 +347,7 @@ def main() -> int:
             line += f"  {ratio:6.1%} of direct  {'MET' if met else 'MISSED'}"
         print(f"{line}   (runs: {runs})")
     print(f"    target: >= {TARGET_THROUGHPUT_RATIO:.0%} of direct")
+    print(f"logs: {workdir}")
     return 0
 
 
