@@ -37,6 +37,7 @@ check-protos: install
 lint: install check-protos
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check pointsman router sidecar tests bench triton_models
+	$(VENV)/bin/mypy pointsman router sidecar
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

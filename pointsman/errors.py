@@ -4,6 +4,7 @@
      ├── InvalidRequestError       INVALID_ARGUMENT   malformed bytes, missing model name
      ├── ModelNotFoundError        NOT_FOUND          no instance's repository knows the model
      ├── NoReadyInstanceError      UNAVAILABLE        the model exists but nothing can serve it
+     ├── DeadlineExpiredError      DEADLINE_EXCEEDED  not sent: Triton would run it anyway
      ├── OverloadedError           RESOURCE_EXHAUSTED too much in flight; retry later
      ├── NotSupportedError         UNIMPLEMENTED      an RPC the sidecar deliberately refuses
      ├── ManagedByRouterError      FAILED_PRECONDITION placement is the router's job
@@ -20,6 +21,7 @@ import grpc
 
 __all__ = [
     "ConfigError",
+    "DeadlineExpiredError",
     "InvalidRequestError",
     "ManagedByRouterError",
     "ModelNotFoundError",
@@ -59,6 +61,13 @@ class NoReadyInstanceError(PointsmanError):
         msg = f"no ready Triton instance serves {what}"
         super().__init__(f"{msg}: {detail}" if detail else msg)
         self.model_name = model_name
+
+
+class DeadlineExpiredError(PointsmanError):
+    """The caller's deadline passed before the request could be sent, so it is not sent at
+    all: Triton executes queued requests even after their deadline, freeing no capacity."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class OverloadedError(PointsmanError):

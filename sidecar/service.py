@@ -19,6 +19,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from pointsman.errors import (
+    DeadlineExpiredError,
     ManagedByRouterError,
     NoReadyInstanceError,
     NotSupportedError,
@@ -32,7 +33,7 @@ from sidecar.routes import NoRouteTablesError, RouteCache
 from sidecar.upstream import Upstream, UpstreamPool
 from sidecar.wire import peek_model
 
-__all__ = ["DeadlineExpiredError", "InferenceProxy", "forward_metadata"]
+__all__ = ["InferenceProxy", "forward_metadata"]
 
 # grpc ships no type hints, so this is Any to mypy; it names what handlers receive.
 Context: TypeAlias = grpc.aio.ServicerContext
@@ -47,13 +48,6 @@ EXTENSIONS = ("classification", "model_configuration", "binary_tensor_data", "pa
 # Keys that describe one HTTP/2 hop, not the request: grpc sets its own for the next hop.
 _HOP_BY_HOP = frozenset({"user-agent", "content-type", "te"})
 _REPOSITORY_STATE_RANK = {"READY": 0, "LOADING": 1, "UNLOADING": 2, "UNAVAILABLE": 3}
-
-
-class DeadlineExpiredError(PointsmanError):
-    """The caller's deadline passed before the request could be sent: it is not sent at all,
-    since Triton would run it anyway (a deadline frees no server capacity)."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def forward_metadata(metadata: Sequence[tuple[str, Any]] | None) -> Metadata:

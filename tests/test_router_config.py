@@ -86,5 +86,5 @@ def test_load_from_yaml_file(tmp_path: Path) -> None:
 def test_broken_yaml_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "router.yaml"
     path.write_text("instances: [\n")
-    with pytest.raises(ConfigError, match="router.yaml"):
+    with pytest.raises(ConfigError, match=r"router\.yaml"):
         load_router_config(path)
