@@ -175,8 +175,11 @@ class Fleet:
                 *cfg.sidecar_args,
             ],
         )
-        wanted = {m for models in placement.values() for m in models}
-        _wait_for_routes(self.sidecar_address, wanted, sidecar, cfg.ready_timeout_s)
+        # Ready, and every placed model ready, means the sidecar has routes for them all.
+        wanted = sorted({m for models in placement.values() for m in models})
+        wait_until_ready(
+            self.sidecar_address, wanted, cfg.ready_timeout_s, sidecar, server_ready=True
+        )
 
     def endpoints(self) -> dict[str, object]:
         """The ready-file document."""
@@ -224,7 +227,7 @@ def _wait_for_health(address: str, proc: ManagedProcess, timeout_s: float) -> No
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
-            _raise_if_exited(proc)
+            proc.raise_if_exited()
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
@@ -234,35 +237,3 @@ def _wait_for_health(address: str, proc: ManagedProcess, timeout_s: float) -> No
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{proc.name} at {address} not serving after {timeout_s}s")
             time.sleep(0.1)
-
-
-def _wait_for_routes(
-    address: str, models: set[str], proc: ManagedProcess, timeout_s: float
-) -> None:
-    """Waits until the sidecar reports every model ready (it has route tables for them)."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
-
-    deadline = time.monotonic() + timeout_s
-    client = grpcclient.InferenceServerClient(address)
-    try:
-        while True:
-            _raise_if_exited(proc)
-            try:
-                if client.is_server_ready(client_timeout=1.0) and all(
-                    client.is_model_ready(m, client_timeout=1.0) for m in models
-                ):
-                    return
-            except InferenceServerException:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"sidecar at {address} has no routes for {sorted(models)}")
-            time.sleep(0.1)
-    finally:
-        client.close()
-
-
-def _raise_if_exited(proc: ManagedProcess) -> None:
-    code = proc.exited()
-    if code is not None:
-        raise RuntimeError(f"{proc.name} exited with code {code}:\n{proc.log_tail()}")

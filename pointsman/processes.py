@@ -86,6 +86,12 @@ class ManagedProcess:
         """The exit code if the process has ended, else None."""
         return None if self._popen is None else self._popen.poll()
 
+    def raise_if_exited(self) -> None:
+        """RuntimeError with the end of the log if the process has ended."""
+        code = self.exited()
+        if code is not None:
+            raise RuntimeError(f"{self.name} exited with code {code}:\n{self.log_tail()}")
+
     def send_stop(self) -> None:
         self.stopping = True
         if self._popen is not None and self._popen.poll() is None:

@@ -159,8 +159,11 @@ def wait_until_ready(
     models: Sequence[str],
     timeout_s: float,
     process: ManagedProcess | None = None,
+    *,
+    server_ready: bool = False,
 ) -> None:
-    """Blocks until the server is live and every model in `models` is ready.
+    """Blocks until the server at `address` is live (ready, with `server_ready`) and every
+    model in `models` is ready. Works for Triton and for the sidecar, which speaks its API.
 
     Raises TimeoutError, or RuntimeError if `process` exits first.
     """
@@ -169,23 +172,20 @@ def wait_until_ready(
 
     deadline = time.monotonic() + timeout_s
     client = grpcclient.InferenceServerClient(address)
+    server_up = client.is_server_ready if server_ready else client.is_server_live
     try:
         while True:
-            if process is not None and process.exited() is not None:
-                raise RuntimeError(
-                    f"{process.name} exited with code {process.exited()}:\n{process.log_tail()}"
-                )
+            if process is not None:
+                process.raise_if_exited()
             try:
-                if client.is_server_live(client_timeout=1.0) and all(
+                if server_up(client_timeout=1.0) and all(
                     client.is_model_ready(m, client_timeout=1.0) for m in models
                 ):
                     return
             except InferenceServerException:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"Triton at {address} not ready with {list(models)} in {timeout_s}s"
-                )
+                raise TimeoutError(f"{address} not ready with {list(models)} in {timeout_s}s")
             time.sleep(0.1)
     finally:
         client.close()

@@ -178,27 +178,15 @@ class InferenceProxy:
 
     async def model_infer(self, request: bytes, context: Context) -> bytes:
         # The hot path: one peek, one dict lookup, one pick, one upstream await.
+        upstream: Upstream | None = None
         try:
             name, version = peek_model(request)
-            route = self._cache.routes.get(name)
-            if route is None:
-                raise self._cache.missing(name, version)
-            candidates = route.by_version.get(version, route.fallback)
-            if candidates is None:
-                raise NoReadyInstanceError(name, version)
-            upstream = pick(candidates, self._rng)
-            timeout = context.time_remaining()
-            if timeout is not None and timeout <= 0:
-                raise DeadlineExpiredError("deadline expired before the request was sent")
+            upstream = pick(self._candidates(name, version), self._rng)
+            timeout = _remaining(context)
             md = forward_metadata(context.invocation_metadata())
-            upstream.in_flight += 1
-            try:
-                response: bytes = await upstream.infer(request, timeout=timeout, metadata=md)
-                return response
-            finally:
-                upstream.in_flight -= 1
+            return await _send(upstream, request, timeout, md)
         except grpc.aio.AioRpcError as error:
-            if self._retry and error.code() is grpc.StatusCode.UNAVAILABLE:
+            if self._retry and error.code() is grpc.StatusCode.UNAVAILABLE and upstream:
                 return await self._retry_elsewhere(request, context, name, version, upstream, error)
             await abort(context, error)
         except Exception as error:
@@ -220,16 +208,8 @@ class InferenceProxy:
             if not others:
                 raise error
             upstream = min(others, key=lambda u: u.in_flight)
-            timeout = context.time_remaining()
-            if timeout is not None and timeout <= 0:
-                raise error
             md = forward_metadata(context.invocation_metadata())
-            upstream.in_flight += 1
-            try:
-                response: bytes = await upstream.infer(request, timeout=timeout, metadata=md)
-                return response
-            finally:
-                upstream.in_flight -= 1
+            return await _send(upstream, request, _remaining(context), md)
         except Exception as final:
             await abort(context, final)
 
@@ -237,28 +217,17 @@ class InferenceProxy:
         try:
             name, version = peek_model(request)
             md = forward_metadata(context.invocation_metadata())
-            timeout = context.time_remaining()
-            if timeout is not None and timeout <= 0:
-                raise DeadlineExpiredError("deadline expired before the request was sent")
-            targets = await self._router_targets(name, version, md, timeout)
+            targets = await self._router_targets(name, version, md, _remaining(context))
             last: grpc.aio.AioRpcError | None = None
             for upstream in targets:
-                timeout = context.time_remaining()
-                if timeout is not None and timeout <= 0:
-                    break
-                upstream.in_flight += 1
                 try:
-                    response: bytes = await upstream.infer(request, timeout=timeout, metadata=md)
-                    return response
+                    return await _send(upstream, request, _remaining(context), md)
                 except grpc.aio.AioRpcError as error:
                     if error.code() is not grpc.StatusCode.UNAVAILABLE or not self._retry:
                         raise
                     last = error  # not run there: try the next fallback
-                finally:
-                    upstream.in_flight -= 1
-            if last is not None:
-                raise last
-            raise DeadlineExpiredError("deadline expired before the request was sent")
+            assert last is not None  # targets is never empty
+            raise last
         except Exception as error:
             await abort(context, error)
 
@@ -276,9 +245,7 @@ class InferenceProxy:
                 return  # the caller half-closed without a request: nothing to route
             name, version = peek_model(first)
             md = forward_metadata(context.invocation_metadata())
-            timeout = context.time_remaining()
-            if timeout is not None and timeout <= 0:
-                raise DeadlineExpiredError("deadline expired before the stream was opened")
+            timeout = _remaining(context)
             if self._picker is not None:
                 chosen = (await self._router_targets(name, version, md, timeout))[0]
             else:
@@ -376,11 +343,10 @@ class InferenceProxy:
     async def _call(
         self, upstream: Upstream, method: str, request: bytes, context: Context
     ) -> bytes:
-        timeout = context.time_remaining()
-        if timeout is not None and timeout <= 0:
-            raise DeadlineExpiredError("deadline expired before the request was sent")
         response: bytes = await upstream.unary(method)(
-            request, timeout=timeout, metadata=forward_metadata(context.invocation_metadata())
+            request,
+            timeout=_remaining(context),
+            metadata=forward_metadata(context.invocation_metadata()),
         )
         return response
 
@@ -434,3 +400,22 @@ async def _pump_requests(
     except Exception:
         # Writing fails once Triton has ended the stream; the read side carries its status.
         pass
+
+
+def _remaining(context: Context) -> float | None:
+    """The caller's remaining time; never send a request whose deadline has passed, since
+    Triton would run it anyway."""
+    timeout: float | None = context.time_remaining()
+    if timeout is not None and timeout <= 0:
+        raise DeadlineExpiredError("deadline expired before the request was sent")
+    return timeout
+
+
+async def _send(upstream: Upstream, request: bytes, timeout: float | None, md: Metadata) -> bytes:
+    """One upstream call, counted in the instance's in-flight requests while it runs."""
+    upstream.in_flight += 1
+    try:
+        response: bytes = await upstream.infer(request, timeout=timeout, metadata=md)
+        return response
+    finally:
+        upstream.in_flight -= 1
