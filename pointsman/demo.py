@@ -139,5 +139,6 @@ def _summarise(
     console.print(placement)
     console.print(
         "Weights are random: the generated text is not meaningful code. "
-        "Avg batch size > 1 shows Triton's dynamic batcher at work."
+        "Avg batch size > 1 shows Triton's dynamic batcher at work; codegen_stream batches "
+        "inside the model (new streams join the running decode), which Triton counts as 1."
     )
