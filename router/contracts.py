@@ -48,6 +48,9 @@ class ModelOnInstance:
     pending_requests: int = 0
     # Declared footprint of the loaded versions, bytes (config parameter pointsman.memory_bytes).
     declared_memory_bytes: int = 0
+    # Inferences per model execution over the recent window (nv_inference_count delta over
+    # nv_inference_exec_count delta): how well Triton's batcher is batching. 0 = no executions.
+    average_batch_size: float = 0.0
 
     @property
     def is_ready(self) -> bool:

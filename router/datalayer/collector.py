@@ -2,6 +2,9 @@
 
 Per instance, one task polls the model repository index over gRPC (readiness and model
 states; `refresh_interval_s`) and one scrapes Prometheus metrics (`metrics_interval_s`).
+Rates (inferences per second, average batch size) come from counter deltas over a window of
+recent scrapes. A model version seen LOADING and later READY is reported to `on_model_loaded`
+with the time between the two sightings: its load time, give or take one poll interval.
 A change wakes whoever waits on `FleetCollector.changed`; `snapshot()` copies the current
 state into a `FleetSnapshot` that scheduling reads without locks or I/O.
 """
@@ -12,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,20 +28,44 @@ from router.contracts import FleetSnapshot, InstanceSnapshot, MemorySource, Mode
 from router.datalayer.triton_metrics import TritonMetrics, parse_triton_metrics
 from router.discovery import Discovery
 
-__all__ = ["DECLARED_MEMORY_PARAMETER", "FleetCollector", "InstanceWatcher"]
+__all__ = ["DECLARED_MEMORY_PARAMETER", "FleetCollector", "InstanceWatcher", "ModelLoadedHook"]
 
 log = logging.getLogger(__name__)
 
 # The model config parameter that declares a model's memory footprint in bytes.
 DECLARED_MEMORY_PARAMETER = "pointsman.memory_bytes"
-# Throughput is measured over this many seconds of counter history.
+# Throughput and batch sizes are measured over this many seconds of counter history.
 _RATE_WINDOW_S = 5.0
+
+# Told (model name, seconds) when a model version that was seen loading is seen ready.
+ModelLoadedHook = Callable[[str, float], None]
+
+
+def _ignore_load(model_name: str, seconds: float) -> None:
+    pass
 
 
 @dataclass
 class _ModelStates:
     ready: set[str] = field(default_factory=set)
     loading: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class _Counters:
+    """Triton's cumulative per-model counters at one scrape."""
+
+    at: float
+    inferences: Mapping[str, float]  # nv_inference_count: batch items
+    executions: Mapping[str, float]  # nv_inference_exec_count: batches
+
+
+def _deltas(first: _Counters, last: _Counters) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-model counter increases; a model new in `last` started from zero. A counter that
+    went down (Triton restarted, or the model reloaded) counts as no increase."""
+    inferences = {m: max(0.0, c - first.inferences.get(m, 0.0)) for m, c in last.inferences.items()}
+    executions = {m: max(0.0, c - first.executions.get(m, 0.0)) for m, c in last.executions.items()}
+    return inferences, executions
 
 
 class InstanceWatcher:
@@ -53,6 +80,7 @@ class InstanceWatcher:
         refresh_interval_s: float,
         metrics_interval_s: float,
         on_change: Callable[[], None],
+        on_model_loaded: ModelLoadedHook = _ignore_load,
     ) -> None:
         self.config = config
         self._clock = clock
@@ -60,13 +88,16 @@ class InstanceWatcher:
         self._refresh_interval_s = refresh_interval_s
         self._metrics_interval_s = metrics_interval_s
         self._on_change = on_change
+        self._on_model_loaded = on_model_loaded
         self._channel = grpc.aio.insecure_channel(config.grpc_address)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._states: dict[str, _ModelStates] = {}
         self.known_models: frozenset[str] = frozenset()
         self._declared: dict[tuple[str, str], int] = {}
         self._metrics = TritonMetrics()
-        self._counts: deque[tuple[float, float]] = deque()
+        self._counters: deque[_Counters] = deque()
+        # (model, version) -> clock time it was first seen LOADING.
+        self._loading_since: dict[tuple[str, str], float] = {}
         self._healthy = False
         self._refreshed_at = 0.0
         self._last_error = ""
@@ -110,6 +141,7 @@ class InstanceWatcher:
             if changed:
                 self._on_change()
             return
+        self._time_loads(index)
         states: dict[str, _ModelStates] = {}
         known: set[str] = set()
         for entry in index.models:
@@ -127,6 +159,28 @@ class InstanceWatcher:
         self._refreshed_at = self._clock()
         if changed:
             self._on_change()
+
+    def _time_loads(self, index: service_pb2.RepositoryIndexResponse) -> None:
+        now = self._clock()
+        loading: set[tuple[str, str]] = set()
+        for entry in index.models:
+            key = (entry.name, entry.version)
+            if entry.state == "LOADING":
+                loading.add(key)
+                self._loading_since.setdefault(key, now)
+            elif entry.state == "READY" and key in self._loading_since:
+                since = self._loading_since.pop(key)
+                log.info(
+                    "%s: model %s version %s ready after %.2f s loading",
+                    self.config.instance_id,
+                    entry.name,
+                    entry.version,
+                    now - since,
+                )
+                self._on_model_loaded(entry.name, now - since)
+        # A version that stopped loading without becoming ready failed or was unloaded.
+        for key in self._loading_since.keys() - loading:
+            del self._loading_since[key]
 
     async def _learn_declared_memory(self, states: dict[str, _ModelStates]) -> None:
         for name, model in states.items():
@@ -155,34 +209,39 @@ class InstanceWatcher:
             self._last_error = f"metrics: {exc}"
             return
         now = self._clock()
-        self._counts.append((now, metrics.inference_count))
-        while len(self._counts) > 2 and now - self._counts[0][0] > _RATE_WINDOW_S:
-            self._counts.popleft()
+        self._counters.append(
+            _Counters(now, metrics.inference_count_by_model, metrics.exec_count_by_model)
+        )
+        while len(self._counters) > 2 and now - self._counters[0].at > _RATE_WINDOW_S:
+            self._counters.popleft()
         pending_changed = metrics.pending_by_model != self._metrics.pending_by_model
         self._metrics = metrics
         if pending_changed:
             self._on_change()
 
-    def _rate(self) -> float:
-        if len(self._counts) < 2:
-            return 0.0
-        (t0, c0), (t1, c1) = self._counts[0], self._counts[-1]
-        # A counter that went down means Triton restarted: no rate until history rebuilds.
-        return max(0.0, c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
+    def _window(self) -> tuple[float, dict[str, float], dict[str, float]]:
+        """(seconds, inferences by model, executions by model) over the counter window."""
+        if len(self._counters) < 2 or self._counters[-1].at <= self._counters[0].at:
+            return 0.0, {}, {}
+        first, last = self._counters[0], self._counters[-1]
+        return (last.at - first.at, *_deltas(first, last))
 
     def snapshot(self) -> InstanceSnapshot:
         metrics = self._metrics
+        seconds, inferences, executions = self._window()
         models: dict[str, ModelOnInstance] = {}
         declared_total = 0
         for name, st in self._states.items():
             declared = sum(self._declared.get((name, v), 0) for v in st.ready)
             declared_total += declared
+            batches = executions.get(name, 0.0)
             models[name] = ModelOnInstance(
                 name=name,
                 ready_versions=frozenset(st.ready),
                 loading_versions=frozenset(st.loading),
                 pending_requests=metrics.pending_by_model.get(name, 0),
                 declared_memory_bytes=declared,
+                average_batch_size=inferences.get(name, 0.0) / batches if batches else 0.0,
             )
         if metrics.gpu_memory_used_bytes is not None:
             used, source = metrics.gpu_memory_used_bytes, MemorySource.GPU_METRICS
@@ -200,7 +259,7 @@ class InstanceWatcher:
             memory_used_bytes=used,
             memory_budget_bytes=budget,
             memory_source=source,
-            inferences_per_second=self._rate(),
+            inferences_per_second=sum(inferences.values()) / seconds if seconds else 0.0,
             pending_requests=metrics.pending_requests,
             gpu_utilization=metrics.gpu_utilization,
             last_error=self._last_error,
@@ -210,8 +269,16 @@ class InstanceWatcher:
 class FleetCollector:
     """Runs one `InstanceWatcher` per discovered instance and publishes fleet snapshots."""
 
-    def __init__(self, config: RouterConfig, discovery: Discovery, *, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        discovery: Discovery,
+        *,
+        clock: Clock,
+        on_model_loaded: ModelLoadedHook = _ignore_load,
+    ) -> None:
         self._config = config
+        self._on_model_loaded = on_model_loaded
         self._discovery = discovery
         self._clock = clock
         self._watchers: dict[str, InstanceWatcher] = {}
@@ -256,6 +323,7 @@ class FleetCollector:
                     refresh_interval_s=self._config.refresh_interval_s,
                     metrics_interval_s=self._config.metrics_interval_s,
                     on_change=self.changed.set,
+                    on_model_loaded=self._on_model_loaded,
                 )
                 self._watchers[instance_id] = watcher
                 watcher.start()
