@@ -3,6 +3,7 @@
 A file looks like:
 
     listen: 127.0.0.1:8101
+    metrics_listen: 127.0.0.1:9101  # Prometheus /metrics; absent = not served; port 0 = any
     refresh_interval_s: 0.1       # repository index and readiness, per instance
     metrics_interval_s: 0.25      # Prometheus metrics, per instance
     route_ttl_ms: 5000
@@ -54,6 +55,8 @@ class RouterConfig:
     scheduling: Mapping[str, Any] = field(default_factory=dict)
     # Seed for the picker's random source; None seeds from the OS.
     seed: int | None = None
+    # host:port serving Prometheus /metrics; empty = not served. Port 0 binds any free port.
+    metrics_listen: str = ""
 
 
 def _address(value: Any, where: str) -> str:
@@ -103,6 +106,7 @@ _TOP_LEVEL = {
     "heartbeat_interval_s",
     "scheduling",
     "seed",
+    "metrics_listen",
 }
 
 
@@ -124,6 +128,7 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
     scheduling = data.get("scheduling", {})
     if not isinstance(scheduling, Mapping):
         raise ConfigError("scheduling: must be a mapping")
+    metrics_listen = data.get("metrics_listen")
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"seed: must be an integer, got {seed!r}")
@@ -136,6 +141,9 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
         heartbeat_interval_s=_number(data, "heartbeat_interval_s", 1.0),
         scheduling=scheduling,
         seed=seed,
+        metrics_listen=(
+            "" if metrics_listen in (None, "") else _address(metrics_listen, "metrics_listen")
+        ),
     )
 
 

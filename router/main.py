@@ -1,4 +1,8 @@
-"""`pointsman router`: runs the router alone, configured by flags and a file."""
+"""`pointsman router`: runs the router alone, configured by flags and a file.
+
+Tracing follows the OTEL_* environment (see pointsman/telemetry.py); metrics are served
+when `--metrics-listen` (or the file's `metrics_listen`) is given.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pointsman.errors import ConfigError
+from pointsman.telemetry import Tracing, setup_tracing
 from router.config import RouterConfig, load_router_config, parse_router_config
 
 __all__ = ["add_arguments", "config_from_args", "run"]
@@ -18,6 +23,11 @@ __all__ = ["add_arguments", "config_from_args", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="router YAML file (see router/config.py)")
     parser.add_argument("--listen", help="host:port to serve on (default 127.0.0.1:8101)")
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 = any free port)",
+    )
     parser.add_argument(
         "--instance",
         action="append",
@@ -65,15 +75,24 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         "heartbeat_interval_s": base.heartbeat_interval_s,
         "scheduling": dict(base.scheduling),
         "seed": args.seed if args.seed is not None else base.seed,
+        "metrics_listen": args.metrics_listen or base.metrics_listen,
     }
     return parse_router_config(data)
 
 
-async def _serve(config: RouterConfig, grace_s: float) -> None:
+async def _serve(config: RouterConfig, grace_s: float, tracing: Tracing) -> None:
+    from prometheus_client import REGISTRY
+
     from router.server import start_router
 
-    router = await start_router(config)
+    # The process-wide registry: it also carries the process_* and python_* collectors.
+    router = await start_router(config, registry=REGISTRY, tracing=tracing)
     print(f"pointsman router listening on 127.0.0.1:{router.port}", flush=True)
+    if router.metrics_port is not None:
+        host = config.metrics_listen.rpartition(":")[0]
+        print(
+            f"pointsman router metrics on http://{host}:{router.metrics_port}/metrics", flush=True
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,10 +105,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
     try:
         config = config_from_args(args)
+        tracing = setup_tracing("pointsman-router")
     except ConfigError as exc:
         print(f"pointsman router: {exc}")
         return 2
     import uvloop
 
-    uvloop.run(_serve(config, args.grace))
+    try:
+        uvloop.run(_serve(config, args.grace, tracing))
+    finally:
+        tracing.shutdown()
     return 0

@@ -1,4 +1,4 @@
-"""Builds and runs the router: collectors, route book, gRPC service, health."""
+"""Builds and runs the router: collectors, route book, gRPC service, health, /metrics."""
 
 from __future__ import annotations
 
@@ -8,17 +8,21 @@ import logging
 import random
 import uuid
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from prometheus_client import CollectorRegistry, start_http_server
 
 from pointsman.clock import Clock, monotonic
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
+from pointsman.telemetry import Tracing
 from router.config import RouterConfig
 from router.contracts import FleetSnapshot
 from router.datalayer.collector import FleetCollector
 from router.discovery import Discovery, StaticDiscovery
+from router.metrics import FleetView, RouterMetrics
 from router.plugins.registry import build_profile, default_registry
 from router.routes import AssumedLoad, RouteBook
 from router.scheduling import Scheduler
@@ -30,9 +34,24 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "pointsman.router.v1.RouterService"
 
 
+def _serve_metrics(address: str, registry: CollectorRegistry) -> WSGIServer:
+    """Serves `registry` at http://address/metrics on a daemon thread.
+
+    Not pointsman.telemetry.serve_metrics: that one returns only the port, and a router that
+    stops must close its /metrics port too (tests start and stop routers in one process).
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    except OSError as exc:
+        raise OSError(f"router cannot serve metrics on {address}: {exc}") from exc
+    return server
+
+
 @dataclass
 class RouterServer:
-    """A running router. `port` is the bound port (tests bind port 0)."""
+    """A running router. `port` is the bound port (tests bind port 0); `metrics_port` the
+    bound port of /metrics, None when metrics are not served."""
 
     server: grpc.aio.Server
     port: int
@@ -42,6 +61,9 @@ class RouterServer:
     stopping: asyncio.Event
     router_id: str
     snapshot: FleetSnapshot
+    metrics: RouterMetrics
+    metrics_port: int | None = None
+    _metrics_server: WSGIServer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -54,20 +76,28 @@ class RouterServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.collector.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
 
 async def _keep_routes(router: RouterServer, refresh_interval_s: float, clock: Clock) -> None:
     """Rebuilds route tables on every change, and at least every refresh interval (staleness)."""
-    collector, book = router.collector, router.book
+    collector, book, metrics = router.collector, router.book, router.metrics
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(collector.changed.wait(), refresh_interval_s)
         collector.changed.clear()
         router.snapshot = collector.snapshot()
+        started = metrics.timer()
         try:
-            book.rebuild(router.snapshot, clock())
+            update = book.rebuild(router.snapshot, clock())
         except Exception:  # a bad plugin must not stop route publishing
             log.exception("rebuilding route tables failed")
+        else:
+            metrics.observe_rebuild(metrics.timer() - started)
+            if update is not None:
+                metrics.count_route_update()
         # Coalesce bursts of changes (several instances refreshing at once).
         await asyncio.sleep(0.02)
 
@@ -78,12 +108,22 @@ async def start_router(
     discovery: Discovery | None = None,
     clock: Clock = monotonic,
     rng: random.Random | None = None,
+    registry: CollectorRegistry | None = None,
+    tracing: Tracing | None = None,
 ) -> RouterServer:
+    """Starts the router. Metrics go to `registry` (a private one when None), served over
+    HTTP when `config.metrics_listen` is set; spans go to `tracing` when it is enabled."""
     # Sections left out of the config take the default profile's.
     profile = build_profile(config.scheduling, default_registry(), path="scheduling")
     scheduler = Scheduler(profile)
     book = RouteBook(scheduler, ttl_ms=config.route_ttl_ms)
-    collector = FleetCollector(config, discovery or StaticDiscovery(config.instances), clock=clock)
+    metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
+    collector = FleetCollector(
+        config,
+        discovery or StaticDiscovery(config.instances),
+        clock=clock,
+        on_model_loaded=metrics.observe_model_load,
+    )
     assumed = AssumedLoad(window_s=2 * config.metrics_interval_s)
     stopping = asyncio.Event()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -97,7 +137,9 @@ async def start_router(
         stopping=stopping,
         router_id=uuid.uuid4().hex[:12],
         snapshot=FleetSnapshot(taken_at=clock()),
+        metrics=metrics,
     )
+    metrics.registry.register(FleetView(lambda: router.snapshot, book, clock))
     servicer = RouterServicer(
         book=book,
         snapshot=lambda: router.snapshot,
@@ -107,12 +149,17 @@ async def start_router(
         router_id=router.router_id,
         heartbeat_interval_s=config.heartbeat_interval_s,
         stopping=stopping,
+        metrics=metrics,
+        tracing=tracing,
     )
     pb_grpc.add_RouterServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     router.port = server.add_insecure_port(config.listen)
     if router.port == 0:
         raise OSError(f"router cannot bind {config.listen}")
+    if config.metrics_listen:
+        router._metrics_server = _serve_metrics(config.metrics_listen, metrics.registry)
+        router.metrics_port = router._metrics_server.server_port
     await collector.start()
     await server.start()
     router._tasks.append(
@@ -121,4 +168,6 @@ async def start_router(
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("router %s listening on port %d", router.router_id, router.port)
+    if router.metrics_port is not None:
+        log.info("router metrics on port %d", router.metrics_port)
     return router

@@ -1,18 +1,32 @@
-"""The gRPC RouterService: PickTarget, WatchRoutes, ListInstances, ListModels."""
+"""The gRPC RouterService: PickTarget, WatchRoutes, ListInstances, ListModels.
+
+PickTarget is measured (`RouterMetrics`) and, when tracing is on, recorded as a SERVER span
+that continues the caller's `traceparent` and carries the decision: target, top scores,
+fallbacks, or why nothing could serve (span attributes are listed in router/README.md).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
+from opentelemetry import trace
 
 from pointsman import errors
 from pointsman.clock import Clock
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
-from router.contracts import FleetSnapshot, MemorySource, RoutingRequest, SchedulingCycle
+from pointsman.telemetry import Tracing, extract_context
+from router.contracts import (
+    FleetSnapshot,
+    MemorySource,
+    RoutingRequest,
+    SchedulingCycle,
+    ScoredCandidate,
+)
+from router.metrics import UNKNOWN_MODEL, RouterMetrics
 from router.routes import (
     AssumedLoad,
     ModelRoutes,
@@ -21,6 +35,7 @@ from router.routes import (
     RouteUpdate,
     candidates_for,
 )
+from router.scheduling import FilterTrace
 
 __all__ = ["RouterServicer"]
 
@@ -36,6 +51,40 @@ def _target(entry: RouteEntry) -> pb.Target:
         instance_id=entry.instance_id,
         grpc_address=entry.grpc_address,
         ready_versions=list(entry.ready_versions),
+    )
+
+
+# Scores of this many best candidates go into a pick's span.
+_TRACED_SCORES = 3
+_RPC_ATTRIBUTES = {
+    "rpc.system": "grpc",
+    "rpc.service": "pointsman.router.v1.RouterService",
+    "rpc.method": "PickTarget",
+}
+
+
+def _describe_decision(
+    span: trace.Span,
+    ranked: Sequence[ScoredCandidate],
+    ordered: Sequence[ScoredCandidate],
+    filters: FilterTrace,
+) -> None:
+    """Puts what decided a pick on its span: e.g. pointsman.scores 'triton-0=5.80,...'."""
+    span.set_attribute("pointsman.candidates", filters.considered)
+    if not ordered:
+        span.set_attribute("pointsman.filter_trace", filters.summary())
+        return
+    chosen = ordered[0]
+    span.set_attribute("pointsman.target", chosen.candidate.instance_id)
+    span.set_attribute("pointsman.target_address", chosen.candidate.instance.grpc_address)
+    span.set_attribute("pointsman.fallbacks", len(ordered) - 1)
+    span.set_attribute(
+        "pointsman.scores",
+        ",".join(f"{s.candidate.instance_id}={s.total:.2f}" for s in ranked[:_TRACED_SCORES]),
+    )
+    span.set_attribute(
+        "pointsman.target_scores",
+        ",".join(f"{name}={score:.2f}" for name, score in chosen.scores.items()),
     )
 
 
@@ -63,6 +112,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         router_id: str,
         heartbeat_interval_s: float,
         stopping: asyncio.Event,
+        metrics: RouterMetrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self._book = book
         self._snapshot = snapshot
@@ -72,22 +123,69 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self._router_id = router_id
         self._heartbeat_interval_s = heartbeat_interval_s
         self._stopping = stopping
+        self._metrics = metrics
+        # None when tracing is off, so that a pick pays one `is None` check for it.
+        self._tracer = tracing.tracer if tracing is not None and tracing.enabled else None
 
     async def PickTarget(
         self, request: pb.PickTargetRequest, context: grpc.aio.ServicerContext
     ) -> pb.PickTargetResponse:
+        if self._tracer is not None:
+            return await self._traced_pick(request, context, self._tracer)
         try:
-            return self._pick(request)
+            response = self._pick(request, None)
         except Exception as exc:  # every failure leaves as a status, never a crash
+            self._count_failed_pick(request, exc)
             await errors.abort(context, exc)
+        self._metrics.count_pick(request.model_name, grpc.StatusCode.OK)
+        return response
 
-    def _pick(self, request: pb.PickTargetRequest) -> pb.PickTargetResponse:
+    async def _traced_pick(
+        self,
+        request: pb.PickTargetRequest,
+        context: grpc.aio.ServicerContext,
+        tracer: trace.Tracer,
+    ) -> pb.PickTargetResponse:
+        span = tracer.start_span(
+            "PickTarget",
+            context=extract_context(context.invocation_metadata()),
+            kind=trace.SpanKind.SERVER,
+            attributes=_RPC_ATTRIBUTES,
+        )
+        span.set_attribute("pointsman.model", request.model_name)
+        if request.model_version:
+            span.set_attribute("pointsman.model_version", request.model_version)
+        try:
+            response = self._pick(request, span)
+        except Exception as exc:
+            code, message = self._count_failed_pick(request, exc)
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {message}"))
+            span.end()
+            await errors.abort(context, exc)
+        self._metrics.count_pick(request.model_name, grpc.StatusCode.OK)
+        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+        span.end()
+        return response
+
+    def _count_failed_pick(
+        self, request: pb.PickTargetRequest, exc: Exception
+    ) -> tuple[grpc.StatusCode, str]:
+        code, message = errors.status_of(exc)
+        known = request.model_name in self._snapshot().known_models
+        self._metrics.count_pick(request.model_name if known else UNKNOWN_MODEL, code)
+        return code, message
+
+    def _pick(
+        self, request: pb.PickTargetRequest, span: trace.Span | None
+    ) -> pb.PickTargetResponse:
         if not request.model_name:
             raise errors.InvalidRequestError("model_name is required")
         snapshot = self._snapshot()
         if request.model_name not in snapshot.known_models:
             raise errors.ModelNotFoundError(request.model_name)
         now = self._clock()
+        started = self._metrics.timer()
         cycle = SchedulingCycle(
             request=RoutingRequest(
                 model_name=request.model_name,
@@ -97,11 +195,14 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             now=now,
         )
         candidates = candidates_for(snapshot, request.model_name, self._assumed, now)
-        ranked, trace = self._book.scheduler.rank_with_trace(cycle, candidates)
+        ranked, filter_trace = self._book.scheduler.rank_with_trace(cycle, candidates)
         ordered = self._book.scheduler.profile.picker.pick(ranked, self._rng) if ranked else []
+        self._metrics.observe_pick(self._metrics.timer() - started)
+        if span is not None:
+            _describe_decision(span, ranked, ordered, filter_trace)
         if not ordered:
             raise errors.NoReadyInstanceError(
-                request.model_name, request.model_version, trace.summary()
+                request.model_name, request.model_version, filter_trace.summary()
             )
         targets = []
         for scored in ordered:
