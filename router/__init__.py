@@ -6,6 +6,7 @@ Layout (contracts, plugins, engine):
     scheduling.py     the engine: filters -> weighted scorers -> picker
     datalayer/        collectors that refresh instance views and publish immutable snapshots
     routes.py         route tables built from snapshots, published to watchers
-    service.py        the gRPC RouterService
+    service.py        the gRPC RouterService (PickTarget spans)
+    metrics.py        Prometheus metrics (names and meanings in README.md here)
     config.py         typed, frozen configuration
 """
