@@ -24,6 +24,8 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
+    from sidecar.config import PICK_MODES
+
     parser.add_argument("--instances", type=int, default=3, help="Triton servers (default 3)")
     parser.add_argument(
         "--placement",
@@ -35,8 +37,39 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", type=Path, help="default: triton_models/")
     parser.add_argument("--sidecar-port", type=int, default=8001, help="0 = any free port")
     parser.add_argument("--router-port", type=int, default=8101, help="0 = any free port")
+    parser.add_argument(
+        "--sidecar-metrics-port", type=int, default=0, help="the sidecar's /metrics (0 = any free)"
+    )
+    parser.add_argument(
+        "--router-metrics-port", type=int, default=0, help="the router's /metrics (0 = any free)"
+    )
     parser.add_argument("--memory-budget-bytes", type=int, default=2 * 1024**3, help="per instance")
     parser.add_argument("--run-dir", type=Path, help="logs and configs (default: a temp dir)")
+    parser.add_argument(
+        "--sidecar-pick-mode",
+        choices=PICK_MODES,
+        default="table",
+        help="table: the sidecar picks from streamed route tables (default); per-request: it "
+        "asks the router for every request, so the router's pick is in each request's trace",
+    )
+    parser.add_argument(
+        "--trace-otlp-endpoint",
+        type=_otlp_endpoint,
+        metavar="URL",
+        help="base URL of an OTLP/HTTP receiver, e.g. http://127.0.0.1:4318: every Triton "
+        "traces the requests that carry a traceparent to it, the router and the sidecar "
+        "export their spans to it (default: Triton does not trace; the router and the sidecar "
+        "follow the OTEL_* environment)",
+    )
+
+
+def _otlp_endpoint(text: str) -> str:
+    from pointsman.fleet import parse_otlp_endpoint
+
+    try:
+        return parse_otlp_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fleet_config(args: argparse.Namespace) -> object:
@@ -52,8 +85,12 @@ def _fleet_config(args: argparse.Namespace) -> object:
         placement=parse_placement(args.placement, args.instances) if args.placement else None,
         sidecar_port=args.sidecar_port,
         router_port=args.router_port,
+        sidecar_metrics_port=args.sidecar_metrics_port,
+        router_metrics_port=args.router_metrics_port,
         memory_budget_bytes=args.memory_budget_bytes,
         run_dir=args.run_dir,
+        sidecar_pick_mode=args.sidecar_pick_mode,
+        trace_otlp_endpoint=args.trace_otlp_endpoint,
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -70,7 +107,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
         fleet.start()
         print(f"pointsman fleet ready in {time.monotonic() - started:.1f}s")
         print(f"  sidecar  {fleet.sidecar_address}   (point Triton clients here)")
+        print(f"           metrics {fleet.sidecar_metrics_url}")
+        print(f"           pick mode {config.sidecar_pick_mode}")
         print(f"  router   {fleet.router_address}")
+        print(f"           metrics {fleet.router_metrics_url}")
+        if config.trace_otlp_endpoint:
+            print(f"  tracing  OTLP/HTTP to {config.trace_otlp_endpoint}: Tritons, router, sidecar")
         for spec in fleet.tritons:
             print(
                 f"  {spec.instance_id}  grpc {spec.grpc_address}  metrics {spec.metrics_url}"

@@ -4,6 +4,12 @@
 `Fleet.stop()` (also on Ctrl-C or SIGTERM in `pointsman up`) stops every child. A child that
 dies on its own is reported by `Fleet.check_children()`, never left running as an orphan:
 every child dies with its parent (see pointsman.processes).
+
+The router and the sidecar always serve Prometheus metrics (`--metrics-listen`). With
+`FleetConfig.trace_otlp_endpoint` set, every part traces to that OTLP/HTTP receiver: each
+Triton in its `opentelemetry` trace mode at rate 0, so it records exactly the requests that
+arrive with a W3C `traceparent` (the sampled ones the sidecar forwards), and the router and the
+sidecar through the standard OTEL_* variables (see pointsman.telemetry).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import yaml
@@ -28,8 +35,18 @@ from pointsman.triton import (
     triton_process,
     wait_until_ready,
 )
+from sidecar.config import PICK_MODES, PickMode
 
-__all__ = ["DEFAULT_MODELS", "Fleet", "FleetConfig", "default_placement", "parse_placement"]
+__all__ = [
+    "DEFAULT_MODELS",
+    "Fleet",
+    "FleetConfig",
+    "default_placement",
+    "parse_otlp_endpoint",
+    "parse_placement",
+    "tracing_environment",
+    "triton_trace_args",
+]
 
 DEFAULT_MODELS = ("codegen", "codegen_stream")
 HOST = "127.0.0.1"
@@ -61,6 +78,53 @@ def parse_placement(text: str, instances: int) -> dict[str, tuple[str, ...]]:
     return placement
 
 
+def parse_otlp_endpoint(text: str) -> str:
+    """The base URL of an OTLP/HTTP receiver ('http://127.0.0.1:4318'), without a trailing
+    slash; ValueError if it is not one. Exporters append /v1/traces themselves."""
+    parts = urlsplit(text.strip())
+    path = parts.path.rstrip("/")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+        raise ValueError(
+            f"OTLP endpoint {text!r}: expected http://HOST:PORT, e.g. http://127.0.0.1:4318"
+        )
+    if path.endswith("/v1/traces") or parts.query or parts.fragment:
+        raise ValueError(f"OTLP endpoint {text!r}: give the base URL; /v1/traces is appended")
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def triton_trace_args(endpoint: str, service_name: str) -> tuple[str, ...]:
+    """Triton flags that export OpenTelemetry spans to the OTLP/HTTP receiver at `endpoint`.
+
+    Rate 0 traces only requests that carry a `traceparent`, so Triton records exactly the
+    requests whose trace a caller sampled, as children of the caller's span; count -1 never
+    stops. Triton wants the traces URL without the scheme for plain HTTP."""
+    url = parse_otlp_endpoint(endpoint) + "/v1/traces"
+    url = url.removeprefix("http://")
+    return (
+        "--trace-config=mode=opentelemetry",
+        "--trace-config=rate=0",
+        "--trace-config=level=TIMESTAMPS",
+        "--trace-config=count=-1",
+        f"--trace-config=opentelemetry,url={url}",
+        f"--trace-config=opentelemetry,resource=service.name={service_name}",
+    )
+
+
+def tracing_environment(endpoint: str) -> dict[str, str]:
+    """OTEL_* variables that send a Python part's spans to `endpoint` over OTLP/HTTP.
+
+    The per-signal variables are set too, so stray ones in the caller's environment cannot
+    point the parts elsewhere."""
+    base = parse_otlp_endpoint(endpoint)
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": base,
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": base + "/v1/traces",
+    }
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     instances: int = 3
@@ -69,12 +133,27 @@ class FleetConfig:
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
     sidecar_port: int = 8001  # Triton's own port, so apps keep their address; 0 = any free
     router_port: int = 8101  # 0 = any free
+    sidecar_metrics_port: int = 0  # the sidecar's /metrics; 0 = any free
+    router_metrics_port: int = 0  # the router's /metrics; 0 = any free
+    # table: the sidecar picks from streamed route tables; per-request: it asks the router
+    # every time, so the router's pick joins each request's trace.
+    sidecar_pick_mode: PickMode = "table"
+    # Base URL of an OTLP/HTTP receiver (http://127.0.0.1:4318): Tritons, router and sidecar
+    # trace to it. None: Triton does not trace, the Python parts follow the caller's OTEL_*.
+    trace_otlp_endpoint: str | None = None
     memory_budget_bytes: int = 2 * 1024**3
     run_dir: Path | None = None  # logs and generated configs; None = a temporary folder
     router_args: tuple[str, ...] = ()
     sidecar_args: tuple[str, ...] = ()
     triton_args: tuple[str, ...] = ()
     ready_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.sidecar_pick_mode not in PICK_MODES:
+            modes = ", ".join(PICK_MODES)
+            raise ValueError(f"sidecar_pick_mode: {self.sidecar_pick_mode!r} is not one of {modes}")
+        if self.trace_otlp_endpoint is not None:
+            parse_otlp_endpoint(self.trace_otlp_endpoint)
 
     def resolved_placement(self) -> dict[str, tuple[str, ...]]:
         return dict(self.placement or default_placement(self.instances, self.models))
@@ -87,15 +166,20 @@ class Fleet:
     processes: list[ManagedProcess] = field(default_factory=list)
     router_address: str = ""
     sidecar_address: str = ""
+    router_metrics_url: str = ""
+    sidecar_metrics_url: str = ""
     run_dir: Path = Path()
     _reported: set[str] = field(default_factory=set)
 
     def _python_part(self, name: str, argv: list[str]) -> ManagedProcess:
+        env = {"PYTHONUNBUFFERED": "1"}
+        if self.config.trace_otlp_endpoint:
+            env |= tracing_environment(self.config.trace_otlp_endpoint)
         proc = ManagedProcess(
             ProcessSpec(
                 name=name,
                 argv=[sys.executable, "-m", "pointsman", *argv],
-                env={"PYTHONUNBUFFERED": "1"},
+                env=env,
                 log_path=self.run_dir / f"{name}.log",
             )
         )
@@ -118,12 +202,17 @@ class Fleet:
         installation = prepare_installation()
         placement = cfg.resolved_placement()
         for instance_id, models in placement.items():
+            trace_args = (
+                triton_trace_args(cfg.trace_otlp_endpoint, instance_id)
+                if cfg.trace_otlp_endpoint
+                else ()
+            )
             spec = TritonSpec.on_free_ports(
                 instance_id,
                 model_repository=cfg.model_repository,
                 load_models=models,
                 log_path=self.run_dir / f"{instance_id}.log",
-                extra_args=cfg.triton_args,
+                extra_args=(*trace_args, *cfg.triton_args),
             )
             self.tritons.append(spec)
             proc = triton_process(spec, installation)
@@ -157,13 +246,25 @@ class Fleet:
                 sort_keys=False,
             )
         )
+        router_metrics = f"{HOST}:{cfg.router_metrics_port or free_port()}"
+        self.router_metrics_url = f"http://{router_metrics}/metrics"
         router = self._python_part(
-            "router", ["router", "--config", str(router_config), *cfg.router_args]
+            "router",
+            [
+                "router",
+                "--config",
+                str(router_config),
+                "--metrics-listen",
+                router_metrics,
+                *cfg.router_args,
+            ],
         )
         _wait_for_health(self.router_address, router, cfg.ready_timeout_s)
 
         sidecar_port = cfg.sidecar_port or free_port()
         self.sidecar_address = f"{HOST}:{sidecar_port}"
+        sidecar_metrics = f"{HOST}:{cfg.sidecar_metrics_port or free_port()}"
+        self.sidecar_metrics_url = f"http://{sidecar_metrics}/metrics"
         sidecar = self._python_part(
             "sidecar",
             [
@@ -172,6 +273,10 @@ class Fleet:
                 self.sidecar_address,
                 "--router",
                 self.router_address,
+                "--pick-mode",
+                cfg.sidecar_pick_mode,
+                "--metrics-listen",
+                sidecar_metrics,
                 *cfg.sidecar_args,
             ],
         )
@@ -186,6 +291,9 @@ class Fleet:
         return {
             "sidecar": self.sidecar_address,
             "router": self.router_address,
+            "sidecar_metrics_url": self.sidecar_metrics_url,
+            "router_metrics_url": self.router_metrics_url,
+            "trace_otlp_endpoint": self.config.trace_otlp_endpoint,
             "tritons": [
                 {
                     "id": s.instance_id,
