@@ -1,4 +1,4 @@
-"""The `pointsman` command: up, router, sidecar, demo."""
+"""The `pointsman` command: up, router, sidecar, demo, top."""
 
 from __future__ import annotations
 
@@ -154,6 +154,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 130
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    from pointsman.top import run_top
+
+    return run_top(args.router, interval_s=args.interval, once=args.once)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from router import main as router_main
     from sidecar import main as sidecar_main
@@ -180,10 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
     router_main.add_arguments(router)
     router.set_defaults(func=router_main.run)
 
+    top = sub.add_parser("top", help="a live terminal view of the fleet, from the router")
+    top.add_argument(
+        "--router", default="127.0.0.1:8101", metavar="HOST:PORT", help="the router to ask"
+    )
+    top.add_argument(
+        "--interval", type=_positive_seconds, default=1.0, help="seconds between refreshes"
+    )
+    top.add_argument(
+        "--once", action="store_true", help="print one frame and exit (1 if the router is down)"
+    )
+    top.set_defaults(func=_cmd_top)
+
     sidecar = sub.add_parser("sidecar", help="run a sidecar alone")
     sidecar_main.add_arguments(sidecar)
     sidecar.set_defaults(func=sidecar_main.run)
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
