@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
+PROMTOOL ?= promtool
 
-.PHONY: install demo up test lint protos check-protos bench clean
+.PHONY: install demo up test lint protos check-protos check-ops bench clean
 
 install: $(STAMP)
 
@@ -34,10 +35,29 @@ check-protos: install
 	    echo "generated stubs are stale: run 'make protos' and commit"; rm -rf $$tmp; exit 1; fi; \
 	  rm -rf $$tmp; echo "protos: stubs are fresh"
 
-lint: install check-protos
+# The operations bundle (ops/): metric names and labels against the code, dashboard queries,
+# alert rules and their unit tests. promtool comes with Debian's `prometheus` package; without
+# it the promtool half is skipped, except in CI (CI=true), where that is an error.
+check-ops: install
+	@$(PY) ops/check_names.py
+	@if command -v $(PROMTOOL) >/dev/null 2>&1; then \
+	  tmp=$$(mktemp -d) && $(PY) ops/check_names.py --dashboard-rules $$tmp/dashboard-queries.yaml && \
+	  $(PROMTOOL) check config ops/prometheus/prometheus.yml >/dev/null && \
+	  $(PROMTOOL) check rules ops/prometheus/alerts.yaml $$tmp/dashboard-queries.yaml >/dev/null && \
+	  $(PROMTOOL) test rules ops/prometheus/alerts_test.yaml >/dev/null; \
+	  rc=$$?; rm -rf $$tmp; \
+	  if [ $$rc -ne 0 ]; then echo "ops: promtool failed; run the promtool commands in ops/README.md"; exit $$rc; fi; \
+	  echo "ops: promtool: config, alert rules, dashboard queries and rule unit tests pass"; \
+	elif [ "$$CI" = true ]; then \
+	  echo "ops: $(PROMTOOL) not found, and CI=true: install Debian's prometheus package (.ci/run does)"; exit 1; \
+	else \
+	  echo "ops: $(PROMTOOL) not found: alert rules NOT checked (apt-get install prometheus)"; \
+	fi
+
+lint: install check-protos check-ops
 	$(VENV)/bin/buf lint
-	$(VENV)/bin/ruff check pointsman router sidecar tests bench triton_models
-	$(VENV)/bin/mypy pointsman router sidecar
+	$(VENV)/bin/ruff check pointsman router sidecar tests bench triton_models ops
+	$(VENV)/bin/mypy pointsman router sidecar ops/check_names.py
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
