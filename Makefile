@@ -30,8 +30,8 @@ protos: install
 check-protos: install
 	@tmp=$$(mktemp -d) && cp -r pointsman/router $$tmp/before && \
 	  PYTHON=$(PY) scripts/gen_protos.sh && \
-	  if ! diff -r $$tmp/before pointsman/router >/dev/null; then \
-	    diff -r $$tmp/before pointsman/router | head -20; \
+	  if ! diff -r -x __pycache__ $$tmp/before pointsman/router >/dev/null; then \
+	    diff -r -x __pycache__ $$tmp/before pointsman/router | head -20; \
 	    echo "generated stubs are stale: run 'make protos' and commit"; rm -rf $$tmp; exit 1; fi; \
 	  rm -rf $$tmp; echo "protos: stubs are fresh"
 
