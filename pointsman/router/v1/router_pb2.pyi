@@ -30,7 +30,7 @@ MODEL_STATE_UNLOADING: ModelState
 MODEL_STATE_UNAVAILABLE: ModelState
 
 class PickTargetRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "headers")
+    __slots__ = ("model_name", "model_version", "headers", "wait_for_load_ms")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,10 +41,12 @@ class PickTargetRequest(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     headers: _containers.ScalarMap[str, str]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    wait_for_load_ms: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., wait_for_load_ms: _Optional[int] = ...) -> None: ...
 
 class PickTargetResponse(_message.Message):
     __slots__ = ("target", "fallbacks", "generation")
@@ -89,18 +91,48 @@ class WatchRoutesResponse(_message.Message):
     def __init__(self, full_snapshot: _Optional[bool] = ..., tables: _Optional[_Iterable[_Union[RouteTable, _Mapping]]] = ..., removed_models: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ..., router_id: _Optional[str] = ...) -> None: ...
 
 class RouteTable(_message.Message):
-    __slots__ = ("model_name", "candidates", "ttl_ms", "generation", "default_version")
+    __slots__ = ("model_name", "candidates", "ttl_ms", "generation", "default_version", "version_policy")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
     ttl_ms: int
     generation: int
     default_version: str
-    def __init__(self, model_name: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., ttl_ms: _Optional[int] = ..., generation: _Optional[int] = ..., default_version: _Optional[str] = ...) -> None: ...
+    version_policy: VersionPolicy
+    def __init__(self, model_name: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., ttl_ms: _Optional[int] = ..., generation: _Optional[int] = ..., default_version: _Optional[str] = ..., version_policy: _Optional[_Union[VersionPolicy, _Mapping]] = ...) -> None: ...
+
+class VersionPolicy(_message.Message):
+    __slots__ = ("splits", "sticky_header", "header_rules")
+    SPLITS_FIELD_NUMBER: _ClassVar[int]
+    STICKY_HEADER_FIELD_NUMBER: _ClassVar[int]
+    HEADER_RULES_FIELD_NUMBER: _ClassVar[int]
+    splits: _containers.RepeatedCompositeFieldContainer[VersionWeight]
+    sticky_header: str
+    header_rules: _containers.RepeatedCompositeFieldContainer[HeaderRule]
+    def __init__(self, splits: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., sticky_header: _Optional[str] = ..., header_rules: _Optional[_Iterable[_Union[HeaderRule, _Mapping]]] = ...) -> None: ...
+
+class VersionWeight(_message.Message):
+    __slots__ = ("version", "weight")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    weight: float
+    def __init__(self, version: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class HeaderRule(_message.Message):
+    __slots__ = ("header", "value", "version")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    header: str
+    value: str
+    version: str
+    def __init__(self, header: _Optional[str] = ..., value: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class RouteCandidate(_message.Message):
     __slots__ = ("target", "weight")
@@ -173,15 +205,65 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("model_name", "ready_instances", "loading_instances", "ready_versions", "route_table")
+    __slots__ = ("model_name", "ready_instances", "loading_instances", "ready_versions", "route_table", "copies", "target_copies", "demand_rps", "forecast_rps", "last_decision")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     READY_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     LOADING_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     READY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ROUTE_TABLE_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_COPIES_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_RPS_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_RPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     ready_instances: _containers.RepeatedScalarFieldContainer[str]
     loading_instances: _containers.RepeatedScalarFieldContainer[str]
     ready_versions: _containers.RepeatedScalarFieldContainer[str]
     route_table: RouteTable
-    def __init__(self, model_name: _Optional[str] = ..., ready_instances: _Optional[_Iterable[str]] = ..., loading_instances: _Optional[_Iterable[str]] = ..., ready_versions: _Optional[_Iterable[str]] = ..., route_table: _Optional[_Union[RouteTable, _Mapping]] = ...) -> None: ...
+    copies: int
+    target_copies: int
+    demand_rps: float
+    forecast_rps: float
+    last_decision: PlacementDecision
+    def __init__(self, model_name: _Optional[str] = ..., ready_instances: _Optional[_Iterable[str]] = ..., loading_instances: _Optional[_Iterable[str]] = ..., ready_versions: _Optional[_Iterable[str]] = ..., route_table: _Optional[_Union[RouteTable, _Mapping]] = ..., copies: _Optional[int] = ..., target_copies: _Optional[int] = ..., demand_rps: _Optional[float] = ..., forecast_rps: _Optional[float] = ..., last_decision: _Optional[_Union[PlacementDecision, _Mapping]] = ...) -> None: ...
+
+class PlacementDecision(_message.Message):
+    __slots__ = ("action", "instance_id", "reason", "decided_unix_ms")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    instance_id: str
+    reason: str
+    decided_unix_ms: int
+    def __init__(self, action: _Optional[str] = ..., instance_id: _Optional[str] = ..., reason: _Optional[str] = ..., decided_unix_ms: _Optional[int] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetPolicyResponse(_message.Message):
+    __slots__ = ("policy_version", "source", "policy_yaml", "loaded_unix_ms")
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_YAML_FIELD_NUMBER: _ClassVar[int]
+    LOADED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    policy_version: str
+    source: str
+    policy_yaml: str
+    loaded_unix_ms: int
+    def __init__(self, policy_version: _Optional[str] = ..., source: _Optional[str] = ..., policy_yaml: _Optional[str] = ..., loaded_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ReloadPolicyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadPolicyResponse(_message.Message):
+    __slots__ = ("policy_version", "changed")
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    policy_version: str
+    changed: bool
+    def __init__(self, policy_version: _Optional[str] = ..., changed: _Optional[bool] = ...) -> None: ...

@@ -55,6 +55,16 @@ class RouterServiceStub:
                 request_serializer=pointsman_dot_router_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=pointsman_dot_router_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/pointsman.router.v1.RouterService/GetPolicy',
+                request_serializer=pointsman_dot_router_dot_v1_dot_router__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=pointsman_dot_router_dot_v1_dot_router__pb2.GetPolicyResponse.FromString,
+                _registered_method=True)
+        self.ReloadPolicy = channel.unary_unary(
+                '/pointsman.router.v1.RouterService/ReloadPolicy',
+                request_serializer=pointsman_dot_router_dot_v1_dot_router__pb2.ReloadPolicyRequest.SerializeToString,
+                response_deserializer=pointsman_dot_router_dot_v1_dot_router__pb2.ReloadPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -91,6 +101,21 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPolicy(self, request, context):
+        """GetPolicy shows the active routing and placement policy and its version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadPolicy(self, request, context):
+        """ReloadPolicy re-reads the policy file now (an admin RPC). An invalid file
+        is refused with INVALID_ARGUMENT naming the field; the old policy stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +138,16 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=pointsman_dot_router_dot_v1_dot_router__pb2.ListModelsRequest.FromString,
                     response_serializer=pointsman_dot_router_dot_v1_dot_router__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=pointsman_dot_router_dot_v1_dot_router__pb2.GetPolicyRequest.FromString,
+                    response_serializer=pointsman_dot_router_dot_v1_dot_router__pb2.GetPolicyResponse.SerializeToString,
+            ),
+            'ReloadPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadPolicy,
+                    request_deserializer=pointsman_dot_router_dot_v1_dot_router__pb2.ReloadPolicyRequest.FromString,
+                    response_serializer=pointsman_dot_router_dot_v1_dot_router__pb2.ReloadPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +259,60 @@ class RouterService:
             '/pointsman.router.v1.RouterService/ListModels',
             pointsman_dot_router_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
             pointsman_dot_router_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointsman.router.v1.RouterService/GetPolicy',
+            pointsman_dot_router_dot_v1_dot_router__pb2.GetPolicyRequest.SerializeToString,
+            pointsman_dot_router_dot_v1_dot_router__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointsman.router.v1.RouterService/ReloadPolicy',
+            pointsman_dot_router_dot_v1_dot_router__pb2.ReloadPolicyRequest.SerializeToString,
+            pointsman_dot_router_dot_v1_dot_router__pb2.ReloadPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,
