@@ -1,7 +1,9 @@
-"""The `pointsman sidecar` command: flags, config file, signals.
+"""The `pointsman sidecar` command: flags, config file, signals, telemetry.
 
 Flags override the config file, which overrides the defaults. SIGTERM or SIGINT sets health
-NOT_SERVING, lets in-flight requests finish for `shutdown_grace_s`, and exits 0.
+NOT_SERVING, lets in-flight requests finish for `shutdown_grace_s`, and exits 0. Tracing is
+configured by the standard OTEL_* environment variables (`pointsman.telemetry`); spans still
+buffered are flushed on exit.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pointsman.errors import ConfigError
 from sidecar.config import PICK_MODES, SidecarConfig, config_from_mapping, load_config
+
+if TYPE_CHECKING:
+    from pointsman.telemetry import Tracing
 
 __all__ = ["add_arguments", "build_config", "pin_to_cpus", "run"]
 
@@ -48,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request or response in bytes (default 64 MiB)",
     )
     parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, "
+        "logged; default: not served)",
+    )
+    parser.add_argument(
         "--cpus",
         metavar="LIST",
         help="pin the sidecar to these CPUs, e.g. 1 or 0,1 (Linux; default: no pinning)",
@@ -70,6 +81,8 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
         overrides["routers"] = tuple(args.routers)
     if getattr(args, "pick_mode", None):
         overrides["pick_mode"] = args.pick_mode
+    if getattr(args, "metrics_listen", None):
+        overrides["metrics_listen"] = args.metrics_listen
     if getattr(args, "max_message_bytes", None) is not None:
         overrides["max_message_bytes"] = args.max_message_bytes
     if getattr(args, "cpus", None):
@@ -117,13 +130,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: SidecarConfig) -> int:
+    from pointsman.telemetry import setup_tracing
+
+    tracing = setup_tracing("pointsman-sidecar")
+    try:
+        return await _serve_traced(config, tracing)
+    finally:
+        tracing.shutdown()
+
+
+async def _serve_traced(config: SidecarConfig, tracing: Tracing) -> int:
     from sidecar.server import start_sidecar
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    sidecar = await start_sidecar(config)
+    sidecar = await start_sidecar(config, tracing=tracing)
     # Everything allocated so far lives as long as the process: keep the collector off it,
     # so its pauses stay short under load.
     gc.freeze()
@@ -133,6 +156,12 @@ async def _serve(config: SidecarConfig) -> int:
         ", ".join(config.routers) or "none, static routes only",
         config.pick_mode,
     )
+    if sidecar.metrics_url is not None:
+        log.info("sidecar metrics at %s", sidecar.metrics_url)
+    if tracing.enabled:
+        log.info(
+            "sidecar tracing on (OTEL_TRACES_EXPORTER=%s)", os.environ.get("OTEL_TRACES_EXPORTER")
+        )
     await stop.wait()
     log.info(
         "stopping: health NOT_SERVING, %.1fs grace for in-flight requests", config.shutdown_grace_s

@@ -14,7 +14,9 @@ import grpc
 
 from pointsman.router.v1 import router_pb2, router_pb2_grpc
 
-__all__ = ["RouterPicker", "RouterUnreachableError"]
+__all__ = ["ROUTER_SERVICE", "RouterPicker", "RouterUnreachableError"]
+
+ROUTER_SERVICE = "pointsman.router.v1.RouterService"
 
 # Codes that mean "this replica did not answer", as opposed to an answer such as NOT_FOUND.
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -55,8 +57,12 @@ class RouterPicker:
         model_version: str,
         headers: Mapping[str, str],
         timeout: float | None = None,
+        *,
+        metadata: Sequence[tuple[str, str | bytes]] = (),
     ) -> router_pb2.PickTargetResponse:
         """The router's answer; its own errors (e.g. NOT_FOUND) raise as AioRpcError.
+
+        `metadata` goes with the call (the trace context, when tracing is on).
 
         Raises RouterUnreachableError when no replica answers.
         """
@@ -70,7 +76,7 @@ class RouterPicker:
             try:
                 response: router_pb2.PickTargetResponse = await self._stub(
                     self._addresses[index]
-                ).PickTarget(request, timeout=deadline)
+                ).PickTarget(request, timeout=deadline, metadata=metadata)
             except grpc.aio.AioRpcError as error:
                 if error.code() not in _UNREACHABLE:
                     raise

@@ -140,6 +140,7 @@ class RouteCache:
         self.generation = 0
         self.router_id = ""
         self.last_message_at: float | None = None
+        self._created_at = clock()
         self._refresh()
 
     # -- what requests and RPCs ask ------------------------------------------------------------
@@ -158,6 +159,14 @@ class RouteCache:
     def awaiting_router(self) -> bool:
         """True while a router is configured but no snapshot from it has arrived yet."""
         return self._expects_router and not self.has_router_tables
+
+    def route_age_s(self) -> float | None:
+        """Seconds since the router's last message (since this cache was made, if none yet);
+        None when no router is configured."""
+        if not self._expects_router:
+            return None
+        last = self.last_message_at
+        return self._clock() - (self._created_at if last is None else last)
 
     def missing(self, model_name: str, version: str = "") -> PointsmanError:
         """The error for a model with no route: NOT_FOUND, or UNAVAILABLE before any table."""

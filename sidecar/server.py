@@ -1,8 +1,8 @@
 """Building and stopping the sidecar's gRPC server.
 
 `start_sidecar` wires the parts together (pool of upstream channels, route cache and its
-source, the inference service, grpc.health.v1) and returns a running `SidecarServer` with its
-bound port, so tests bind port 0.
+source, the inference service, grpc.health.v1, metrics and tracing) and returns a running
+`SidecarServer` with its bound ports, so tests bind port 0.
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from prometheus_client import CollectorRegistry
 
 from pointsman.errors import ConfigError
+from pointsman.telemetry import Tracing, serve_metrics
 from sidecar.config import SidecarConfig
+from sidecar.metrics import SidecarMetrics
 from sidecar.router_picker import RouterPicker
 from sidecar.routes import RouteCache, RouterWatch, RouteSource
 from sidecar.service import InferenceProxy
+from sidecar.tracing import RpcTracer
 from sidecar.upstream import SERVICE, UpstreamPool
 
 __all__ = ["SidecarServer", "start_sidecar"]
@@ -33,7 +37,7 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class SidecarServer:
-    """A running sidecar: its port, its route cache, and `stop`."""
+    """A running sidecar: its ports, its route cache and metrics, and `stop`."""
 
     def __init__(
         self,
@@ -45,12 +49,19 @@ class SidecarServer:
         pool: UpstreamPool,
         health: health_aio.HealthServicer,
         picker: RouterPicker | None,
+        metrics: SidecarMetrics,
+        metrics_port: int | None,
     ) -> None:
         self.port = port
         self.config = config
         self.cache = cache
         self.pool = pool
         self.health = health
+        self.metrics = metrics
+        # Where /metrics is served (the bound port, also for `metrics_listen` port 0); None
+        # when `metrics_listen` is empty. It serves until the process exits: `stop` does not
+        # end it (`pointsman.telemetry.serve_metrics` hands back no way to).
+        self.metrics_port = metrics_port
         self._server = server
         self._picker = picker
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -59,6 +70,13 @@ class SidecarServer:
     @property
     def address(self) -> str:
         return f"{self.config.listen_host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_port is None:
+            return None
+        host = self.config.metrics_listen.rpartition(":")[0]
+        return f"http://{host}:{self.metrics_port}/metrics"
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """A background task that `stop` cancels (kept referenced so it is not collected)."""
@@ -107,11 +125,15 @@ async def start_sidecar(
     *,
     route_source: RouteSource | None = None,
     rng: random.Random | None = None,
+    registry: CollectorRegistry | None = None,
+    tracing: Tracing | None = None,
 ) -> SidecarServer:
     """Starts the sidecar on `config.listen` and returns it running.
 
     `route_source` feeds the route cache; by default a RouterWatch over `config.routers`
     (none, with no routers: static routes only). `rng` drives every random choice.
+    `registry` receives the metrics (a new one by default), served on `config.metrics_listen`
+    if set. `tracing` records spans when enabled (`pointsman.telemetry.setup_tracing`).
     """
     rng = rng or random.Random()
     pool = UpstreamPool(
@@ -136,7 +158,11 @@ async def start_sidecar(
         if config.pick_mode == "per-request"
         else None
     )
-    proxy = InferenceProxy(config, cache, pool, rng=rng, picker=picker)
+    metrics = SidecarMetrics(registry or CollectorRegistry(), cache=cache, pool=pool)
+    tracer = RpcTracer(tracing.tracer) if tracing is not None and tracing.enabled else None
+    proxy = InferenceProxy(
+        config, cache, pool, rng=rng, metrics=metrics, tracer=tracer, picker=picker
+    )
 
     server = grpc.aio.server(
         options=[
@@ -159,6 +185,16 @@ async def start_sidecar(
         raise ConfigError(
             f"sidecar config field 'listen': cannot bind {config.listen}: {error}"
         ) from None
+    metrics_port = None
+    if config.metrics_listen:
+        try:
+            metrics_port = serve_metrics(config.metrics_listen, metrics.registry)
+        except OSError as error:
+            await server.stop(None)
+            raise ConfigError(
+                f"sidecar config field 'metrics_listen': cannot bind {config.metrics_listen}: "
+                f"{error}"
+            ) from None
     await server.start()
 
     sidecar = SidecarServer(
@@ -169,6 +205,8 @@ async def start_sidecar(
         pool=pool,
         health=health,
         picker=picker,
+        metrics=metrics,
+        metrics_port=metrics_port,
     )
     await health.set("", _SERVING)
     await _health_follows_routes(health, cache)

@@ -3,8 +3,11 @@
 Every handler takes and returns raw bytes (the server registers them with no serializers), so
 ModelInfer is forwarded without a protobuf parse: `peek_model` reads the model name, the route
 cache and `pick` choose the instance, and the bytes go out on that instance's channel. Handlers
-map every exception to a status through `pointsman.errors.abort`; Triton's own errors keep their
-code and message. See README.md for what each RPC does.
+map every exception to a status through `pointsman.errors` (`status_of`, `abort`); Triton's
+own errors keep their code and message. See README.md for what each RPC does.
+
+ModelInfer and ModelStreamInfer also record metrics (`sidecar.metrics`) and, with tracing on,
+spans (`sidecar.tracing`): a SERVER span per call and a CLIENT span per upstream attempt.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import metadata as package_metadata
-from typing import Any, TypeAlias
+from time import perf_counter
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
+from opentelemetry.trace import Span
 from tritonclient.grpc import service_pb2 as pb
 
 from pointsman.errors import (
@@ -25,12 +30,15 @@ from pointsman.errors import (
     NotSupportedError,
     PointsmanError,
     abort,
+    status_of,
 )
 from sidecar.balancer import CandidateSet, pick
 from sidecar.config import SidecarConfig
-from sidecar.router_picker import RouterPicker, RouterUnreachableError
+from sidecar.metrics import RequestSeries, SidecarMetrics
+from sidecar.router_picker import ROUTER_SERVICE, RouterPicker, RouterUnreachableError
 from sidecar.routes import NoRouteTablesError, RouteCache
-from sidecar.upstream import Upstream, UpstreamPool
+from sidecar.tracing import ATTEMPT, ATTEMPTS, INSTANCE, MODEL, MODEL_VERSION, RpcTracer
+from sidecar.upstream import SERVICE, Upstream, UpstreamPool
 from sidecar.wire import peek_model
 
 __all__ = ["InferenceProxy", "forward_metadata"]
@@ -48,6 +56,12 @@ EXTENSIONS = ("classification", "model_configuration", "binary_tensor_data", "pa
 # Keys that describe one HTTP/2 hop, not the request: grpc sets its own for the next hop.
 _HOP_BY_HOP = frozenset({"user-agent", "content-type", "te"})
 _REPOSITORY_STATE_RANK = {"READY": 0, "LOADING": 1, "UNLOADING": 2, "UNAVAILABLE": 3}
+_OK = grpc.StatusCode.OK
+_CANCELLED = grpc.StatusCode.CANCELLED
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+# The `method` label of the request metrics.
+INFER = "infer"
+STREAM = "stream"
 
 
 def forward_metadata(metadata: Sequence[tuple[str, Any]] | None) -> Metadata:
@@ -80,12 +94,17 @@ class InferenceProxy:
         pool: UpstreamPool,
         *,
         rng: random.Random,
+        metrics: SidecarMetrics,
+        tracer: RpcTracer | None = None,
         picker: RouterPicker | None = None,
     ) -> None:
         self._config = config
         self._cache = cache
         self._pool = pool
         self._rng = rng
+        self._metrics = metrics
+        # None when tracing is off: then a request creates no span and parses no traceparent.
+        self._tracer = tracer
         self._picker = picker
         self._retry = config.retry_unavailable
         self._server_live: bytes = pb.ServerLiveResponse(live=True).SerializeToString()
@@ -99,9 +118,7 @@ class InferenceProxy:
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """Every method of the service, raw bytes in and out."""
         unary: dict[str, Callable[[bytes, Context], Any]] = {
-            "ModelInfer": (
-                self.model_infer_per_request if self._picker is not None else self.model_infer
-            ),
+            "ModelInfer": self.model_infer,
             "ServerLive": self.server_live,
             "ServerReady": self.server_ready,
             "ServerMetadata": self.server_metadata,
@@ -160,81 +177,203 @@ class InferenceProxy:
         return candidates
 
     async def _router_targets(
-        self, name: str, version: str, md: Metadata, timeout: float | None
-    ) -> list[Upstream]:
-        """Per-request mode: the router's target and fallbacks, or a table pick without it."""
+        self, name: str, version: str, md: Metadata, timeout: float | None, span: Span | None
+    ) -> tuple[Upstream, list[Upstream] | None, bool]:
+        """Per-request mode: the first instance to try, the router's further ones, and
+        whether the first had the model (and version) ready (an affinity hit); without an
+        answer from the router, a table pick."""
         assert self._picker is not None
         headers = {k: v for k, v in md if isinstance(v, str)}
+        pick_md: Metadata = ()
+        pick_span: Span | None = None
+        if span is not None:
+            assert self._tracer is not None
+            pick_span, ctx = self._tracer.client_span(
+                span, "PickTarget", ROUTER_SERVICE, "PickTarget", {MODEL: name}
+            )
+            # The router may read the trace context from the call or from `headers`: both
+            # carry the PickTarget span's, so the router's span is its child.
+            pick_md = self._tracer.propagate((), ctx)
+            headers.update((k, v) for k, v in pick_md if isinstance(v, str))
+        code, message = _OK, ""
         try:
-            answer = await self._picker.pick(name, version, headers, timeout)
-        except RouterUnreachableError:
-            return [pick(self._candidates(name, version), self._rng)]
-        addresses = [t.grpc_address for t in (answer.target, *answer.fallbacks) if t.grpc_address]
-        if not addresses:
+            answer = await self._picker.pick(name, version, headers, timeout, metadata=pick_md)
+            targets = [t for t in (answer.target, *answer.fallbacks) if t.grpc_address]
+            if pick_span is not None and targets:
+                pick_span.set_attribute(INSTANCE, targets[0].grpc_address)
+        except RouterUnreachableError as error:
+            code, message = _UNAVAILABLE, str(error)
+            return pick(self._candidates(name, version), self._rng), None, True
+        except grpc.aio.AioRpcError as error:
+            code, message = error.code(), error.details() or ""
+            raise
+        finally:
+            if pick_span is not None:
+                RpcTracer.end(pick_span, code, message)
+        if not targets:
             raise NoReadyInstanceError(name, version, "the router named no target")
-        return [self._pool.get(address) for address in dict.fromkeys(addresses)]
+        ready = targets[0].ready_versions
+        hit = bool(ready) and (not version or version in ready)
+        upstreams = [self._pool.get(a) for a in dict.fromkeys(t.grpc_address for t in targets)]
+        return upstreams[0], upstreams, hit
+
+    def _next_target(
+        self,
+        name: str,
+        version: str,
+        failed: Upstream,
+        targets: list[Upstream] | None,
+        attempts: int,
+    ) -> Upstream | None:
+        """Where to try after an UNAVAILABLE (Triton did not run the request: unreachable, or
+        its queue is full): the router's next fallback, or once, the least busy other table
+        candidate; None when there is nowhere else."""
+        if targets is not None:
+            return targets[attempts] if attempts < len(targets) else None
+        if attempts > 1:
+            return None
+        others = [u for u in self._candidates(name, version).upstreams if u is not failed]
+        return min(others, key=lambda u: u.in_flight) if others else None
 
     # -- ModelInfer ----------------------------------------------------------------------------
 
     async def model_infer(self, request: bytes, context: Context) -> bytes:
-        # The hot path: one peek, one dict lookup, one pick, one upstream await.
-        upstream: Upstream | None = None
+        # The hot path: one peek, one dict lookup, one pick, one upstream await, and the
+        # metrics of one pre-resolved series. With tracing off, `span` is None throughout.
+        started = perf_counter()
+        span = (
+            None
+            if self._tracer is None
+            else self._tracer.server_span("ModelInfer", context.invocation_metadata())
+        )
+        series: RequestSeries | None = None
+        name = version = ""
+        code, message = _OK, ""
         try:
             name, version = peek_model(request)
-            upstream = pick(self._candidates(name, version), self._rng)
-            timeout = _remaining(context)
-            md = forward_metadata(context.invocation_metadata())
-            return await _send(upstream, request, timeout, md)
-        except grpc.aio.AioRpcError as error:
-            if self._retry and error.code() is grpc.StatusCode.UNAVAILABLE and upstream:
-                return await self._retry_elsewhere(request, context, name, version, upstream, error)
-            await abort(context, error)
+            series = self._metrics.series(name, version, INFER)
+            return await self._infer(name, version, series, request, context, span)
+        except asyncio.CancelledError:
+            code = _CANCELLED
+            raise
         except Exception as error:
-            await abort(context, error)
+            code, message = status_of(error)
+            await _abort(context, code, message)
+        finally:
+            (series or self._metrics.series("", "", INFER)).done(code, perf_counter() - started)
+            if span is not None:
+                _end_server_span(span, name, version, code, message)
 
-    async def _retry_elsewhere(
+    async def _infer(
         self,
-        request: bytes,
-        context: Context,
         name: str,
         version: str,
-        failed: Upstream,
-        error: grpc.aio.AioRpcError,
+        series: RequestSeries,
+        request: bytes,
+        context: Context,
+        span: Span | None,
     ) -> bytes:
-        """One more try on the least busy other candidate: UNAVAILABLE means Triton did not run
-        the request (unreachable, or its queue is full)."""
+        md = forward_metadata(context.invocation_metadata())
+        targets: list[Upstream] | None = None
+        if self._picker is None:
+            # Route tables list only instances with the model ready (static routes are
+            # assumed to serve every version): a table pick is always an affinity hit.
+            upstream, hit = pick(self._candidates(name, version), self._rng), True
+        else:
+            upstream, targets, hit = await self._router_targets(
+                name, version, md, _remaining(context), span
+            )
+        series.routed.inc()
+        if hit:
+            series.hits.inc()
+        attempts = 1
         try:
-            others = [u for u in self._candidates(name, version).upstreams if u is not failed]
-            if not others:
-                raise error
-            upstream = min(others, key=lambda u: u.in_flight)
-            md = forward_metadata(context.invocation_metadata())
-            return await _send(upstream, request, _remaining(context), md)
-        except Exception as final:
-            await abort(context, final)
-
-    async def model_infer_per_request(self, request: bytes, context: Context) -> bytes:
-        try:
-            name, version = peek_model(request)
-            md = forward_metadata(context.invocation_metadata())
-            targets = await self._router_targets(name, version, md, _remaining(context))
-            last: grpc.aio.AioRpcError | None = None
-            for upstream in targets:
+            while True:
                 try:
-                    return await _send(upstream, request, _remaining(context), md)
+                    if span is None:
+                        return await self._send(upstream, request, _remaining(context), md)
+                    return await self._traced_send(
+                        upstream, request, _remaining(context), md, attempts, span
+                    )
                 except grpc.aio.AioRpcError as error:
-                    if error.code() is not grpc.StatusCode.UNAVAILABLE or not self._retry:
+                    if not self._retry or error.code() is not _UNAVAILABLE:
                         raise
-                    last = error  # not run there: try the next fallback
-            assert last is not None  # targets is never empty
-            raise last
-        except Exception as error:
-            await abort(context, error)
+                    following = self._next_target(name, version, upstream, targets, attempts)
+                    if following is None:
+                        raise
+                    upstream = following
+                    attempts += 1
+                    series.retries.inc()
+        finally:
+            if span is not None:
+                span.set_attributes({INSTANCE: upstream.address, ATTEMPTS: attempts})
+
+    async def _send(
+        self, upstream: Upstream, request: bytes, timeout: float | None, md: Metadata
+    ) -> bytes:
+        """One attempt, counted in the instance's in-flight requests while it runs."""
+        upstream.in_flight += 1
+        try:
+            response: bytes = await upstream.infer(request, timeout=timeout, metadata=md)
+        except grpc.aio.AioRpcError as error:
+            self._metrics.attempt(upstream.address, error.code())
+            raise
+        except asyncio.CancelledError:
+            self._metrics.attempt(upstream.address, _CANCELLED)
+            raise
+        finally:
+            upstream.in_flight -= 1
+        self._metrics.attempt(upstream.address, _OK)
+        return response
+
+    async def _traced_send(
+        self,
+        upstream: Upstream,
+        request: bytes,
+        timeout: float | None,
+        md: Metadata,
+        attempt: int,
+        span: Span,
+    ) -> bytes:
+        """`_send` in a CLIENT span whose traceparent goes to Triton, so Triton's spans are
+        its children."""
+        assert self._tracer is not None
+        client, ctx = self._tracer.client_span(
+            span,
+            "ModelInfer upstream",
+            SERVICE,
+            "ModelInfer",
+            {INSTANCE: upstream.address, ATTEMPT: attempt},
+            address=upstream.address,
+        )
+        code, message = _OK, ""
+        try:
+            return await self._send(upstream, request, timeout, self._tracer.propagate(md, ctx))
+        except grpc.aio.AioRpcError as error:
+            code, message = error.code(), error.details() or ""
+            raise
+        except asyncio.CancelledError:
+            code = _CANCELLED
+            raise
+        finally:
+            RpcTracer.end(client, code, message)
 
     # -- ModelStreamInfer ----------------------------------------------------------------------
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: Context) -> None:
-        """Forwards a bidirectional stream, bound to the instance chosen for its first message."""
+        """Forwards a bidirectional stream, bound to the instance chosen for its first message.
+
+        Counted as one request (its duration the stream's) and one upstream attempt."""
+        started = perf_counter()
+        span = (
+            None
+            if self._tracer is None
+            else self._tracer.server_span("ModelStreamInfer", context.invocation_metadata())
+        )
+        client: Span | None = None
+        series: RequestSeries | None = None
+        name = version = ""
+        code, message = _OK, ""
         upstream: Upstream | None = None
         call: grpc.aio.StreamStreamCall[bytes, bytes] | None = None
         pump: asyncio.Task[None] | None = None
@@ -244,12 +383,27 @@ class InferenceProxy:
             except StopAsyncIteration:
                 return  # the caller half-closed without a request: nothing to route
             name, version = peek_model(first)
+            series = self._metrics.series(name, version, STREAM)
             md = forward_metadata(context.invocation_metadata())
             timeout = _remaining(context)
-            if self._picker is not None:
-                chosen = (await self._router_targets(name, version, md, timeout))[0]
+            if self._picker is None:
+                chosen, hit = pick(self._candidates(name, version), self._rng), True
             else:
-                chosen = pick(self._candidates(name, version), self._rng)
+                chosen, _, hit = await self._router_targets(name, version, md, timeout, span)
+            series.routed.inc()
+            if hit:
+                series.hits.inc()
+            if span is not None:
+                assert self._tracer is not None
+                client, ctx = self._tracer.client_span(
+                    span,
+                    "ModelStreamInfer upstream",
+                    SERVICE,
+                    "ModelStreamInfer",
+                    {INSTANCE: chosen.address, ATTEMPT: 1},
+                    address=chosen.address,
+                )
+                md = self._tracer.propagate(md, ctx)
             call = chosen.open_stream(timeout=timeout, metadata=md)
             upstream = chosen
             upstream.in_flight += 1
@@ -257,8 +411,12 @@ class InferenceProxy:
             async for response in call:
                 await context.write(response)
             # The upstream ended with OK (an error raises out of the loop above).
+        except asyncio.CancelledError:
+            code = _CANCELLED
+            raise
         except Exception as error:
-            await abort(context, error)
+            code, message = status_of(error)
+            await _abort(context, code, message)
         finally:
             if pump is not None:
                 pump.cancel()
@@ -266,6 +424,13 @@ class InferenceProxy:
                 call.cancel()  # a no-op once it has ended; stops Triton if the caller left
             if upstream is not None:
                 upstream.in_flight -= 1
+                # The stream's status, whichever side ended it.
+                self._metrics.attempt(upstream.address, code)
+            if client is not None:
+                RpcTracer.end(client, code, message)
+            (series or self._metrics.series("", "", STREAM)).done(code, perf_counter() - started)
+            if span is not None:
+                _end_server_span(span, name, version, code, message, upstream)
 
     # -- RPCs answered for the fleet -----------------------------------------------------------
 
@@ -411,11 +576,22 @@ def _remaining(context: Context) -> float | None:
     return timeout
 
 
-async def _send(upstream: Upstream, request: bytes, timeout: float | None, md: Metadata) -> bytes:
-    """One upstream call, counted in the instance's in-flight requests while it runs."""
-    upstream.in_flight += 1
-    try:
-        response: bytes = await upstream.infer(request, timeout=timeout, metadata=md)
-        return response
-    finally:
-        upstream.in_flight -= 1
+async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    """Ends the RPC with (code, message) from `status_of`, which the metrics saw too."""
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def _end_server_span(
+    span: Span,
+    name: str,
+    version: str,
+    code: grpc.StatusCode,
+    message: str,
+    stream_upstream: Upstream | None = None,
+) -> None:
+    attributes: dict[str, str | int] = {MODEL: name, MODEL_VERSION: version}
+    if stream_upstream is not None:  # ModelInfer's `_infer` sets these itself
+        attributes[INSTANCE] = stream_upstream.address
+        attributes[ATTEMPTS] = 1
+    RpcTracer.end(span, code, message, attributes)

@@ -147,6 +147,10 @@ class UpstreamPool:
     def __contains__(self, address: str) -> bool:
         return address in self._upstreams
 
+    def upstreams(self) -> list[Upstream]:
+        """Every upstream now in the pool (a copy: safe to read from another thread)."""
+        return list(self._upstreams.values())
+
     def get(self, address: str) -> Upstream:
         """The Upstream for `address`, created if new (its channel opens on first use)."""
         now = self._clock()

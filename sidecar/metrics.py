@@ -1,0 +1,230 @@
+"""The sidecar's Prometheus metrics: what operators alert on and dashboards draw.
+
+All of them live in one `CollectorRegistry` per sidecar (injected, so tests use their own) and
+are served at /metrics when `metrics_listen` is set. README.md lists every metric.
+
+Label values stay bounded whatever callers send: a model is named only if a route table (or a
+static route) knows it, and a version only if some candidate lists it as ready; anything else
+is `_unknown`. Request ids never become labels. On the request path a request costs one dict
+lookup for its pre-resolved series (per model, version and method) and a few increments; the
+gauges (in flight per instance, route-table age) are read from the pool and the route cache
+when Prometheus scrapes, so the request path does not touch them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sidecar.routes import RouteCache
+from sidecar.upstream import UpstreamPool
+
+__all__ = ["DURATION_BUCKETS_S", "UNKNOWN", "RequestSeries", "SidecarMetrics"]
+
+# From 1 ms (a small request on a warm instance) to 30 s (a long generation or stream).
+DURATION_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+# The label value for a model or version no route knows (typos, probes, malformed requests).
+UNKNOWN = "_unknown"
+# The version label of a request that pins no version.
+DEFAULT_VERSION = "default"
+# Priorities with their own `shed_total` label value; any other is "_other".
+_PRIORITY_LABELS = frozenset(str(p) for p in range(10))
+_OTHER = "_other"
+
+
+class RequestSeries:
+    """The pre-resolved children one (model, version, method) records into."""
+
+    __slots__ = ("_codes", "_requests", "duration", "hits", "method", "model", "retries", "routed")
+
+    def __init__(self, metrics: SidecarMetrics, model: str, version: str, method: str) -> None:
+        self.model = model
+        self.method = method
+        self.duration = metrics.request_duration.labels(model, version, method)
+        self.routed = metrics.routed.labels(model)
+        self.hits = metrics.affinity_hits.labels(model)
+        self.retries = metrics.retries.labels(model)
+        self._requests = metrics.requests
+        self._codes: dict[grpc.StatusCode, Counter] = {}
+
+    def done(self, code: grpc.StatusCode, seconds: float) -> None:
+        """One request ended with `code` after `seconds`."""
+        self.duration.observe(seconds)
+        counter = self._codes.get(code)
+        if counter is None:
+            counter = self._codes[code] = self._requests.labels(self.model, self.method, code.name)
+        counter.inc()
+
+
+class SidecarMetrics:
+    """Every metric of one sidecar, registered in `registry`.
+
+    `cache` and `pool` are read when Prometheus scrapes (route-table age, in-flight counts).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        cache: RouteCache,
+        pool: UpstreamPool,
+    ) -> None:
+        self.registry = registry
+        self._cache = cache
+        self.request_duration = Histogram(
+            "pointsman_sidecar_request_duration_seconds",
+            "Time from a ModelInfer call (or a whole ModelStreamInfer stream) arriving to its "
+            "answer, whatever the status; version is the requested one, 'default' if none",
+            ("model", "version", "method"),
+            buckets=DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        self.requests = Counter(
+            "pointsman_sidecar_requests",
+            "ModelInfer calls and ModelStreamInfer streams answered, by gRPC status",
+            ("model", "method", "code"),
+            registry=registry,
+        )
+        self.upstream_attempts = Counter(
+            "pointsman_sidecar_upstream_attempts",
+            "Inference calls and streams sent to a Triton instance, by the status it answered",
+            ("instance", "code"),
+            registry=registry,
+        )
+        self.retries = Counter(
+            "pointsman_sidecar_retries",
+            "Extra attempts on another instance after Triton answered UNAVAILABLE",
+            ("model",),
+            registry=registry,
+        )
+        self.shed = Counter(
+            "pointsman_sidecar_shed",
+            "Requests refused by the sidecar to protect the fleet, by priority",
+            ("model", "priority"),
+            registry=registry,
+        )
+        self.cold_starts = Counter(
+            "pointsman_sidecar_cold_starts",
+            "Requests that had to wait for their model to be loaded somewhere",
+            ("model",),
+            registry=registry,
+        )
+        self.routed = Counter(
+            "pointsman_sidecar_routed",
+            "Requests sent to an instance chosen by route table or router pick",
+            ("model",),
+            registry=registry,
+        )
+        self.affinity_hits = Counter(
+            "pointsman_sidecar_affinity_hits",
+            "Routed requests whose chosen instance had the model (and version) ready",
+            ("model",),
+            registry=registry,
+        )
+        registry.register(_LiveGauges(cache, pool))
+        self._series: dict[tuple[str, str, str], RequestSeries] = {}
+        self._by_labels: dict[tuple[str, str, str], RequestSeries] = {}
+        self._attempts: dict[tuple[str, grpc.StatusCode], Counter] = {}
+        # A model or version that leaves the tables must fall back to `_unknown`.
+        cache.subscribe(self._series.clear)
+
+    def series(self, model: str, version: str, method: str) -> RequestSeries:
+        """Where a request for (model, version) by `method` records; cheap after the first."""
+        found = self._series.get((model, version, method))
+        if found is not None:
+            return found
+        return self._resolve(model, version, method)
+
+    def model_label(self, model: str) -> str:
+        """`model` if a route knows it, else `_unknown`."""
+        return model if model and model in self._cache.routes else UNKNOWN
+
+    def _resolve(self, model: str, version: str, method: str) -> RequestSeries:
+        route = self._cache.routes.get(model) if model else None
+        model_label = model if route is not None else UNKNOWN
+        if not version:
+            version_label = DEFAULT_VERSION
+        elif route is not None and version in route.by_version:
+            version_label = version
+        else:
+            version_label = UNKNOWN
+        labels = (model_label, version_label, method)
+        series = self._by_labels.get(labels)
+        if series is None:
+            series = self._by_labels[labels] = RequestSeries(self, *labels)
+        if UNKNOWN not in labels:
+            # Only names a route knows are remembered: bogus names cannot grow this dict.
+            self._series[(model, version, method)] = series
+        return series
+
+    def attempt(self, instance: str, code: grpc.StatusCode) -> None:
+        """One attempt on `instance` (a Triton address from a route) ended with `code`."""
+        counter = self._attempts.get((instance, code))
+        if counter is None:
+            counter = self._attempts[(instance, code)] = self.upstream_attempts.labels(
+                instance, code.name
+            )
+        counter.inc()
+
+    def shed_request(self, model: str, priority: int) -> None:
+        """A request refused to protect the fleet (counted from the issue that sheds)."""
+        label = str(priority)
+        self.shed.labels(
+            self.model_label(model), label if label in _PRIORITY_LABELS else _OTHER
+        ).inc()
+
+    def cold_start(self, model: str) -> None:
+        """A request that waited for its model to load (counted once the sidecar can wait)."""
+        self.cold_starts.labels(self.model_label(model)).inc()
+
+
+class _LiveGauges(Collector):
+    """Gauges read at scrape time, so the request path never updates them."""
+
+    def __init__(self, cache: RouteCache, pool: UpstreamPool) -> None:
+        self._cache = cache
+        self._pool = pool
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight, age, stale, connected = self._families()
+        for upstream in self._pool.upstreams():
+            in_flight.add_metric([upstream.address], upstream.in_flight)
+        route_age = self._cache.route_age_s()
+        if route_age is not None:
+            age.add_metric([], route_age)
+        stale.add_metric([], 1.0 if self._cache.stale else 0.0)
+        connected.add_metric([], 1.0 if self._cache.connected else 0.0)
+        yield from (in_flight, age, stale, connected)
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                "pointsman_sidecar_in_flight_requests",
+                "Inference calls and streams this sidecar has sent to the instance and not yet "
+                "seen answered",
+                labels=("instance",),
+            ),
+            GaugeMetricFamily(
+                "pointsman_sidecar_route_table_age_seconds",
+                "Seconds since the last message (snapshot, change or heartbeat) from the "
+                "router, or since start if none yet; absent without a router",
+            ),
+            GaugeMetricFamily(
+                "pointsman_sidecar_route_tables_stale",
+                "1 while a router is configured but its route stream is down",
+            ),
+            GaugeMetricFamily(
+                "pointsman_sidecar_router_connected",
+                "1 while a route stream from a router is up",
+            ),
+        ]
