@@ -12,6 +12,8 @@ A file looks like:
         grpc: 127.0.0.1:8001
         metrics_url: http://127.0.0.1:8002/metrics
         memory_budget_bytes: 2147483648
+    policy_file: policy.yaml      # scheduling, placement, versions (router/policy.py);
+                                  # relative to this file; hot-reloaded when it changes
     scheduling:                   # sections replace the default profile's
       picker: {type: power-of-two}  # see router.plugins.registry
 
@@ -21,7 +23,7 @@ Every error names the field, e.g. "instances[1].grpc: must be host:port".
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,8 @@ class RouterConfig:
     seed: int | None = None
     # host:port serving Prometheus /metrics; empty = not served. Port 0 binds any free port.
     metrics_listen: str = ""
+    # The policy file (router.policy); None = the built-in default policy.
+    policy_file: Path | None = None
 
 
 def _address(value: Any, where: str) -> str:
@@ -107,6 +111,7 @@ _TOP_LEVEL = {
     "scheduling",
     "seed",
     "metrics_listen",
+    "policy_file",
 }
 
 
@@ -129,6 +134,11 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
     if not isinstance(scheduling, Mapping):
         raise ConfigError("scheduling: must be a mapping")
     metrics_listen = data.get("metrics_listen")
+    policy_file = data.get("policy_file")
+    if policy_file is not None and (
+        not isinstance(policy_file, str | Path) or not str(policy_file)
+    ):
+        raise ConfigError(f"policy_file: must be a file path, got {policy_file!r}")
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"seed: must be an integer, got {seed!r}")
@@ -144,6 +154,7 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
         metrics_listen=(
             "" if metrics_listen in (None, "") else _address(metrics_listen, "metrics_listen")
         ),
+        policy_file=None if policy_file is None else Path(policy_file),
     )
 
 
@@ -152,4 +163,8 @@ def load_router_config(path: Path) -> RouterConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    return parse_router_config(data)
+    config = parse_router_config(data)
+    if config.policy_file is not None and not config.policy_file.is_absolute():
+        # As written in the file: relative to the file, not to wherever the router starts.
+        config = replace(config, policy_file=path.parent / config.policy_file)
+    return config

@@ -16,6 +16,7 @@ from typing import Any
 from pointsman.errors import ConfigError
 from pointsman.telemetry import Tracing, setup_tracing
 from router.config import RouterConfig, load_router_config, parse_router_config
+from router.policy import load_policy
 
 __all__ = ["add_arguments", "config_from_args", "run"]
 
@@ -23,6 +24,13 @@ __all__ = ["add_arguments", "config_from_args", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="router YAML file (see router/config.py)")
     parser.add_argument("--listen", help="host:port to serve on (default 127.0.0.1:8101)")
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="policy YAML (see examples/policy.yaml), reloaded when it changes; "
+        "replaces the config file's policy_file (default: the built-in policy)",
+    )
     parser.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
@@ -76,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         "scheduling": dict(base.scheduling),
         "seed": args.seed if args.seed is not None else base.seed,
         "metrics_listen": args.metrics_listen or base.metrics_listen,
+        "policy_file": args.policy or base.policy_file,
     }
     return parse_router_config(data)
 
@@ -109,6 +118,16 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pointsman router: {exc}")
         return 2
+    if config.policy_file is not None:
+        try:  # refuse a bad policy before starting anything
+            load_policy(config.policy_file)
+        except ConfigError as exc:
+            where = (
+                "" if str(exc).startswith(str(config.policy_file)) else f"{config.policy_file}: "
+            )
+            print(f"pointsman router: policy {where}{exc}")
+            tracing.shutdown()
+            return 2
     import uvloop
 
     try:

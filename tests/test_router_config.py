@@ -66,6 +66,7 @@ def _with(path: list[str | int], value: Any) -> dict[str, Any]:
         pytest.param(_with(["instances"], {"a": 1}), "instances", id="instances-not-list"),
         pytest.param(_with(["seed"], 1.5), "seed", id="seed"),
         pytest.param(_with(["bogus"], 1), "bogus", id="unknown-top-level"),
+        pytest.param(_with(["policy_file"], 3), "policy_file", id="policy-file-not-a-path"),
         pytest.param(
             _with(["instances", 1, "id"], "a"), "instances: duplicate id", id="duplicate-id"
         ),
@@ -88,3 +89,27 @@ def test_broken_yaml_names_the_file(tmp_path: Path) -> None:
     path.write_text("instances: [\n")
     with pytest.raises(ConfigError, match=r"router\.yaml"):
         load_router_config(path)
+
+
+def test_policy_file_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text("policy_file: policies/main.yaml\n")
+    assert load_router_config(path).policy_file == tmp_path / "policies" / "main.yaml"
+    path.write_text("policy_file: /etc/pointsman/policy.yaml\n")
+    assert load_router_config(path).policy_file == Path("/etc/pointsman/policy.yaml")
+    assert parse_router_config({}).policy_file is None
+
+
+def test_policy_flag_replaces_the_files_policy(tmp_path: Path) -> None:
+    import argparse
+
+    from router.main import add_arguments, config_from_args
+
+    config_file = tmp_path / "router.yaml"
+    config_file.write_text("policy_file: from-file.yaml\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--config", str(config_file)])
+    assert config_from_args(args).policy_file == tmp_path / "from-file.yaml"
+    args = parser.parse_args(["--config", str(config_file), "--policy", "flag.yaml"])
+    assert config_from_args(args).policy_file == Path("flag.yaml")
