@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from pointsman.errors import ConfigError
 
 __all__ = [
+    "MetricsEndpoint",
     "Tracing",
     "extract_context",
     "inject_metadata",
@@ -116,10 +117,22 @@ def inject_metadata(
     return kept + tuple(carrier.items())
 
 
-def serve_metrics(address: str, registry: CollectorRegistry) -> int:
-    """Serves `registry` at http://address/metrics in a daemon thread; returns the bound port."""
+@dataclass
+class MetricsEndpoint:
+    """A running /metrics server; `close` frees its port."""
+
+    port: int
+    _server: Any
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve_metrics(address: str, registry: CollectorRegistry) -> MetricsEndpoint:
+    """Serves `registry` at http://address/metrics in a daemon thread (port 0: any free)."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"metrics address: must be host:port, got {address!r}")
-    server, _thread = start_http_server(int(port), addr=host, registry=registry)
-    return int(server.server_port)
+    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    return MetricsEndpoint(port=int(server.server_port), _server=server)

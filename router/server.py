@@ -8,16 +8,15 @@ import logging
 import random
 import uuid
 from dataclasses import dataclass, field
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from pointsman.clock import Clock, monotonic
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
-from pointsman.telemetry import Tracing
+from pointsman.telemetry import MetricsEndpoint, Tracing, serve_metrics
 from router.config import RouterConfig
 from router.contracts import FleetSnapshot
 from router.datalayer.collector import FleetCollector
@@ -32,20 +31,6 @@ __all__ = ["RouterServer", "start_router"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "pointsman.router.v1.RouterService"
-
-
-def _serve_metrics(address: str, registry: CollectorRegistry) -> WSGIServer:
-    """Serves `registry` at http://address/metrics on a daemon thread.
-
-    Not pointsman.telemetry.serve_metrics: that one returns only the port, and a router that
-    stops must close its /metrics port too (tests start and stop routers in one process).
-    """
-    host, _, port = address.rpartition(":")
-    try:
-        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
-    except OSError as exc:
-        raise OSError(f"router cannot serve metrics on {address}: {exc}") from exc
-    return server
 
 
 @dataclass
@@ -63,7 +48,7 @@ class RouterServer:
     snapshot: FleetSnapshot
     metrics: RouterMetrics
     metrics_port: int | None = None
-    _metrics_server: WSGIServer | None = None
+    _metrics_endpoint: MetricsEndpoint | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -76,9 +61,8 @@ class RouterServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.collector.stop()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
 
 
 async def _keep_routes(router: RouterServer, refresh_interval_s: float, clock: Clock) -> None:
@@ -158,8 +142,11 @@ async def start_router(
     if router.port == 0:
         raise OSError(f"router cannot bind {config.listen}")
     if config.metrics_listen:
-        router._metrics_server = _serve_metrics(config.metrics_listen, metrics.registry)
-        router.metrics_port = router._metrics_server.server_port
+        try:
+            router._metrics_endpoint = serve_metrics(config.metrics_listen, metrics.registry)
+        except OSError as exc:
+            raise OSError(f"router cannot serve metrics on {config.metrics_listen}: {exc}") from exc
+        router.metrics_port = router._metrics_endpoint.port
     await collector.start()
     await server.start()
     router._tasks.append(

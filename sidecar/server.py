@@ -19,7 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
 from pointsman.errors import ConfigError
-from pointsman.telemetry import Tracing, serve_metrics
+from pointsman.telemetry import MetricsEndpoint, Tracing, serve_metrics
 from sidecar.config import SidecarConfig
 from sidecar.metrics import SidecarMetrics
 from sidecar.router_picker import RouterPicker
@@ -50,7 +50,7 @@ class SidecarServer:
         health: health_aio.HealthServicer,
         picker: RouterPicker | None,
         metrics: SidecarMetrics,
-        metrics_port: int | None,
+        metrics_endpoint: MetricsEndpoint | None,
     ) -> None:
         self.port = port
         self.config = config
@@ -59,9 +59,9 @@ class SidecarServer:
         self.health = health
         self.metrics = metrics
         # Where /metrics is served (the bound port, also for `metrics_listen` port 0); None
-        # when `metrics_listen` is empty. It serves until the process exits: `stop` does not
-        # end it (`pointsman.telemetry.serve_metrics` hands back no way to).
-        self.metrics_port = metrics_port
+        # when `metrics_listen` is empty. `stop` closes it.
+        self._metrics_endpoint = metrics_endpoint
+        self.metrics_port = metrics_endpoint.port if metrics_endpoint else None
         self._server = server
         self._picker = picker
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -96,6 +96,8 @@ class SidecarServer:
         self._stopped = True
         await self.set_not_serving()
         await self._server.stop(grace)
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -185,10 +187,10 @@ async def start_sidecar(
         raise ConfigError(
             f"sidecar config field 'listen': cannot bind {config.listen}: {error}"
         ) from None
-    metrics_port = None
+    metrics_endpoint = None
     if config.metrics_listen:
         try:
-            metrics_port = serve_metrics(config.metrics_listen, metrics.registry)
+            metrics_endpoint = serve_metrics(config.metrics_listen, metrics.registry)
         except OSError as error:
             await server.stop(None)
             raise ConfigError(
@@ -206,7 +208,7 @@ async def start_sidecar(
         health=health,
         picker=picker,
         metrics=metrics,
-        metrics_port=metrics_port,
+        metrics_endpoint=metrics_endpoint,
     )
     await health.set("", _SERVING)
     await _health_follows_routes(health, cache)
