@@ -14,8 +14,6 @@ A file looks like:
         memory_budget_bytes: 2147483648
     policy_file: policy.yaml      # scheduling, placement, versions (router/policy.py);
                                   # relative to this file; hot-reloaded when it changes
-    scheduling:                   # sections replace the default profile's
-      picker: {type: power-of-two}  # see router.plugins.registry
 
 Every error names the field, e.g. "instances[1].grpc: must be host:port".
 """
@@ -23,7 +21,7 @@ Every error names the field, e.g. "instances[1].grpc: must be host:port".
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +51,6 @@ class RouterConfig:
     metrics_interval_s: float = 0.25
     route_ttl_ms: int = 5000
     heartbeat_interval_s: float = 1.0
-    # Raw scheduling data, validated by router.plugins.registry.build_profile.
-    scheduling: Mapping[str, Any] = field(default_factory=dict)
     # Seed for the picker's random source; None seeds from the OS.
     seed: int | None = None
     # host:port serving Prometheus /metrics; empty = not served. Port 0 binds any free port.
@@ -108,7 +104,6 @@ _TOP_LEVEL = {
     "metrics_interval_s",
     "route_ttl_ms",
     "heartbeat_interval_s",
-    "scheduling",
     "seed",
     "metrics_listen",
     "policy_file",
@@ -130,9 +125,6 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
     duplicate = next((i for i in ids if ids.count(i) > 1), None)
     if duplicate:
         raise ConfigError(f"instances: duplicate id {duplicate!r}")
-    scheduling = data.get("scheduling", {})
-    if not isinstance(scheduling, Mapping):
-        raise ConfigError("scheduling: must be a mapping")
     metrics_listen = data.get("metrics_listen")
     policy_file = data.get("policy_file")
     if policy_file is not None and (
@@ -149,7 +141,6 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
         metrics_interval_s=_number(data, "metrics_interval_s", 0.25),
         route_ttl_ms=int(_number(data, "route_ttl_ms", 5000)),
         heartbeat_interval_s=_number(data, "heartbeat_interval_s", 1.0),
-        scheduling=scheduling,
         seed=seed,
         metrics_listen=(
             "" if metrics_listen in (None, "") else _address(metrics_listen, "metrics_listen")

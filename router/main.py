@@ -81,7 +81,6 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         "metrics_interval_s": base.metrics_interval_s,
         "route_ttl_ms": base.route_ttl_ms,
         "heartbeat_interval_s": base.heartbeat_interval_s,
-        "scheduling": dict(base.scheduling),
         "seed": args.seed if args.seed is not None else base.seed,
         "metrics_listen": args.metrics_listen or base.metrics_listen,
         "policy_file": args.policy or base.policy_file,

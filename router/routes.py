@@ -4,15 +4,20 @@
 and keeps the tables; a table that changed (different candidates, versions or quantised
 weights) gets the next generation and goes to every watcher. Weights are quantised so that
 small metric wobbles do not flood sidecars with updates.
+
+`RouteBook.draining` holds (model, instance id) pairs the placement controller is about to
+unload: they are left out of route tables (and of PickTarget's candidates, through
+`candidates_for`), so that in-flight requests can finish before the unload.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Set
+from dataclasses import dataclass, field
 
+from pointsman.versions import VersionRules
 from router.contracts import Candidate, FleetSnapshot, RoutingRequest, SchedulingCycle
 from router.scheduling import Scheduler
 
@@ -38,6 +43,8 @@ class ModelRoutes:
     candidates: tuple[RouteEntry, ...]
     default_version: str
     generation: int
+    # How unpinned requests choose a version (the policy's splits and header rules).
+    version_rules: VersionRules = field(default_factory=VersionRules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,30 +89,47 @@ class AssumedLoad:
 
 
 def candidates_for(
-    snapshot: FleetSnapshot, model_name: str, assumed: AssumedLoad | None, now: float
+    snapshot: FleetSnapshot,
+    model_name: str,
+    assumed: AssumedLoad | None,
+    now: float,
+    draining: Set[tuple[str, str]] = frozenset(),
 ) -> list[Candidate]:
+    """Every instance as a candidate for `model_name`, except those draining it."""
     return [
         Candidate(
             instance=inst,
             assumed_inflight=assumed.count(inst.instance_id, model_name, now) if assumed else 0,
         )
         for inst in snapshot.instances
+        if (model_name, inst.instance_id) not in draining
     ]
 
 
 class RouteBook:
     """The current route tables and the watchers that follow them."""
 
-    def __init__(self, scheduler: Scheduler, *, ttl_ms: int) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        *,
+        ttl_ms: int,
+        rules_for: Callable[[str], VersionRules] = lambda _model: VersionRules(),
+    ) -> None:
         self.scheduler = scheduler
+        # The policy's version rules per model; swapped with the policy on a reload.
+        self.rules_for = rules_for
         self.ttl_ms = ttl_ms
         self.generation = 0
         self.tables: dict[str, ModelRoutes] = {}
+        # (model, instance id) pairs being drained before an unload: never routed to.
+        self.draining: set[tuple[str, str]] = set()
         self._watchers: set[asyncio.Queue[RouteUpdate | None]] = set()
 
     def build(self, snapshot: FleetSnapshot, model_name: str, now: float) -> list[RouteEntry]:
         cycle = SchedulingCycle(request=RoutingRequest(model_name=model_name), now=now)
-        ranked = self.scheduler.rank(cycle, candidates_for(snapshot, model_name, None, now))
+        candidates = candidates_for(snapshot, model_name, None, now, self.draining)
+        ranked = self.scheduler.rank(cycle, candidates)
         ranked = [s for s in ranked if (m := s.candidate.instance.model(model_name)) and m.is_ready]
         if not ranked:
             return []
@@ -131,8 +155,9 @@ class RouteBook:
         next_generation = self.generation + 1
         for model_name in sorted(snapshot.known_models):
             entries = tuple(self.build(snapshot, model_name, now))
+            rules = self.rules_for(model_name)
             old = self.tables.get(model_name)
-            if old is not None and old.candidates == entries:
+            if old is not None and old.candidates == entries and old.version_rules == rules:
                 continue
             versions = {v for e in entries for v in e.ready_versions}
             table = ModelRoutes(
@@ -140,6 +165,7 @@ class RouteBook:
                 candidates=entries,
                 default_version=max(versions, key=_version_key) if versions else "",
                 generation=next_generation,
+                version_rules=rules,
             )
             self.tables[model_name] = table
             changed.append(table)

@@ -22,7 +22,7 @@ from router.contracts import FleetSnapshot
 from router.datalayer.collector import FleetCollector
 from router.discovery import Discovery, StaticDiscovery
 from router.metrics import FleetView, RouterMetrics
-from router.plugins.registry import build_profile, default_registry
+from router.policy import Policy, PolicyStore
 from router.routes import AssumedLoad, RouteBook
 from router.scheduling import Scheduler
 from router.service import RouterServicer
@@ -94,13 +94,16 @@ async def start_router(
     rng: random.Random | None = None,
     registry: CollectorRegistry | None = None,
     tracing: Tracing | None = None,
+    policy_store: PolicyStore | None = None,
 ) -> RouterServer:
     """Starts the router. Metrics go to `registry` (a private one when None), served over
     HTTP when `config.metrics_listen` is set; spans go to `tracing` when it is enabled."""
-    # Sections left out of the config take the default profile's.
-    profile = build_profile(config.scheduling, default_registry(), path="scheduling")
-    scheduler = Scheduler(profile)
-    book = RouteBook(scheduler, ttl_ms=config.route_ttl_ms)
+    policy = policy_store or PolicyStore(config.policy_file)
+    book = RouteBook(
+        Scheduler(policy.current.profile),
+        ttl_ms=config.route_ttl_ms,
+        rules_for=policy.current.version_rules,
+    )
     metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
     collector = FleetCollector(
         config,
@@ -134,6 +137,7 @@ async def start_router(
         heartbeat_interval_s=config.heartbeat_interval_s,
         stopping=stopping,
         metrics=metrics,
+        policy=policy,
         tracing=tracing,
     )
     pb_grpc.add_RouterServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
@@ -152,6 +156,17 @@ async def start_router(
     router._tasks.append(
         asyncio.create_task(_keep_routes(router, config.refresh_interval_s, clock))
     )
+
+    def apply_policy(new: Policy) -> None:
+        # Swapped whole between cycles: a pick or rebuild sees either policy, never a mix.
+        book.scheduler = Scheduler(new.profile)
+        book.rules_for = new.version_rules
+        collector.changed.set()  # republish tables (version rules) at once
+        log.info("policy %s from %s is active", new.version, new.source)
+
+    policy.subscribe(apply_policy)
+    if config.policy_file is not None:
+        router._tasks.append(asyncio.create_task(policy.watch()))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("router %s listening on port %d", router.router_id, router.port)

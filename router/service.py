@@ -19,6 +19,7 @@ from pointsman.clock import Clock
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
 from pointsman.telemetry import Tracing, extract_context
+from pointsman.versions import PIN_HEADER, rules_to_proto, select_version
 from router.contracts import (
     FleetSnapshot,
     MemorySource,
@@ -27,6 +28,7 @@ from router.contracts import (
     ScoredCandidate,
 )
 from router.metrics import UNKNOWN_MODEL, RouterMetrics
+from router.policy import PolicyStore
 from router.routes import (
     AssumedLoad,
     ModelRoutes,
@@ -89,6 +91,7 @@ def _describe_decision(
 
 
 def table_to_proto(table: ModelRoutes, ttl_ms: int) -> pb.RouteTable:
+    rules = table.version_rules
     return pb.RouteTable(
         model_name=table.model_name,
         candidates=[
@@ -97,6 +100,7 @@ def table_to_proto(table: ModelRoutes, ttl_ms: int) -> pb.RouteTable:
         ttl_ms=ttl_ms,
         generation=table.generation,
         default_version=table.default_version,
+        version_policy=None if rules.is_empty else rules_to_proto(rules),
     )
 
 
@@ -113,9 +117,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         heartbeat_interval_s: float,
         stopping: asyncio.Event,
         metrics: RouterMetrics,
+        policy: PolicyStore,
         tracing: Tracing | None = None,
     ) -> None:
         self._book = book
+        self._policy = policy
         self._snapshot = snapshot
         self._assumed = assumed
         self._clock = clock
@@ -186,24 +192,26 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             raise errors.ModelNotFoundError(request.model_name)
         now = self._clock()
         started = self._metrics.timer()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        version = request.model_version or self._choose_version(
+            snapshot, request.model_name, headers
+        )
         cycle = SchedulingCycle(
             request=RoutingRequest(
-                model_name=request.model_name,
-                model_version=request.model_version,
-                headers=dict(request.headers),
+                model_name=request.model_name, model_version=version, headers=headers
             ),
             now=now,
         )
-        candidates = candidates_for(snapshot, request.model_name, self._assumed, now)
+        candidates = candidates_for(
+            snapshot, request.model_name, self._assumed, now, self._book.draining
+        )
         ranked, filter_trace = self._book.scheduler.rank_with_trace(cycle, candidates)
         ordered = self._book.scheduler.profile.picker.pick(ranked, self._rng) if ranked else []
         self._metrics.observe_pick(self._metrics.timer() - started)
         if span is not None:
             _describe_decision(span, ranked, ordered, filter_trace)
         if not ordered:
-            raise errors.NoReadyInstanceError(
-                request.model_name, request.model_version, filter_trace.summary()
-            )
+            raise errors.NoReadyInstanceError(request.model_name, version, filter_trace.summary())
         targets = []
         for scored in ordered:
             inst = scored.candidate.instance
@@ -217,8 +225,45 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             )
         self._assumed.add(targets[0].instance_id, request.model_name, now)
         return pb.PickTargetResponse(
-            target=targets[0], fallbacks=targets[1:], generation=self._book.generation
+            target=targets[0],
+            fallbacks=targets[1:],
+            generation=self._book.generation,
+            model_version=version,
         )
+
+    def _choose_version(self, snapshot: FleetSnapshot, model: str, headers: dict[str, str]) -> str:
+        """The version an unpinned request gets: the x-model-version header, else the policy's
+        header rules and split over the versions ready somewhere, else "" (the highest)."""
+        pinned = headers.get(PIN_HEADER)
+        if pinned:
+            return pinned
+        rules = self._book.rules_for(model)
+        if rules.is_empty:
+            return ""
+        available = {
+            v for inst in snapshot.instances if (m := inst.model(model)) for v in m.ready_versions
+        }
+        return select_version(rules, headers, self._rng, available) or ""
+
+    async def GetPolicy(
+        self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetPolicyResponse:
+        policy = self._policy.current
+        return pb.GetPolicyResponse(
+            policy_version=policy.version,
+            source=policy.source,
+            policy_yaml=policy.yaml_text or policy.effective_yaml(),
+            loaded_unix_ms=self._policy.activated_unix_ms,
+        )
+
+    async def ReloadPolicy(
+        self, request: pb.ReloadPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadPolicyResponse:
+        try:
+            changed, version = self._policy.reload()
+        except Exception as exc:  # an invalid file: INVALID_ARGUMENT naming the field
+            await errors.abort(context, exc)
+        return pb.ReloadPolicyResponse(policy_version=version, changed=changed)
 
     def _message(self, update: RouteUpdate, models: frozenset[str]) -> pb.WatchRoutesResponse:
         ttl = self._book.ttl_ms

@@ -17,7 +17,6 @@ VALID: dict[str, Any] = {
         {"id": "a", "grpc": "127.0.0.1:8001", "metrics_url": "http://127.0.0.1:8002/metrics"},
         {"id": "b", "grpc": "10.0.0.2:8001", "memory_budget_bytes": 1024},
     ],
-    "scheduling": {"picker": {"type": "max-score"}},
     "seed": 3,
 }
 

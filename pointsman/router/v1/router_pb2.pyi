@@ -49,14 +49,16 @@ class PickTargetRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., wait_for_load_ms: _Optional[int] = ...) -> None: ...
 
 class PickTargetResponse(_message.Message):
-    __slots__ = ("target", "fallbacks", "generation")
+    __slots__ = ("target", "fallbacks", "generation", "model_version")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     target: Target
     fallbacks: _containers.RepeatedCompositeFieldContainer[Target]
     generation: int
-    def __init__(self, target: _Optional[_Union[Target, _Mapping]] = ..., fallbacks: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., generation: _Optional[int] = ...) -> None: ...
+    model_version: str
+    def __init__(self, target: _Optional[_Union[Target, _Mapping]] = ..., fallbacks: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., generation: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("instance_id", "grpc_address", "ready_versions")
