@@ -24,6 +24,7 @@ import grpc
 
 from pointsman.errors import ModelNotFoundError, NoReadyInstanceError, PointsmanError
 from pointsman.router.v1 import router_pb2, router_pb2_grpc
+from pointsman.versions import VersionRules, rules_from_proto
 from sidecar.balancer import CandidateSet
 from sidecar.upstream import UpstreamPool
 
@@ -45,7 +46,15 @@ class NoRouteTablesError(NoReadyInstanceError):
 class Route:
     """One model's compiled table: candidate sets per ready version."""
 
-    __slots__ = ("by_version", "default_version", "fallback", "generation", "model_name", "static")
+    __slots__ = (
+        "by_version",
+        "default_version",
+        "fallback",
+        "generation",
+        "model_name",
+        "static",
+        "version_rules",
+    )
 
     def __init__(
         self,
@@ -56,6 +65,7 @@ class Route:
         generation: int = 0,
         default_version: str = "",
         static: bool = False,
+        version_rules: VersionRules | None = None,
     ) -> None:
         self.model_name = model_name
         # "" (any version) maps to every candidate with some version ready.
@@ -65,6 +75,8 @@ class Route:
         self.generation = generation
         self.default_version = default_version
         self.static = static
+        # The policy's canary split and header rules for unpinned requests; None: none.
+        self.version_rules = version_rules
 
     def candidates(self, version: str) -> CandidateSet | None:
         return self.by_version.get(version, self.fallback)
@@ -94,11 +106,18 @@ def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
         version: CandidateSet([pool.get(a) for a, _ in pairs], [w for _, w in pairs])
         for version, pairs in members.items()
     }
+    rules: VersionRules | None = None
+    if table.HasField("version_policy"):
+        try:
+            rules = rules_from_proto(table.version_policy)
+        except ValueError as error:  # the router validates; a bad table must not stop routing
+            log.warning("ignoring the version policy of %s: %s", table.model_name, error)
     return Route(
         table.model_name,
         by_version,
         generation=table.generation,
         default_version=table.default_version,
+        version_rules=None if rules is None or rules.is_empty else rules,
     )
 
 

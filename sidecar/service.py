@@ -32,6 +32,7 @@ from pointsman.errors import (
     abort,
     status_of,
 )
+from pointsman.versions import PIN_HEADER, select_version
 from sidecar.balancer import CandidateSet, pick
 from sidecar.config import SidecarConfig
 from sidecar.metrics import RequestSeries, SidecarMetrics
@@ -39,7 +40,7 @@ from sidecar.router_picker import ROUTER_SERVICE, RouterPicker, RouterUnreachabl
 from sidecar.routes import NoRouteTablesError, RouteCache
 from sidecar.tracing import ATTEMPT, ATTEMPTS, INSTANCE, MODEL, MODEL_VERSION, RpcTracer
 from sidecar.upstream import SERVICE, Upstream, UpstreamPool
-from sidecar.wire import peek_model
+from sidecar.wire import peek_model, with_model_version
 
 __all__ = ["InferenceProxy", "forward_metadata"]
 
@@ -165,7 +166,23 @@ class InferenceProxy:
         )
         return handlers
 
-    # -- choosing an instance ------------------------------------------------------------------
+    # -- choosing a version and an instance ----------------------------------------------------
+
+    def _policy_version(self, name: str, metadata: Sequence[tuple[str, Any]] | None) -> str:
+        """The version an unpinned request gets: the x-model-version header, else the route's
+        header rules and canary split (the router's policy), else "" (Triton's highest)."""
+        route = self._cache.routes.get(name)
+        rules = route.version_rules if route is not None else None
+        headers: dict[str, str] = {}
+        for key, value in metadata or ():
+            if key == PIN_HEADER and isinstance(value, str):
+                return value
+            if rules is not None and isinstance(value, str):
+                headers[key] = value
+        if route is None or rules is None:
+            return ""
+        available = [v for v in route.by_version if v]
+        return select_version(rules, headers, self._rng, available) or ""
 
     def _candidates(self, name: str, version: str) -> CandidateSet:
         route = self._cache.routes.get(name)
@@ -178,10 +195,10 @@ class InferenceProxy:
 
     async def _router_targets(
         self, name: str, version: str, md: Metadata, timeout: float | None, span: Span | None
-    ) -> tuple[Upstream, list[Upstream] | None, bool]:
-        """Per-request mode: the first instance to try, the router's further ones, and
-        whether the first had the model (and version) ready (an affinity hit); without an
-        answer from the router, a table pick."""
+    ) -> tuple[Upstream, list[Upstream] | None, bool, str]:
+        """Per-request mode: the first instance to try, the router's further ones, whether
+        the first had the model (and version) ready (an affinity hit), and the version the
+        router's policy chose; without an answer from the router, a table pick."""
         assert self._picker is not None
         headers = {k: v for k, v in md if isinstance(v, str)}
         pick_md: Metadata = ()
@@ -203,7 +220,7 @@ class InferenceProxy:
                 pick_span.set_attribute(INSTANCE, targets[0].grpc_address)
         except RouterUnreachableError as error:
             code, message = _UNAVAILABLE, str(error)
-            return pick(self._candidates(name, version), self._rng), None, True
+            return pick(self._candidates(name, version), self._rng), None, True, ""
         except grpc.aio.AioRpcError as error:
             code, message = error.code(), error.details() or ""
             raise
@@ -215,7 +232,7 @@ class InferenceProxy:
         ready = targets[0].ready_versions
         hit = bool(ready) and (not version or version in ready)
         upstreams = [self._pool.get(a) for a in dict.fromkeys(t.grpc_address for t in targets)]
-        return upstreams[0], upstreams, hit
+        return upstreams[0], upstreams, hit, answer.model_version
 
     def _next_target(
         self,
@@ -251,6 +268,10 @@ class InferenceProxy:
         code, message = _OK, ""
         try:
             name, version = peek_model(request)
+            if not version and self._picker is None:
+                version = self._policy_version(name, context.invocation_metadata())
+                if version:
+                    request = with_model_version(request, version)
             series = self._metrics.series(name, version, INFER)
             return await self._infer(name, version, series, request, context, span)
         except asyncio.CancelledError:
@@ -280,9 +301,11 @@ class InferenceProxy:
             # assumed to serve every version): a table pick is always an affinity hit.
             upstream, hit = pick(self._candidates(name, version), self._rng), True
         else:
-            upstream, targets, hit = await self._router_targets(
+            upstream, targets, hit, chosen = await self._router_targets(
                 name, version, md, _remaining(context), span
             )
+            if chosen and not version:  # the router's policy chose the version
+                request = with_model_version(request, chosen)
         series.routed.inc()
         if hit:
             series.hits.inc()
@@ -383,13 +406,22 @@ class InferenceProxy:
             except StopAsyncIteration:
                 return  # the caller half-closed without a request: nothing to route
             name, version = peek_model(first)
+            if not version and self._picker is None:
+                # Only the first message: a stream is bound to what its first message chose.
+                version = self._policy_version(name, context.invocation_metadata())
+                if version:
+                    first = with_model_version(first, version)
             series = self._metrics.series(name, version, STREAM)
             md = forward_metadata(context.invocation_metadata())
             timeout = _remaining(context)
             if self._picker is None:
                 chosen, hit = pick(self._candidates(name, version), self._rng), True
             else:
-                chosen, _, hit = await self._router_targets(name, version, md, timeout, span)
+                chosen, _, hit, picked = await self._router_targets(
+                    name, version, md, timeout, span
+                )
+                if picked and not version:
+                    first = with_model_version(first, picked)
             series.routed.inc()
             if hit:
                 series.hits.inc()

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from pointsman.errors import InvalidRequestError
 
-__all__ = ["RequestHead", "peek_model", "peek_request"]
+__all__ = ["RequestHead", "peek_model", "peek_request", "with_model_version"]
 
 _MAX_FIELD_NUMBER = (1 << 29) - 1
 # Field numbers of the strings we read; their wire type must be LEN.
@@ -172,3 +172,16 @@ def peek_request(data: bytes, *, require_name: bool = True) -> RequestHead:
         _text(data, vs, ve, "model_version"),
         _text(data, is_, ie, "id"),
     )
+
+
+def with_model_version(data: bytes, version: str) -> bytes:
+    """`data` with model_version set to `version`, without parsing: a model_version field is
+    appended, and protobuf parsers (Triton's too) keep the last occurrence of a field."""
+    encoded = version.encode()
+    length = len(encoded)
+    prefix = bytearray(b"\x12")  # field 2, wire type LEN
+    while length >= 0x80:
+        prefix.append((length & 0x7F) | 0x80)
+        length >>= 7
+    prefix.append(length)
+    return data + bytes(prefix) + encoded

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+import tritonclient.grpc as grpcclient
 import yaml
 
 from pointsman.fleet import Fleet
 from pointsman.processes import free_port
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
+from pointsman.triton import wait_until_ready
+from pointsman.workload import codegen_inputs
 
 CANARY = """\
 models:
@@ -71,6 +74,7 @@ def policy_router(
             except grpc.RpcError:
                 assert router.poll() is None and time.monotonic() < deadline
                 time.sleep(0.2)
+        stub.address = address  # type: ignore[attr-defined]
         yield stub, policy
     finally:
         channel.close()
@@ -175,3 +179,70 @@ def test_file_change_applies_quickly_and_reloads_under_load_lose_nothing(
     path.write_text(CANARY)
     assert not failures, failures[:3]
     assert total > 100
+
+
+@pytest.fixture(scope="module")
+def policy_sidecar(
+    policy_router: tuple[pb_grpc.RouterServiceStub, Path],
+) -> Iterator[str]:
+    """A sidecar following the policy router: it applies the version rules itself."""
+    stub, _ = policy_router
+    address = f"127.0.0.1:{free_port()}"
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "pointsman", "sidecar", "--listen", address,
+         "--router", stub.address],  # type: ignore[attr-defined]
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until_ready(address, ["codegen"], 30, server_ready=True)
+        yield address
+    finally:
+        sidecar.terminate()
+        sidecar.wait(30)
+
+
+def _texts_by_version(fleet: Fleet, prompt: str) -> dict[bytes, str]:
+    direct = next(s.grpc_address for s in fleet.tritons if "codegen" in s.load_models)
+    with grpcclient.InferenceServerClient(direct) as client:
+        return {
+            bytes(
+                client.infer("codegen", codegen_inputs(prompt, 6), model_version=v)
+                .as_numpy("TEXT")
+                .reshape(-1)[0]
+            ): v
+            for v in ("1", "2")
+        }
+
+
+def _served_version(address: str, prompt: str, by_text: dict[bytes, str], **headers: str) -> str:
+    with grpcclient.InferenceServerClient(address) as client:
+        result = client.infer("codegen", codegen_inputs(prompt, 6), headers=headers)
+    return by_text[bytes(result.as_numpy("TEXT").reshape(-1)[0])]
+
+
+def test_the_sidecar_applies_the_policy_to_unpinned_requests(
+    fleet: Fleet, policy_sidecar: str
+) -> None:
+    prompt = "def canary():"
+    by_text = _texts_by_version(fleet, prompt)
+    assert len(by_text) == 2, "versions 1 and 2 must answer differently"
+    assert {
+        _served_version(policy_sidecar, prompt, by_text, **{"x-canary": "1"}) for _ in range(10)
+    } == {"2"}
+    assert {
+        _served_version(policy_sidecar, prompt, by_text, **{"x-model-version": "1"})
+        for _ in range(10)
+    } == {"1"}
+    for user in ("alice", "bob", "carol"):
+        seen = {
+            _served_version(policy_sidecar, prompt, by_text, **{"x-user-id": user})
+            for _ in range(8)
+        }
+        assert len(seen) == 1, (user, seen)
+    with ThreadPoolExecutor(8) as pool:
+        served = list(
+            pool.map(lambda _: _served_version(policy_sidecar, prompt, by_text), range(400))
+        )
+    share = served.count("2") / len(served)
+    assert abs(share - 0.20) < 0.07, share

@@ -9,7 +9,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 
 from pointsman.errors import InvalidRequestError
-from sidecar.wire import RequestHead, peek_model, peek_request
+from sidecar.wire import RequestHead, peek_model, peek_request, with_model_version
 
 
 def _varint(value: int) -> bytes:
@@ -263,3 +263,20 @@ def test_numpy_tensor_request_as_tritonclient_builds_it() -> None:
         parameters=None,
     )
     assert peek_request(request.SerializeToString()) == RequestHead("echo", "1", "abc")
+
+
+@pytest.mark.parametrize(
+    ("version_before", "version_after"),
+    [("", "2"), ("1", "2"), ("", "v" * 300), ("7", "")],
+    ids=["unset", "replaced", "long-varint-length", "cleared"],
+)
+def test_with_model_version_sets_the_version_protobuf_reads(
+    version_before: str, version_after: str
+) -> None:
+    request = pb.ModelInferRequest(model_name="codegen", model_version=version_before, id="r1")
+    request.raw_input_contents.append(b"\x00" * 1000)
+    data = with_model_version(request.SerializeToString(), version_after)
+    parsed = pb.ModelInferRequest.FromString(data)
+    assert (parsed.model_name, parsed.model_version, parsed.id) == ("codegen", version_after, "r1")
+    assert parsed.raw_input_contents == request.raw_input_contents
+    assert peek_model(data) == ("codegen", version_after)
