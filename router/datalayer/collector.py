@@ -7,6 +7,11 @@ recent scrapes. A model version seen LOADING and later READY is reported to `on_
 with the time between the two sightings: its load time, give or take one poll interval.
 A change wakes whoever waits on `FleetCollector.changed`; `snapshot()` copies the current
 state into a `FleetSnapshot` that scheduling reads without locks or I/O.
+
+For placement, each scrape also yields the requests Triton answered since the previous scrape,
+per model version (`RequestDelta`, from nv_inference_request_success + failure, timed at the
+scrape), which `FleetCollector.take_request_deltas` hands over, and the latest GPU memory
+reading per instance (`FleetCollector.gpu_memory`), to measure what a load takes.
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ from router.contracts import FleetSnapshot, InstanceSnapshot, MemorySource, Mode
 from router.datalayer.triton_metrics import TritonMetrics, parse_triton_metrics
 from router.discovery import Discovery
 
-__all__ = ["DECLARED_MEMORY_PARAMETER", "FleetCollector", "InstanceWatcher", "ModelLoadedHook"]
+__all__ = [
+    "DECLARED_MEMORY_PARAMETER",
+    "FleetCollector",
+    "GpuMemoryReading",
+    "InstanceWatcher",
+    "ModelLoadedHook",
+    "RequestDelta",
+    "request_increases",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +50,54 @@ DECLARED_MEMORY_PARAMETER = "pointsman.memory_bytes"
 # Throughput and batch sizes are measured over this many seconds of counter history.
 _RATE_WINDOW_S = 5.0
 
+# Request deltas kept for `take_request_deltas` when nobody takes them: the oldest go first.
+_REQUEST_DELTAS_KEPT = 10_000
+
 # Told (model name, seconds) when a model version that was seen loading is seen ready.
 ModelLoadedHook = Callable[[str, float], None]
 
 
 def _ignore_load(model_name: str, seconds: float) -> None:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDelta:
+    """Requests of one model version that one instance answered between two scrapes."""
+
+    instance_id: str
+    model: str
+    version: str
+    count: int
+    # Clock time of the later scrape.
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class GpuMemoryReading:
+    """nv_gpu_memory_used_bytes of one instance (all its GPUs) at one scrape."""
+
+    at: float
+    used_bytes: int
+
+
+def request_increases(
+    previous: Mapping[tuple[str, str], float], current: Mapping[tuple[str, str], float]
+) -> dict[tuple[str, str], int]:
+    """Requests answered per (model, version) between two scrapes of Triton's counters, with
+    Prometheus `increase` semantics: a series never seen before started from zero (a version
+    just loaded), and a series that went down was reset (Triton restarted, or the version was
+    unloaded and loaded again), so its current value is all it counted since. Never negative;
+    zero increases are left out. `previous` should hold the last value of every series ever
+    seen, not only of the last scrape: series of a version come and go around its unload, and
+    one that comes back with its old value has counted nothing new."""
+    increases: dict[tuple[str, str], int] = {}
+    for key, value in current.items():
+        before = previous.get(key, 0.0)
+        increase = value - before if value >= before else value
+        if increase >= 1:
+            increases[key] = int(increase)
+    return increases
 
 
 @dataclass
@@ -81,6 +136,7 @@ class InstanceWatcher:
         metrics_interval_s: float,
         on_change: Callable[[], None],
         on_model_loaded: ModelLoadedHook = _ignore_load,
+        on_requests: Callable[[list[RequestDelta]], None] | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
@@ -89,6 +145,11 @@ class InstanceWatcher:
         self._metrics_interval_s = metrics_interval_s
         self._on_change = on_change
         self._on_model_loaded = on_model_loaded
+        self._on_requests = on_requests
+        # Request counters at the previous scrape; None before the first, which is only a
+        # baseline (when its requests came is unknown).
+        self._request_totals: Mapping[tuple[str, str], float] | None = None
+        self.gpu_memory: GpuMemoryReading | None = None
         self._channel = grpc.aio.insecure_channel(config.grpc_address)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._states: dict[str, _ModelStates] = {}
@@ -209,6 +270,9 @@ class InstanceWatcher:
             self._last_error = f"metrics: {exc}"
             return
         now = self._clock()
+        self._count_requests(metrics.requests_by_version, now)
+        if metrics.gpu_memory_used_bytes is not None:
+            self.gpu_memory = GpuMemoryReading(now, metrics.gpu_memory_used_bytes)
         self._counters.append(
             _Counters(now, metrics.inference_count_by_model, metrics.exec_count_by_model)
         )
@@ -218,6 +282,19 @@ class InstanceWatcher:
         self._metrics = metrics
         if pending_changed:
             self._on_change()
+
+    def _count_requests(self, totals: Mapping[tuple[str, str], float], now: float) -> None:
+        previous = self._request_totals
+        # Last values of every series seen, those gone from this scrape included.
+        self._request_totals = {**(previous or {}), **totals}
+        if previous is None or self._on_requests is None:
+            return
+        deltas = [
+            RequestDelta(self.config.instance_id, model, version, count, now)
+            for (model, version), count in sorted(request_increases(previous, totals).items())
+        ]
+        if deltas:
+            self._on_requests(deltas)
 
     def _window(self) -> tuple[float, dict[str, float], dict[str, float]]:
         """(seconds, inferences by model, executions by model) over the counter window."""
@@ -286,6 +363,7 @@ class FleetCollector:
         self._discovery_task: asyncio.Task[None] | None = None
         # Set whenever any instance's view changed; the route builder clears it.
         self.changed = asyncio.Event()
+        self._request_deltas: deque[RequestDelta] = deque(maxlen=_REQUEST_DELTAS_KEPT)
 
     async def start(self) -> None:
         self._sync_watchers()
@@ -324,6 +402,7 @@ class FleetCollector:
                     metrics_interval_s=self._config.metrics_interval_s,
                     on_change=self.changed.set,
                     on_model_loaded=self._on_model_loaded,
+                    on_requests=self._request_deltas.extend,
                 )
                 self._watchers[instance_id] = watcher
                 watcher.start()
@@ -337,3 +416,15 @@ class FleetCollector:
             instances=tuple(w.snapshot() for w in self._watchers.values()),
             known_models=frozenset(known),
         )
+
+    def take_request_deltas(self) -> list[RequestDelta]:
+        """The requests Triton answered since the last call, per instance and model version,
+        oldest first (at most the latest 10,000 deltas are kept between calls)."""
+        deltas = list(self._request_deltas)
+        self._request_deltas.clear()
+        return deltas
+
+    def gpu_memory(self, instance_id: str) -> GpuMemoryReading | None:
+        """The instance's latest GPU memory reading; None without GPU metrics."""
+        watcher = self._watchers.get(instance_id)
+        return watcher.gpu_memory if watcher is not None else None

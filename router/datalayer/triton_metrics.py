@@ -24,6 +24,9 @@ class TritonMetrics:
     success_by_model: dict[str, float] = field(default_factory=dict)
     # Cumulative queue time per model in microseconds, nv_inference_queue_duration_us.
     queue_us_by_model: dict[str, float] = field(default_factory=dict)
+    # Requests answered per (model, version): nv_inference_request_success plus
+    # nv_inference_request_failure over every reason. What demand is counted from.
+    requests_by_version: dict[tuple[str, str], float] = field(default_factory=dict)
     # GPU figures, present only when Triton runs with GPUs (the nv_gpu_* series).
     gpu_memory_used_bytes: int | None = None
     gpu_memory_total_bytes: int | None = None
@@ -45,6 +48,8 @@ _PER_MODEL = {
     "nv_inference_queue_duration_us": "queue",
     "nv_inference_request_success": "success",
 }
+# Requests answered, summed into `requests_by_version` (failures over every `reason`).
+_REQUESTS = {"nv_inference_request_success", "nv_inference_request_failure"}
 _GPU = {"nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes", "nv_gpu_utilization"}
 
 
@@ -54,15 +59,17 @@ def parse_triton_metrics(text: str) -> TritonMetrics:
         k: defaultdict(float) for k in _PER_MODEL.values()
     }
     gpu: dict[str, list[float]] = defaultdict(list)
+    requests: defaultdict[tuple[str, str], float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
         # Match by family: the parser names counter samples with a `_total` suffix that
         # Triton's exposition does not have.
         kind = _PER_MODEL.get(family.name)
         for sample in family.samples:
-            if kind is not None:
-                model = sample.labels.get("model")
-                if model:
-                    per_model[kind][model] += sample.value
+            model = sample.labels.get("model")
+            if kind is not None and model:
+                per_model[kind][model] += sample.value
+            if family.name in _REQUESTS and model:
+                requests[(model, sample.labels.get("version", ""))] += sample.value
             elif family.name in _GPU:
                 gpu[family.name].append(sample.value)
     used = gpu.get("nv_gpu_memory_used_bytes")
@@ -74,6 +81,7 @@ def parse_triton_metrics(text: str) -> TritonMetrics:
         exec_count_by_model=dict(per_model["exec"]),
         queue_us_by_model=dict(per_model["queue"]),
         success_by_model=dict(per_model["success"]),
+        requests_by_version=dict(requests),
         gpu_memory_used_bytes=int(sum(used)) if used else None,
         gpu_memory_total_bytes=int(sum(total)) if total else None,
         gpu_utilization=sum(util) / len(util) if util else None,
