@@ -13,6 +13,11 @@ Modules:
     eviction.py   what to evict from a full instance: LRU, with the protections
     planner.py    one planning round over all models; `PlacementPlanner` carries its timers
     text.py       figures as operators read them
+
+The router's side that acts on plans does I/O and is not re-exported here:
+    control.py     Triton's explicit model control (load, unload, wait until unloaded)
+    executor.py    runs actions on per-instance lanes: drain before unload, backoff on failure
+    controller.py  each tick: PlanInputs from the fleet snapshot and demand, plan, execute
 """
 
 from router.placement.actions import Action, Load, LoadPriority, Unload

@@ -1,0 +1,458 @@
+"""The placement controller: each tick, the planner's inputs from the fleet and its demand, one
+plan, and its actions handed to the executor. The router's only writer of model placement.
+
+A tick (`tick`, every `interval_s` in `run`, and at once on a cold request or a failed load):
+ 1. Demand: the requests Triton answered since the last tick (the collector's counter deltas,
+    each at its scrape time) go into the `DemandTracker`, per model and served version; a
+    delta also marks that copy used at that time (the LRU order).
+ 2. The executor retires jobs whose effect the snapshot shows.
+ 3. `PlanInputs`, from the snapshot:
+      instance    budget as configured (0: never a target); measured use only from GPU metrics
+                  (else 0: the models' own bytes count); load = inferences/s; healthy = healthy
+                  and refreshed within `stale_after_s`
+      copy        memory = footprint measured by the executor's GPU reading around its load,
+                  else the declared bytes of its loaded versions, else the spec's footprint;
+                  loaded_at = when our load started, else when first seen; last_used = the
+                  latest scrape where its request counters moved, else loaded_at
+      spec        `spec_for(model, footprint)` for every known model (the policy file), where
+                  footprint = measured > declared (pointsman.memory_bytes x versions, as seen
+                  when fully loaded anywhere) > `unknown_footprint_bytes`
+      requested   models a request asked for (`request_model`) while ready nowhere, until
+                  they are ready somewhere or `cold_request_ttl_s` passes
+      backoffs, in_progress   from the executor
+ 4. The plan's actions go to the executor; each model's latest acting decision is kept for
+    ListModels (`model_placement`).
+
+Load times of the loads it makes go to `RouterMetrics.observe_model_load` (exact: Triton's
+RepositoryModelLoad returns when the load is done); `on_model_seen_loaded` forwards the
+collector's sighted load times of loads it did not make.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from pointsman.clock import Clock
+from router.contracts import FleetSnapshot, InstanceSnapshot, MemorySource, ModelOnInstance
+from router.datalayer.collector import GpuMemoryReading, RequestDelta
+from router.demand import DemandSnapshot, DemandTracker, ModelDemand
+from router.metrics import RouterMetrics
+from router.placement.actions import Load, Unload
+from router.placement.control import ModelControl
+from router.placement.executor import ExecutorSettings, Job, JobState, PlacementExecutor
+from router.placement.inputs import (
+    InstanceState,
+    LoadedModel,
+    ModelSpec,
+    PlacementPolicy,
+    PlanInputs,
+)
+from router.placement.planner import PlacementPlanner, Plan
+from router.routes import RouteBook
+
+__all__ = [
+    "ControllerSettings",
+    "FleetSource",
+    "ModelPlacement",
+    "PlacementController",
+    "PlacementDecision",
+    "SpecProvider",
+]
+
+log = logging.getLogger(__name__)
+
+# A sighted load (collector: LOADING then READY) this soon after one of our own loads of the
+# same model is ours, already measured exactly.
+_OWN_LOAD_WINDOW_S = 30.0
+
+# (model, footprint bytes) -> how it is placed; None: not placed by the controller.
+SpecProvider = Callable[[str, int], ModelSpec | None]
+
+
+class FleetSource(Protocol):
+    """What the controller reads of the data layer; `FleetCollector` is one."""
+
+    def snapshot(self) -> FleetSnapshot: ...
+
+    def take_request_deltas(self) -> list[RequestDelta]: ...
+
+    def gpu_memory(self, instance_id: str) -> GpuMemoryReading | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerSettings:
+    # An instance not refreshed for this long is not healthy for placement.
+    stale_after_s: float = 2.0
+    # How far ahead the demand forecast looks.
+    forecast_horizon_s: float = 30.0
+    # Footprint of a model neither measured nor declared (never seen loaded, or no
+    # pointsman.memory_bytes): the policy file should name it (spec_for).
+    unknown_footprint_bytes: int = 1 << 30
+    # Per-copy capacity when no spec provider is given.
+    default_capacity_rps: float = 50.0
+    # How long a cold request keeps its model requested while no instance has it ready.
+    cold_request_ttl_s: float = 30.0
+    poll_interval_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.stale_after_s <= 0 or self.poll_interval_s <= 0:
+            raise ValueError("stale_after_s and poll_interval_s must be > 0")
+        if self.unknown_footprint_bytes < 0 or self.cold_request_ttl_s < 0:
+            raise ValueError("unknown_footprint_bytes and cold_request_ttl_s must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementDecision:
+    """One decision about a model, as ListModels shows it."""
+
+    model: str
+    # "load", "unload", "keep" (copies stay as they are) or "none" (loaded nowhere, no action).
+    action: str
+    # The instance acted on; "" for keep and none.
+    instance_id: str
+    reason: str
+    # Injected clock, and Unix time in milliseconds.
+    decided_at: float
+    decided_unix_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPlacement:
+    """ListModels' placement figures for one model."""
+
+    model: str
+    # Copies on healthy instances, loads in progress included (the planner's count).
+    copies: int
+    target_copies: int
+    # Requests per second over the tracker's short window (1 minute by default), and forecast.
+    demand_rps: float
+    forecast_rps: float
+    # The latest decision that acted on the model; else what the latest plan concluded.
+    last_decision: PlacementDecision
+
+
+class PlacementController:
+    """See the module docstring. One per router, on the router's event loop.
+
+    `on_routes_changed` must make the router rebuild its route tables soon (the router passes
+    `collector.changed.set`): an unload waits until the tables leave the instance out.
+    """
+
+    def __init__(
+        self,
+        source: FleetSource,
+        book: RouteBook,
+        control: ModelControl,
+        *,
+        clock: Clock,
+        tracker: DemandTracker | None = None,
+        planner: PlacementPlanner | None = None,
+        metrics: RouterMetrics | None = None,
+        spec_for: SpecProvider | None = None,
+        placement_policy: Callable[[], PlacementPolicy] | None = None,
+        on_routes_changed: Callable[[], None] = lambda: None,
+        settings: ControllerSettings | None = None,
+        executor_settings: ExecutorSettings | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings or ControllerSettings()
+        self._source = source
+        self._book = book
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.tracker = tracker or DemandTracker(clock)
+        # Never a shared fixed seed: two routers must not draw the same instances.
+        self.planner = planner or PlacementPlanner(random.Random())
+        self._metrics = metrics
+        self._spec_for = spec_for or self._default_spec
+        self._placement_policy = placement_policy or PlacementPolicy
+        self.executor = PlacementExecutor(
+            control,
+            book=book,
+            clock=clock,
+            snapshot=source.snapshot,
+            gpu_memory=source.gpu_memory,
+            on_routes_changed=on_routes_changed,
+            on_finished=self._finished,
+            settings=executor_settings,
+        )
+        self._wake = asyncio.Event()
+        # (model, instance) -> load start or first sighting; latest scrape its counters moved.
+        self._loaded_at: dict[tuple[str, str], float] = {}
+        self._last_used: dict[tuple[str, str], float] = {}
+        # model -> bytes: GPU memory risen over its latest load; declared for its loaded versions.
+        self._measured: dict[str, int] = {}
+        self._declared: dict[str, int] = {}
+        # model -> clock time its cold request expires.
+        self._cold: dict[str, float] = {}
+        self._decisions: dict[str, PlacementDecision] = {}
+        # model -> loop time until which a sighted load of it is ours.
+        self._own_loads: dict[str, float] = {}
+        self.last_plan: Plan | None = None
+        self.last_demand: DemandSnapshot | None = None
+        self._last_plan_unix_ms = 0
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def run(self, interval_s: float) -> None:
+        """Ticks every `interval_s`, and at once when woken (a cold request, a failed load)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval_s)
+            self._wake.clear()
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop placement; the next tick tries again
+                log.exception("placement tick failed")
+
+    def wake(self) -> None:
+        """Makes `run` tick now."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        await self.executor.stop()
+
+    async def tick(self, snapshot: FleetSnapshot | None = None) -> Plan:
+        """One round (module docstring); `snapshot` defaults to the source's current one."""
+        if snapshot is None:
+            snapshot = self._source.snapshot()
+        self._feed_demand(self._source.take_request_deltas())
+        self.executor.reconcile(snapshot)
+        inputs = self.build_inputs(snapshot)
+        plan = self.planner.plan(inputs)
+        self.last_plan, self.last_demand = plan, inputs.demand
+        self._last_plan_unix_ms = int(self._wall_clock() * 1000)
+        for job in self.executor.submit(plan.actions, snapshot):
+            kind = "load" if isinstance(job.action, Load) else "unload"
+            self._decide(job.model, kind, job.instance_id, job.action.reason)
+        return plan
+
+    # --- cold requests ---------------------------------------------------------------------
+
+    def request_model(self, model: str) -> None:
+        """A request waits for `model`, which no instance has ready: plan its load first, now."""
+        self._cold[model] = self._clock() + self.settings.cold_request_ttl_s
+        self._wake.set()
+
+    async def wait_for_model(self, model: str, timeout_s: float) -> FleetSnapshot | None:
+        """The first snapshot (polled) where `model` is ready on a healthy instance that is not
+        draining it; None when `timeout_s` passes first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            snapshot = self._source.snapshot()
+            if self._ready_somewhere(snapshot, model):
+                return snapshot
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            await asyncio.sleep(min(self.settings.poll_interval_s, remaining))
+
+    async def request_and_wait(self, model: str, timeout_s: float) -> FleetSnapshot | None:
+        """`request_model`, then `wait_for_model`: the cold path of PickTarget."""
+        snapshot = self._source.snapshot()
+        if self._ready_somewhere(snapshot, model):
+            return snapshot
+        self.request_model(model)
+        return await self.wait_for_model(model, timeout_s)
+
+    def _ready_somewhere(self, snapshot: FleetSnapshot, model: str) -> bool:
+        return any(
+            inst.healthy
+            and (m := inst.model(model)) is not None
+            and m.is_ready
+            and (model, inst.instance_id) not in self._book.draining
+            for inst in snapshot.instances
+        )
+
+    # --- inputs ----------------------------------------------------------------------------
+
+    def build_inputs(self, snapshot: FleetSnapshot) -> PlanInputs:
+        """The planner's inputs from `snapshot` and what the controller remembers."""
+        now = self._clock()
+        self._remember(snapshot, now)
+        names = set(snapshot.known_models)
+        for inst in snapshot.instances:
+            names.update(inst.models)
+        specs = {}
+        for name in sorted(names):
+            spec = self._spec_for(name, self.footprint(name))
+            if spec is not None:
+                specs[name] = spec
+        for model, expires in list(self._cold.items()):
+            if expires <= now or self._ready_somewhere(snapshot, model):
+                del self._cold[model]
+        return PlanInputs(
+            now=now,
+            instances=tuple(self._instance_state(inst, specs, now) for inst in snapshot.instances),
+            specs=tuple(specs.values()),
+            demand=self.tracker.snapshot(self.settings.forecast_horizon_s),
+            requested_while_absent=frozenset(self._cold),
+            backoffs=self.executor.backoffs(),
+            in_progress=self.executor.in_progress(),
+            policy=self._placement_policy(),
+        )
+
+    def footprint(self, model: str) -> int:
+        """Bytes one copy takes: measured, else declared, else `unknown_footprint_bytes`."""
+        return (
+            self._measured.get(model)
+            or self._declared.get(model)
+            or self.settings.unknown_footprint_bytes
+        )
+
+    def _instance_state(
+        self, inst: InstanceSnapshot, specs: Mapping[str, ModelSpec], now: float
+    ) -> InstanceState:
+        iid = inst.instance_id
+        models = []
+        for name in sorted(inst.models):
+            loaded_at = self._loaded_at.get((name, iid), now)
+            models.append(
+                LoadedModel(
+                    name=name,
+                    memory_bytes=self._memory_of(name, inst.models[name], specs.get(name)),
+                    loaded_at=loaded_at,
+                    last_used=max(loaded_at, self._last_used.get((name, iid), loaded_at)),
+                )
+            )
+        fresh = inst.refreshed_at > 0 and now - inst.refreshed_at <= self.settings.stale_after_s
+        measured = inst.memory_source is MemorySource.GPU_METRICS
+        return InstanceState(
+            instance_id=iid,
+            memory_budget_bytes=inst.memory_budget_bytes,
+            memory_used_bytes=inst.memory_used_bytes if measured else 0,
+            models=tuple(models),
+            load=max(0.0, inst.inferences_per_second),
+            healthy=inst.healthy and fresh,
+        )
+
+    def _memory_of(self, name: str, loaded: ModelOnInstance, spec: ModelSpec | None) -> int:
+        if name in self._measured:
+            return self._measured[name]
+        if loaded.declared_memory_bytes and not loaded.is_loading:
+            return loaded.declared_memory_bytes
+        fallback = spec.footprint_bytes if spec is not None else self.footprint(name)
+        return max(loaded.declared_memory_bytes, fallback)
+
+    def _remember(self, snapshot: FleetSnapshot, now: float) -> None:
+        """First sightings, forgotten copies, and declared footprints of fully loaded models."""
+        busy = {(j.model, j.instance_id) for j in self.executor.jobs}
+        listed: set[tuple[str, str]] = set()
+        declared: dict[str, int] = {}
+        for inst in snapshot.instances:
+            for name, loaded in inst.models.items():
+                key = (name, inst.instance_id)
+                listed.add(key)
+                self._loaded_at.setdefault(key, now)
+                if loaded.declared_memory_bytes and not loaded.is_loading:
+                    declared[name] = max(declared.get(name, 0), loaded.declared_memory_bytes)
+        self._declared.update(declared)
+        for key in [k for k in self._loaded_at if k not in listed and k not in busy]:
+            del self._loaded_at[key]
+            self._last_used.pop(key, None)
+
+    def _feed_demand(self, deltas: list[RequestDelta]) -> None:
+        for delta in deltas:
+            self.tracker.record(delta.model, delta.version, delta.count, at=delta.at)
+            key = (delta.model, delta.instance_id)
+            self._last_used[key] = max(self._last_used.get(key, delta.at), delta.at)
+
+    def _default_spec(self, model: str, footprint_bytes: int) -> ModelSpec:
+        return ModelSpec(model, footprint_bytes, self.settings.default_capacity_rps)
+
+    # --- outcomes --------------------------------------------------------------------------
+
+    def _finished(self, job: Job) -> None:
+        key = (job.model, job.instance_id)
+        action = job.action
+        if isinstance(action, Load):
+            self._own_loads[job.model] = asyncio.get_running_loop().time() + _OWN_LOAD_WINDOW_S
+            if job.state is JobState.FAILED:
+                self._load_failed(job)
+                return
+            if job.started_at is not None:
+                self._loaded_at[key] = job.started_at
+            if job.measured_bytes:
+                self._measured[job.model] = job.measured_bytes
+            if job.load_seconds is not None and self._metrics is not None:
+                self._metrics.observe_model_load(job.model, job.load_seconds)
+            took = f" (loaded in {job.load_seconds:.1f} s)" if job.load_seconds else ""
+            self._decide(job.model, "load", job.instance_id, action.reason + took)
+        elif isinstance(action, Unload) and job.state is JobState.FAILED:
+            self._decide(job.model, "unload", job.instance_id, f"unload failed: {job.error}")
+            self._wake.set()
+
+    def _load_failed(self, job: Job) -> None:
+        backoff = next(
+            (b for b in self.executor.backoffs() if (b.model, b.instance_id) == job.key),
+            None,
+        )
+        if backoff is None:
+            reason = f"load failed: {job.error}"
+        else:
+            wait = backoff.until - self._clock()
+            failures = self.executor.failures.failures(job.model, job.instance_id)
+            reason = (
+                f"load failed ({failures} in a row): {job.error}; "
+                f"not retried on {job.instance_id} for {wait:.0f} s"
+            )
+        self._decide(job.model, "load", job.instance_id, reason)
+        self._wake.set()  # place it elsewhere now
+
+    def on_model_seen_loaded(self, model: str, seconds: float) -> None:
+        """The collector's `on_model_loaded` hook: load times of loads the controller did not
+        make go to the metrics (its own are measured exactly when they finish)."""
+        if self._metrics is None:
+            return
+        if self._own_loads.get(model, 0.0) > asyncio.get_running_loop().time():
+            return
+        if any(j.model == model and isinstance(j.action, Load) for j in self.executor.jobs):
+            return
+        self._metrics.observe_model_load(model, seconds)
+
+    # --- what operators see ----------------------------------------------------------------
+
+    def _decide(self, model: str, action: str, instance_id: str, reason: str) -> None:
+        self._decisions[model] = PlacementDecision(
+            model, action, instance_id, reason, self._clock(), int(self._wall_clock() * 1000)
+        )
+
+    @property
+    def decisions(self) -> Mapping[str, PlacementDecision]:
+        """Per model, the latest decision that acted on it (a load, an unload, a failure)."""
+        return self._decisions
+
+    def model_placement(self, model: str) -> ModelPlacement:
+        """ListModels' figures for `model`, from the latest tick."""
+        plan = self.last_plan
+        decision = plan.decision(model) if plan is not None else None
+        demand = self.last_demand.of(model) if self.last_demand else ModelDemand(model)
+        last = self._decisions.get(model)
+        if last is None:
+            copies = decision.copies if decision else 0
+            last = PlacementDecision(
+                model,
+                "keep" if copies else "none",
+                "",
+                decision.reason if decision else "not planned yet",
+                plan.now if plan else self._clock(),
+                self._last_plan_unix_ms,
+            )
+        return ModelPlacement(
+            model=model,
+            copies=decision.copies if decision else 0,
+            target_copies=decision.target if decision else 0,
+            demand_rps=demand.rate_rps,
+            forecast_rps=demand.forecast_rps,
+            last_decision=last,
+        )
