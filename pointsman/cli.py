@@ -44,6 +44,11 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
         "--router-metrics-port", type=int, default=0, help="the router's /metrics (0 = any free)"
     )
     parser.add_argument("--memory-budget-bytes", type=int, default=2 * 1024**3, help="per instance")
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        help="the router's policy file, hot-reloaded (default: start-up copies as minimums)",
+    )
     parser.add_argument("--run-dir", type=Path, help="logs and configs (default: a temp dir)")
     parser.add_argument(
         "--sidecar-pick-mode",
@@ -88,6 +93,7 @@ def _fleet_config(args: argparse.Namespace) -> object:
         sidecar_metrics_port=args.sidecar_metrics_port,
         router_metrics_port=args.router_metrics_port,
         memory_budget_bytes=args.memory_budget_bytes,
+        policy_file=args.policy,
         run_dir=args.run_dir,
         sidecar_pick_mode=args.sidecar_pick_mode,
         trace_otlp_endpoint=args.trace_otlp_endpoint,

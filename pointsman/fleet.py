@@ -142,6 +142,10 @@ class FleetConfig:
     # trace to it. None: Triton does not trace, the Python parts follow the caller's OTEL_*.
     trace_otlp_endpoint: str | None = None
     memory_budget_bytes: int = 2 * 1024**3
+    # The router's policy file (hot-reloaded). None: one is written that keeps each model's
+    # start-up copies as its minimum, so the placement controller grows but never shrinks
+    # below the chosen placement.
+    policy_file: Path | None = None
     run_dir: Path | None = None  # logs and generated configs; None = a temporary folder
     router_args: tuple[str, ...] = ()
     sidecar_args: tuple[str, ...] = ()
@@ -242,6 +246,7 @@ class Fleet:
                         }
                         for s in self.tritons
                     ],
+                    "policy_file": str(self._policy_file(placement)),
                 },
                 sort_keys=False,
             )
@@ -285,6 +290,20 @@ class Fleet:
         wait_until_ready(
             self.sidecar_address, wanted, cfg.ready_timeout_s, sidecar, server_ready=True
         )
+
+    def _policy_file(self, placement: Mapping[str, tuple[str, ...]]) -> Path:
+        if self.config.policy_file is not None:
+            return self.config.policy_file.resolve()
+        copies: dict[str, int] = {}
+        for models in placement.values():
+            for model in models:
+                copies[model] = copies.get(model, 0) + 1
+        path = self.run_dir / "policy.yaml"
+        path.write_text(
+            "# Written by pointsman up: start-up copies are each model's minimum.\n"
+            + yaml.safe_dump({"models": {m: {"min_copies": n} for m, n in copies.items()}})
+        )
+        return path
 
     def endpoints(self) -> dict[str, object]:
         """The ready-file document."""

@@ -22,6 +22,8 @@ from router.contracts import FleetSnapshot
 from router.datalayer.collector import FleetCollector
 from router.discovery import Discovery, StaticDiscovery
 from router.metrics import FleetView, RouterMetrics
+from router.placement.control import TritonModelControl
+from router.placement.controller import ControllerSettings, PlacementController
 from router.policy import Policy, PolicyStore
 from router.routes import AssumedLoad, RouteBook
 from router.scheduling import Scheduler
@@ -48,6 +50,8 @@ class RouterServer:
     snapshot: FleetSnapshot
     metrics: RouterMetrics
     metrics_port: int | None = None
+    placement: PlacementController | None = None
+    _control: TritonModelControl | None = None
     _metrics_endpoint: MetricsEndpoint | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -60,6 +64,10 @@ class RouterServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.placement is not None:
+            await self.placement.stop()
+        if self._control is not None:
+            await self._control.close()
         await self.collector.stop()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()
@@ -105,11 +113,33 @@ async def start_router(
         rules_for=policy.current.version_rules,
     )
     metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
+    controller: PlacementController | None = None
+
+    def model_seen_loaded(model: str, seconds: float) -> None:
+        # The controller times its own loads exactly and filters them out of these sightings.
+        if controller is not None:
+            controller.on_model_seen_loaded(model, seconds)
+        else:
+            metrics.observe_model_load(model, seconds)
+
     collector = FleetCollector(
         config,
         discovery or StaticDiscovery(config.instances),
         clock=clock,
-        on_model_loaded=metrics.observe_model_load,
+        on_model_loaded=model_seen_loaded,
+    )
+    control = TritonModelControl()
+    controller = PlacementController(
+        collector,
+        book,
+        control,
+        clock=clock,
+        metrics=metrics,
+        spec_for=lambda model, footprint: policy.current.model_spec(model, footprint),
+        placement_policy=lambda: policy.current.placement,
+        on_routes_changed=collector.changed.set,
+        settings=ControllerSettings(stale_after_s=max(2.0, 5 * config.refresh_interval_s)),
+        tracer=tracing.tracer if tracing is not None and tracing.enabled else None,
     )
     assumed = AssumedLoad(window_s=2 * config.metrics_interval_s)
     stopping = asyncio.Event()
@@ -138,6 +168,7 @@ async def start_router(
         stopping=stopping,
         metrics=metrics,
         policy=policy,
+        placement=controller,
         tracing=tracing,
     )
     pb_grpc.add_RouterServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
@@ -165,6 +196,16 @@ async def start_router(
         log.info("policy %s from %s is active", new.version, new.source)
 
     policy.subscribe(apply_policy)
+    router.placement = controller
+    router._control = control
+    router._tasks.append(
+        asyncio.create_task(
+            controller.run(
+                lambda: policy.current.placement_interval_s,
+                enabled=lambda: policy.current.placement_enabled,
+            )
+        )
+    )
     if config.policy_file is not None:
         router._tasks.append(asyncio.create_task(policy.watch()))
     for name in ("", SERVICE_NAME):

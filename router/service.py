@@ -28,6 +28,7 @@ from router.contracts import (
     ScoredCandidate,
 )
 from router.metrics import UNKNOWN_MODEL, RouterMetrics
+from router.placement.controller import PlacementController
 from router.policy import PolicyStore
 from router.routes import (
     AssumedLoad,
@@ -118,10 +119,12 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         stopping: asyncio.Event,
         metrics: RouterMetrics,
         policy: PolicyStore,
+        placement: PlacementController | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         self._book = book
         self._policy = policy
+        self._placement = placement
         self._snapshot = snapshot
         self._assumed = assumed
         self._clock = clock
@@ -139,7 +142,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         if self._tracer is not None:
             return await self._traced_pick(request, context, self._tracer)
         try:
-            response = self._pick(request, None)
+            response = await self._pick_or_load(request, None)
         except Exception as exc:  # every failure leaves as a status, never a crash
             self._count_failed_pick(request, exc)
             await errors.abort(context, exc)
@@ -162,7 +165,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         if request.model_version:
             span.set_attribute("pointsman.model_version", request.model_version)
         try:
-            response = self._pick(request, span)
+            response = await self._pick_or_load(request, span)
         except Exception as exc:
             code, message = self._count_failed_pick(request, exc)
             span.set_attribute("rpc.grpc.status_code", code.value[0])
@@ -182,12 +185,38 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self._metrics.count_pick(request.model_name if known else UNKNOWN_MODEL, code)
         return code, message
 
-    def _pick(
+    async def _pick_or_load(
         self, request: pb.PickTargetRequest, span: trace.Span | None
+    ) -> pb.PickTargetResponse:
+        """A pick; on the cold path (nothing has the model ready and the caller may wait),
+        a load by the placement controller first, waited for up to `wait_for_load_ms`."""
+        try:
+            return self._pick(request, span)
+        except errors.NoReadyInstanceError:
+            if not request.wait_for_load_ms or self._placement is None:
+                raise
+        if span is not None:
+            span.add_event("cold start: waiting for a load")
+        ready = await self._placement.request_and_wait(
+            request.model_name, request.wait_for_load_ms / 1000
+        )
+        if ready is None:
+            raise errors.NoReadyInstanceError(
+                request.model_name,
+                request.model_version,
+                f"no copy became ready within {request.wait_for_load_ms} ms",
+            )
+        return self._pick(request, span, ready)
+
+    def _pick(
+        self,
+        request: pb.PickTargetRequest,
+        span: trace.Span | None,
+        snapshot: FleetSnapshot | None = None,
     ) -> pb.PickTargetResponse:
         if not request.model_name:
             raise errors.InvalidRequestError("model_name is required")
-        snapshot = self._snapshot()
+        snapshot = snapshot or self._snapshot()
         if request.model_name not in snapshot.known_models:
             raise errors.ModelNotFoundError(request.model_name)
         now = self._clock()
@@ -347,13 +376,29 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         for name in sorted(snapshot.known_models):
             on = [(i.instance_id, i.model(name)) for i in snapshot.instances]
             table = self._book.tables.get(name)
-            summaries.append(
-                pb.ModelSummary(
-                    model_name=name,
-                    ready_instances=[i for i, m in on if m and m.is_ready],
-                    loading_instances=[i for i, m in on if m and m.is_loading],
-                    ready_versions=sorted({v for _, m in on if m for v in m.ready_versions}),
-                    route_table=table_to_proto(table, self._book.ttl_ms) if table else None,
-                )
+            ready = [i for i, m in on if m and m.is_ready]
+            summary = pb.ModelSummary(
+                model_name=name,
+                ready_instances=ready,
+                loading_instances=[i for i, m in on if m and m.is_loading],
+                ready_versions=sorted({v for _, m in on if m for v in m.ready_versions}),
+                route_table=table_to_proto(table, self._book.ttl_ms) if table else None,
+                copies=len(ready),
             )
+            if self._placement is not None:
+                placed = self._placement.model_placement(name)
+                summary.target_copies = placed.target_copies
+                summary.demand_rps = placed.demand_rps
+                summary.forecast_rps = placed.forecast_rps
+                if placed.last_decision is not None:
+                    d = placed.last_decision
+                    summary.last_decision.CopyFrom(
+                        pb.PlacementDecision(
+                            action=d.action,
+                            instance_id=d.instance_id,
+                            reason=d.reason,
+                            decided_unix_ms=d.decided_unix_ms,
+                        )
+                    )
+            summaries.append(summary)
         return pb.ListModelsResponse(models=summaries)

@@ -39,6 +39,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from opentelemetry import trace
+
 from pointsman.clock import Clock
 from router.contracts import FleetSnapshot, InstanceSnapshot, MemorySource, ModelOnInstance
 from router.datalayer.collector import GpuMemoryReading, RequestDelta
@@ -161,6 +163,7 @@ class PlacementController:
         settings: ControllerSettings | None = None,
         executor_settings: ExecutorSettings | None = None,
         wall_clock: Callable[[], float] = time.time,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.settings = settings or ControllerSettings()
         self._source = source
@@ -182,6 +185,7 @@ class PlacementController:
             on_routes_changed=on_routes_changed,
             on_finished=self._finished,
             settings=executor_settings,
+            tracer=tracer,
         )
         self._wake = asyncio.Event()
         # (model, instance) -> load start or first sighting; latest scrape its counters moved.
@@ -201,12 +205,20 @@ class PlacementController:
 
     # --- the loop --------------------------------------------------------------------------
 
-    async def run(self, interval_s: float) -> None:
-        """Ticks every `interval_s`, and at once when woken (a cold request, a failed load)."""
+    async def run(
+        self,
+        interval_s: float | Callable[[], float],
+        enabled: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Ticks every `interval_s`, and at once when woken (a cold request, a failed load).
+        Both arguments may be callables, read each round, so a policy reload applies."""
         while True:
+            wait_s = interval_s() if callable(interval_s) else interval_s
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval_s)
+                await asyncio.wait_for(self._wake.wait(), wait_s)
             self._wake.clear()
+            if not enabled():
+                continue
             try:
                 await self.tick()
             except asyncio.CancelledError:

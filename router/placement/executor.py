@@ -39,6 +39,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from pointsman.clock import Clock
 from router.contracts import FleetSnapshot
 from router.datalayer.collector import GpuMemoryReading
@@ -199,8 +201,11 @@ class PlacementExecutor:
         on_routes_changed: Callable[[], None] = lambda: None,
         on_finished: Callable[[Job], None] = lambda _: None,
         settings: ExecutorSettings | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.settings = settings or ExecutorSettings()
+        # None when tracing is off; else every action is a span (its own trace).
+        self._tracer = tracer
         self._control = control
         self._book = book
         self._clock = clock
@@ -277,6 +282,25 @@ class PlacementExecutor:
     # --- running ---------------------------------------------------------------------------
 
     async def _run(self, job: Job) -> None:
+        if self._tracer is None:
+            await self._run_job(job)
+            return
+        action = job.action
+        kind = "load" if isinstance(action, Load) else "unload"
+        with self._tracer.start_as_current_span(
+            f"placement.{kind}",
+            attributes={
+                "pointsman.model": job.model,
+                "pointsman.target": job.instance_id,
+                "pointsman.reason": action.reason,
+            },
+        ) as span:
+            await self._run_job(job)
+            span.set_attribute("pointsman.outcome", job.state.value)
+            if job.state is JobState.FAILED:
+                span.set_status(trace.StatusCode.ERROR, job.error)
+
+    async def _run_job(self, job: Job) -> None:
         job.state = JobState.RUNNING
         job.started_at = self._clock()
         try:
