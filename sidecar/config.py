@@ -67,6 +67,9 @@ class SidecarConfig:
     router_idle_timeout_s: float = 30.0
     # Deadline of one PickTarget call in per-request mode.
     pick_timeout_s: float = 0.5
+    # The cold path: a request for a model that is loaded nowhere asks the router for a load
+    # and waits up to this long (bounded by the caller's deadline) instead of failing. 0: off.
+    cold_start_wait_s: float = 30.0
     # A Triton instance absent from every table this long gets its channel closed.
     upstream_idle_close_s: float = 60.0
     # Deadline of each call of a fan-out (RepositoryIndex, ModelStatistics for all models).
@@ -121,6 +124,11 @@ class SidecarConfig:
             "static_routes",
             types.MappingProxyType({k: tuple(v) for k, v in self.static_routes.items()}),
         )
+        if not _is_number(self.cold_start_wait_s) or self.cold_start_wait_s < 0:
+            raise ConfigError(
+                "sidecar config field 'cold_start_wait_s': expected a number >= 0, "
+                f"got {self.cold_start_wait_s!r}"
+            )
         for name in (
             "reconnect_initial_s",
             "reconnect_max_s",

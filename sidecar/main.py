@@ -53,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request or response in bytes (default 64 MiB)",
     )
     parser.add_argument(
+        "--cold-start-wait",
+        type=float,
+        metavar="SECONDS",
+        help="how long a request for a model loaded nowhere waits for the router to load it "
+        "(default 30; 0 answers UNAVAILABLE at once)",
+    )
+    parser.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, "
@@ -83,6 +90,8 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
         overrides["pick_mode"] = args.pick_mode
     if getattr(args, "metrics_listen", None):
         overrides["metrics_listen"] = args.metrics_listen
+    if getattr(args, "cold_start_wait", None) is not None:
+        overrides["cold_start_wait_s"] = args.cold_start_wait
     if getattr(args, "max_message_bytes", None) is not None:
         overrides["max_message_bytes"] = args.max_message_bytes
     if getattr(args, "cpus", None):

@@ -59,6 +59,7 @@ class RouterPicker:
         timeout: float | None = None,
         *,
         metadata: Sequence[tuple[str, str | bytes]] = (),
+        wait_for_load_ms: int = 0,
     ) -> router_pb2.PickTargetResponse:
         """The router's answer; its own errors (e.g. NOT_FOUND) raise as AioRpcError.
 
@@ -67,9 +68,14 @@ class RouterPicker:
         Raises RouterUnreachableError when no replica answers.
         """
         request = router_pb2.PickTargetRequest(
-            model_name=model_name, model_version=model_version, headers=headers
+            model_name=model_name,
+            model_version=model_version,
+            headers=headers,
+            wait_for_load_ms=wait_for_load_ms,
         )
-        deadline = self._timeout if timeout is None else min(timeout, self._timeout)
+        # A cold pick may wait for a load on the router's side: the deadline covers that.
+        limit = self._timeout + wait_for_load_ms / 1000
+        deadline = limit if timeout is None else min(timeout, limit)
         n = len(self._addresses)
         for k in range(n):
             index = (self._current + k) % n

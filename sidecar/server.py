@@ -160,10 +160,23 @@ async def start_sidecar(
         if config.pick_mode == "per-request"
         else None
     )
+    # Table mode asks the router only on the cold path (a model loaded nowhere).
+    cold_picker = (
+        picker
+        if picker is not None or not config.routers or config.cold_start_wait_s <= 0
+        else RouterPicker(config.routers, timeout_s=config.pick_timeout_s)
+    )
     metrics = SidecarMetrics(registry or CollectorRegistry(), cache=cache, pool=pool)
     tracer = RpcTracer(tracing.tracer) if tracing is not None and tracing.enabled else None
     proxy = InferenceProxy(
-        config, cache, pool, rng=rng, metrics=metrics, tracer=tracer, picker=picker
+        config,
+        cache,
+        pool,
+        rng=rng,
+        metrics=metrics,
+        tracer=tracer,
+        picker=picker,
+        cold_picker=cold_picker,
     )
 
     server = grpc.aio.server(
@@ -206,7 +219,7 @@ async def start_sidecar(
         cache=cache,
         pool=pool,
         health=health,
-        picker=picker,
+        picker=cold_picker,  # closed on stop
         metrics=metrics,
         metrics_endpoint=metrics_endpoint,
     )

@@ -98,8 +98,11 @@ class InferenceProxy:
         metrics: SidecarMetrics,
         tracer: RpcTracer | None = None,
         picker: RouterPicker | None = None,
+        cold_picker: RouterPicker | None = None,
     ) -> None:
         self._config = config
+        # Asks the router for a load when a model is ready nowhere (None: the cold path is off).
+        self._cold_picker = cold_picker
         self._cache = cache
         self._pool = pool
         self._rng = rng
@@ -192,6 +195,37 @@ class InferenceProxy:
         if candidates is None:
             raise NoReadyInstanceError(name, version)
         return candidates
+
+    async def _table_pick(
+        self, name: str, version: str, md: Metadata, context: Context
+    ) -> tuple[Upstream, bool]:
+        """A pick from the route table, and whether it was an affinity hit. On the cold path
+        (the model is known but ready nowhere) the router is asked to load it, and the
+        request waits for that load, up to `cold_start_wait_s` and the caller's deadline."""
+        try:
+            return pick(self._candidates(name, version), self._rng), True
+        except NoRouteTablesError:
+            raise
+        except NoReadyInstanceError:
+            if self._cold_picker is None:
+                raise
+        wait_s = self._config.cold_start_wait_s
+        remaining = _remaining(context)
+        if remaining is not None:
+            wait_s = min(wait_s, remaining)
+        self._metrics.cold_start(name)
+        headers = {k: v for k, v in md if isinstance(v, str)}
+        try:
+            answer = await self._cold_picker.pick(
+                name, version, headers, remaining, metadata=md, wait_for_load_ms=int(wait_s * 1000)
+            )
+        except RouterUnreachableError:
+            raise NoReadyInstanceError(
+                name, version, "no router answered for a cold load"
+            ) from None
+        if not answer.target.grpc_address:
+            raise NoReadyInstanceError(name, version, "the router named no target")
+        return self._pool.get(answer.target.grpc_address), False
 
     async def _router_targets(
         self, name: str, version: str, md: Metadata, timeout: float | None, span: Span | None
@@ -299,7 +333,7 @@ class InferenceProxy:
         if self._picker is None:
             # Route tables list only instances with the model ready (static routes are
             # assumed to serve every version): a table pick is always an affinity hit.
-            upstream, hit = pick(self._candidates(name, version), self._rng), True
+            upstream, hit = await self._table_pick(name, version, md, context)
         else:
             upstream, targets, hit, chosen = await self._router_targets(
                 name, version, md, _remaining(context), span
@@ -415,7 +449,7 @@ class InferenceProxy:
             md = forward_metadata(context.invocation_metadata())
             timeout = _remaining(context)
             if self._picker is None:
-                chosen, hit = pick(self._candidates(name, version), self._rng), True
+                chosen, hit = await self._table_pick(name, version, md, context)
             else:
                 chosen, _, hit, picked = await self._router_targets(
                     name, version, md, timeout, span
