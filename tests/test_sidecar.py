@@ -264,6 +264,8 @@ def fleet(tritons: tuple[TritonSpec, TritonSpec]) -> Iterator[Fleet]:
         listen="127.0.0.1:0",
         routers=(f"127.0.0.1:{free_port()}", f"127.0.0.1:{router_port}"),
         max_message_bytes=MAX_MESSAGE,
+        # The stand-in router places nothing: the cold path is off here.
+        cold_start_wait_s=0,
         static_routes={"probe": (f"127.0.0.1:{probe.port}",)},
         reconnect_initial_s=0.05,
         reconnect_max_s=0.3,

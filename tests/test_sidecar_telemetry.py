@@ -174,6 +174,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             listen="127.0.0.1:0",
             routers=(f"127.0.0.1:{router_port}",),
             metrics_listen="127.0.0.1:0",
+            # The stand-in router places nothing: the cold path is off here.
+            cold_start_wait_s=0,
             reconnect_initial_s=0.05,
             reconnect_max_s=0.3,
             router_idle_timeout_s=3.0,
