@@ -95,6 +95,8 @@ class DecisionLog:
     def __init__(self, keep: int = 8) -> None:
         self.entries: deque[Decision] = deque(maxlen=keep)
         self._generations: dict[str, int] = {}
+        # The placement controller's latest decision time per model, to log each one once.
+        self._placed: dict[str, int] = {}
 
     def observe(self, models: Sequence[pb.ModelSummary], now: float) -> None:
         seen: dict[str, int] = {}
@@ -104,6 +106,17 @@ class DecisionLog:
             seen[model.model_name] = generation
             if self._generations.get(model.model_name) != generation:
                 changes.append(Decision(now, describe_table(model)))
+            placed = model.last_decision
+            acted = placed.decided_unix_ms and placed.action in ("load", "unload")
+            if acted and self._placed.get(model.model_name) != placed.decided_unix_ms:
+                self._placed[model.model_name] = placed.decided_unix_ms
+                where = f" on {placed.instance_id}" if placed.instance_id else ""
+                changes.append(
+                    Decision(
+                        placed.decided_unix_ms / 1000,
+                        f"placement: {placed.action} {model.model_name}{where}: {placed.reason}",
+                    )
+                )
         for name in sorted(self._generations.keys() - seen.keys()):
             changes.append(Decision(now, f"{name}: gone from every repository index"))
         self._generations = seen
@@ -199,6 +212,8 @@ def _models_table(view: FleetView) -> Table:
     table = Table(title="models", title_justify="left", expand=True)
     table.add_column("model", no_wrap=True)
     table.add_column("copies", justify="right")
+    table.add_column("target", justify="right")
+    table.add_column("req/s", justify="right")
     table.add_column("ready on")
     table.add_column("loading on")
     table.add_column("versions")
@@ -211,6 +226,8 @@ def _models_table(view: FleetView) -> Table:
         table.add_row(
             model.model_name,
             Text(str(copies), style="" if copies else "bold red"),
+            str(model.target_copies),
+            f"{model.demand_rps:.1f}",
             ", ".join(model.ready_instances) or "-",
             ", ".join(model.loading_instances) or "-",
             " ".join(model.ready_versions) or "-",

@@ -165,3 +165,16 @@ def test_decision_log_keeps_the_newest() -> None:
         "gen 3: codegen -> triton-0 1.00",
     ]
     assert describe_table(_model("m", 1)) == "gen 1: m -> no ready instance"
+
+
+def test_decision_log_shows_each_placement_decision_once() -> None:
+    decided = pb.PlacementDecision(
+        action="load", instance_id="triton-1", reason="requested while loaded nowhere",
+        decided_unix_ms=1_700_000_000_000,
+    )  # fmt: skip
+    model = pb.ModelSummary(model_name="echo", last_decision=decided)
+    log = DecisionLog()
+    log.observe([model], 1.0)
+    log.observe([model], 2.0)
+    placements = [e.text for e in log.entries if e.text.startswith("placement:")]
+    assert placements == ["placement: load echo on triton-1: requested while loaded nowhere"]
