@@ -171,6 +171,14 @@ class InferenceProxy:
 
     # -- choosing a version and an instance ----------------------------------------------------
 
+    def _apply_version_policy(
+        self, name: str, request: bytes, context: Context
+    ) -> tuple[str, bytes]:
+        """For an unpinned request: the version the policy gives it, and the request bytes
+        pinned to it (unchanged when the policy says nothing)."""
+        version = self._policy_version(name, context.invocation_metadata())
+        return version, with_model_version(request, version) if version else request
+
     def _policy_version(self, name: str, metadata: Sequence[tuple[str, Any]] | None) -> str:
         """The version an unpinned request gets: the x-model-version header, else the route's
         header rules and canary split (the router's policy), else "" (Triton's highest)."""
@@ -303,9 +311,7 @@ class InferenceProxy:
         try:
             name, version = peek_model(request)
             if not version and self._picker is None:
-                version = self._policy_version(name, context.invocation_metadata())
-                if version:
-                    request = with_model_version(request, version)
+                version, request = self._apply_version_policy(name, request, context)
             series = self._metrics.series(name, version, INFER)
             return await self._infer(name, version, series, request, context, span)
         except asyncio.CancelledError:
@@ -442,9 +448,7 @@ class InferenceProxy:
             name, version = peek_model(first)
             if not version and self._picker is None:
                 # Only the first message: a stream is bound to what its first message chose.
-                version = self._policy_version(name, context.invocation_metadata())
-                if version:
-                    first = with_model_version(first, version)
+                version, first = self._apply_version_policy(name, first, context)
             series = self._metrics.series(name, version, STREAM)
             md = forward_metadata(context.invocation_metadata())
             timeout = _remaining(context)

@@ -5,7 +5,6 @@ counted, the decision is visible in ListModels, and the next request is warm."""
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
+from fleet_metrics import sidecar_cold_starts
 
 from pointsman.fleet import Fleet, FleetConfig
 from pointsman.router.v1 import router_pb2 as pb
@@ -39,15 +38,6 @@ def cold_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         fleet.stop()
 
 
-def _cold_starts(fleet: Fleet, model: str) -> float:
-    with urllib.request.urlopen(fleet.sidecar_metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        if family.name == "pointsman_sidecar_cold_starts":
-            return sum(s.value for s in family.samples if s.labels.get("model") == model)
-    return 0.0
-
-
 def _echo(client: grpcclient.InferenceServerClient) -> np.ndarray:
     tensor = grpcclient.InferInput("INPUT0", [3], "FP32")
     tensor.set_data_from_numpy(np.array([1.0, 2.0, 3.0], dtype=np.float32))
@@ -61,10 +51,10 @@ def test_a_model_loaded_nowhere_is_loaded_while_the_request_waits(cold_fleet: Fl
         np.testing.assert_array_equal(_echo(client), [1.0, 2.0, 3.0])
         cold_s = time.monotonic() - started
         print(f"cold request answered after {cold_s:.2f}s (includes the model's load)")
-        assert _cold_starts(cold_fleet, "echo") == 1
+        assert sidecar_cold_starts(cold_fleet, "echo") == 1
         started = time.monotonic()
         _echo(client)
-        assert _cold_starts(cold_fleet, "echo") == 1, "the second request must be warm"
+        assert sidecar_cold_starts(cold_fleet, "echo") == 1, "the second request must be warm"
 
     router = pb_grpc.RouterServiceStub(grpc.insecure_channel(cold_fleet.router_address))
     models = {m.model_name: m for m in router.ListModels(pb.ListModelsRequest(), timeout=5).models}

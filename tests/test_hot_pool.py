@@ -10,7 +10,6 @@ fits. After one warm-up pass, the baseline keeps cold-starting and Pointsman nev
 from __future__ import annotations
 
 import threading
-import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
+from fleet_metrics import sidecar_cold_starts
 
 from pointsman.fleet import Fleet, FleetConfig
 from pointsman.processes import stop_all
@@ -148,18 +147,6 @@ def hot_pool_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         fleet.stop()
 
 
-def _cold_starts(fleet: Fleet) -> float:
-    with urllib.request.urlopen(fleet.sidecar_metrics_url, timeout=5) as response:
-        families = text_string_to_metric_families(response.read().decode())
-        return sum(
-            s.value
-            for f in families
-            if f.name == "pointsman_sidecar_cold_starts"
-            for s in f.samples
-            if s.name.endswith("_total")
-        )
-
-
 def test_pointsman_has_no_cold_start_after_warm_up(hot_pool_fleet: Fleet) -> None:
     fleet = hot_pool_fleet
     router = pb_grpc.RouterServiceStub(grpc.insecure_channel(fleet.router_address))
@@ -171,9 +158,9 @@ def test_pointsman_has_no_cold_start_after_warm_up(hot_pool_fleet: Fleet) -> Non
             peak[inst.instance_id] = max(peak.get(inst.instance_id, 0), inst.memory_used_bytes)
 
     drive(through_sidecar, 1)  # warm-up: the models nobody had loaded are cold once
-    warm = _cold_starts(fleet)
+    warm = sidecar_cold_starts(fleet)
     drive(through_sidecar, ROUNDS)
-    after_warm_up = _cold_starts(fleet) - warm
+    after_warm_up = sidecar_cold_starts(fleet) - warm
     print(f"pointsman: {warm:.0f} warm-up, {after_warm_up:.0f} later cold starts; peak {peak}")
     assert warm == 2  # codegen_stream and echo were loaded nowhere
     assert after_warm_up == 0
