@@ -876,6 +876,8 @@ def test_no_route_tables_yet_and_per_request_picks(fleet: Fleet) -> None:
         listen="127.0.0.1:0",
         routers=(f"127.0.0.1:{fleet.router_port}",),
         pick_mode="per-request",
+        # Generous: on a busy machine a slow pick must not become a table pick.
+        pick_timeout_s=5.0,
     )
     picky = fleet.loop.run(start_sidecar(config, rng=random.Random(3)))
     try:

@@ -603,6 +603,8 @@ def test_per_request_pick_carries_the_trace_and_counts_affinity(rig: Rig) -> Non
         listen="127.0.0.1:0",
         routers=(f"127.0.0.1:{rig.router_port}",),
         pick_mode="per-request",
+        # Generous: on a busy machine a slow pick must not become a table pick.
+        pick_timeout_s=5.0,
     )
     picky = rig.loop.run(
         start_sidecar(config, rng=random.Random(3), registry=CollectorRegistry(), tracing=tracing)
