@@ -32,6 +32,10 @@ from pointsman.clock import Clock
 __all__ = ["DemandSnapshot", "DemandTracker", "ModelDemand"]
 
 
+# How far above the observed rate a forecast may size copies.
+FORECAST_CAP = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class ModelDemand:
     """The demand for one model, all versions together, at one moment."""
@@ -231,11 +235,18 @@ class DemandTracker:
         models: dict[str, ModelDemand] = {}
         for model in sorted(self._series):
             versions = sorted(self._series[model])
+            rate = self.rate(model, self._short_window_s)
+            long_rate = self.rate(model, self._long_window_s)
             models[model] = ModelDemand(
                 model=model,
-                rate_rps=self.rate(model, self._short_window_s),
-                long_rate_rps=self.rate(model, self._long_window_s),
-                forecast_rps=self.forecast(model, horizon_s),
+                rate_rps=rate,
+                long_rate_rps=long_rate,
+                # At most FORECAST_CAP x the observed rate: a line fitted over a step (traffic
+                # that starts at once) or over bursty scrapes would otherwise ask for every
+                # instance, as `make demo` showed (forecast 578 rps at an observed 14).
+                forecast_rps=min(
+                    self.forecast(model, horizon_s), FORECAST_CAP * max(rate, long_rate)
+                ),
                 last_seen=self.last_seen(model),
                 version_rates_rps={
                     v: self.rate(model, self._short_window_s, version=v) for v in versions

@@ -237,7 +237,9 @@ def test_snapshot_is_frozen_and_complete() -> None:
     demand = snap.of("m")
     assert demand.rate_rps == pytest.approx(tracker.rate("m", 60))
     assert demand.long_rate_rps == pytest.approx(tracker.rate("m", 300))
-    assert demand.forecast_rps == pytest.approx(89.5)
+    # The ramp's trend (89.5 rps in 30 s) is capped at twice the observed rate.
+    assert tracker.forecast("m", 30) == pytest.approx(89.5)
+    assert demand.forecast_rps == pytest.approx(2 * 30.0)
     assert demand.sizing_rps == demand.forecast_rps
     assert demand.last_seen == 59
     assert dict(demand.version_rates_rps) == {"": pytest.approx(demand.rate_rps)}
@@ -257,3 +259,27 @@ def test_snapshot_is_frozen_and_complete() -> None:
 )
 def test_seen_within(last_seen: float | None, within_s: float, expected: bool) -> None:
     assert ModelDemand("m", last_seen=last_seen).seen_within(1000.0, within_s) is expected
+
+
+@pytest.mark.parametrize(
+    ("ramp_to", "expected_cap"),
+    [(2, None), (100, 2.0)],
+    ids=["gentle-rise-counts-in-full", "steep-step-capped-at-2x"],
+)
+def test_snapshot_caps_the_forecast_at_twice_the_observed_rate(
+    ramp_to: int, expected_cap: float | None
+) -> None:
+    now = [0.0]
+    tracker = DemandTracker(lambda: now[0])
+    for second in range(60):
+        now[0] = float(second)
+        tracker.record("m", count=1 if second < 50 else ramp_to)
+    now[0] = 60.0
+    demand = tracker.snapshot(30).of("m")
+    raw = tracker.forecast("m", 30)
+    observed = max(demand.rate_rps, demand.long_rate_rps)
+    if expected_cap is None:
+        assert demand.forecast_rps == pytest.approx(raw)
+    else:
+        assert raw > expected_cap * observed
+        assert demand.forecast_rps == pytest.approx(expected_cap * observed)
