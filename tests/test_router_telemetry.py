@@ -8,21 +8,20 @@ with prometheus_client's parser.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from loop_thread import LoopThread
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -41,28 +40,9 @@ from router.main import add_arguments, config_from_args
 from router.metrics import UNKNOWN_MODEL
 from router.server import RouterServer, start_router
 
-T = TypeVar("T")
 BUDGET = 2 * 1024**3  # triton-0 only: triton-1's budget stays unknown
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
-
-
-class LoopThread:
-    """A uvloop event loop on its own thread; `run` executes a coroutine there and waits."""
-
-    def __init__(self) -> None:
-        import uvloop
-
-        self.loop = uvloop.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
 
 
 @dataclass

@@ -16,12 +16,11 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -29,6 +28,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loop_thread import LoopThread
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
@@ -46,29 +46,10 @@ from sidecar.upstream import Upstream, UpstreamPool
 
 MODELS = ("codegen", "codegen_stream", "echo")
 MAX_MESSAGE = 4 * 1024 * 1024
-T = TypeVar("T")
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 # -- plumbing: one event loop thread for the servers, a small router --
-
-
-class LoopThread:
-    """A uvloop event loop on its own thread; `run` executes a coroutine there and waits."""
-
-    def __init__(self) -> None:
-        import uvloop
-
-        self.loop = uvloop.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
 
 
 def table(model: str, *candidates: tuple[str, Sequence[str], float]) -> router_pb2.RouteTable:
