@@ -172,11 +172,11 @@ class InferenceProxy:
     # -- choosing a version and an instance ----------------------------------------------------
 
     def _apply_version_policy(
-        self, name: str, request: bytes, context: Context
+        self, name: str, request: bytes, metadata: Sequence[tuple[str, Any]] | None
     ) -> tuple[str, bytes]:
         """For an unpinned request: the version the policy gives it, and the request bytes
         pinned to it (unchanged when the policy says nothing)."""
-        version = self._policy_version(name, context.invocation_metadata())
+        version = self._policy_version(name, metadata)
         return version, with_model_version(request, version) if version else request
 
     def _policy_version(self, name: str, metadata: Sequence[tuple[str, Any]] | None) -> str:
@@ -300,20 +300,18 @@ class InferenceProxy:
         # The hot path: one peek, one dict lookup, one pick, one upstream await, and the
         # metrics of one pre-resolved series. With tracing off, `span` is None throughout.
         started = perf_counter()
-        span = (
-            None
-            if self._tracer is None
-            else self._tracer.server_span("ModelInfer", context.invocation_metadata())
-        )
+        metadata = context.invocation_metadata()
+        span = None if self._tracer is None else self._tracer.server_span("ModelInfer", metadata)
         series: RequestSeries | None = None
         name = version = ""
         code, message = _OK, ""
         try:
             name, version = peek_model(request)
             if not version and self._picker is None:
-                version, request = self._apply_version_policy(name, request, context)
+                version, request = self._apply_version_policy(name, request, metadata)
             series = self._metrics.series(name, version, INFER)
-            return await self._infer(name, version, series, request, context, span)
+            md = forward_metadata(metadata)
+            return await self._infer(name, version, series, request, md, context, span)
         except asyncio.CancelledError:
             code = _CANCELLED
             raise
@@ -331,10 +329,10 @@ class InferenceProxy:
         version: str,
         series: RequestSeries,
         request: bytes,
+        md: Metadata,
         context: Context,
         span: Span | None,
     ) -> bytes:
-        md = forward_metadata(context.invocation_metadata())
         targets: list[Upstream] | None = None
         if self._picker is None:
             # Route tables list only instances with the model ready (static routes are
@@ -428,10 +426,9 @@ class InferenceProxy:
 
         Counted as one request (its duration the stream's) and one upstream attempt."""
         started = perf_counter()
+        metadata = context.invocation_metadata()
         span = (
-            None
-            if self._tracer is None
-            else self._tracer.server_span("ModelStreamInfer", context.invocation_metadata())
+            None if self._tracer is None else self._tracer.server_span("ModelStreamInfer", metadata)
         )
         client: Span | None = None
         series: RequestSeries | None = None
@@ -448,9 +445,9 @@ class InferenceProxy:
             name, version = peek_model(first)
             if not version and self._picker is None:
                 # Only the first message: a stream is bound to what its first message chose.
-                version, first = self._apply_version_policy(name, first, context)
+                version, first = self._apply_version_policy(name, first, metadata)
             series = self._metrics.series(name, version, STREAM)
-            md = forward_metadata(context.invocation_metadata())
+            md = forward_metadata(metadata)
             timeout = _remaining(context)
             if self._picker is None:
                 chosen, hit = await self._table_pick(name, version, md, context)
