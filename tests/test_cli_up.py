@@ -14,7 +14,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tritonclient.grpc as grpcclient
@@ -36,28 +38,55 @@ def _port_open(address: str) -> bool:
         return sock.connect_ex((host, int(port))) == 0
 
 
-def test_up_serves_reports_deaths_and_stops_everything(tmp_path: Path) -> None:
+@dataclass
+class UpRun:
+    """A `pointsman up` run: its process, ready file and, once it has exited, its output."""
+
+    process: subprocess.Popen[str]
+    ready_file: Path
+    ready: dict[str, Any] = field(default_factory=dict)
+    out: str = ""
+    err: str = ""
+
+
+@contextmanager
+def _up(tmp_path: Path, *flags: str) -> Iterator[UpRun]:
+    """A running `pointsman up` with two instances and its ready file; SIGTERM on exit, which
+    must end it with code 0."""
     ready_file = tmp_path / "ready.json"
-    up = subprocess.Popen(
-        [
-            sys.executable, "-m", "pointsman", "up",
-            "--instances", "2",
-            "--placement", "0=codegen;1=codegen,codegen_stream",
-            "--sidecar-port", "0", "--router-port", "0",
-            "--run-dir", str(tmp_path / "run"),
-            "--ready-file", str(ready_file),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    run = UpRun(
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "pointsman", "up",
+                "--instances", "2",
+                "--sidecar-port", "0", "--router-port", "0",
+                "--run-dir", str(tmp_path / "run"),
+                "--ready-file", str(ready_file),
+                *flags,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        ready_file,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not ready_file.exists():
-            assert up.poll() is None, up.communicate()
+            assert run.process.poll() is None, run.process.communicate()
             assert time.monotonic() < deadline, "fleet never became ready"
             time.sleep(0.2)
-        ready = json.loads(ready_file.read_text())
+        run.ready = json.loads(ready_file.read_text())
+        yield run
+    finally:
+        run.process.send_signal(signal.SIGTERM)
+        run.out, run.err = run.process.communicate(timeout=60)
+    assert run.process.returncode == 0, run.err
+
+
+def test_up_serves_reports_deaths_and_stops_everything(tmp_path: Path) -> None:
+    with _up(tmp_path, "--placement", "0=codegen;1=codegen,codegen_stream") as run:
+        up, ready, ready_file = run.process, run.ready, run.ready_file
         assert set(ready) >= {
             "sidecar",
             "router",
@@ -94,45 +123,11 @@ def test_up_serves_reports_deaths_and_stops_everything(tmp_path: Path) -> None:
         time.sleep(1.5)
         assert up.poll() is None
         assert _port_open(ready["sidecar"])
-    finally:
-        up.send_signal(signal.SIGTERM)
-        out, err = up.communicate(timeout=60)
-    assert up.returncode == 0, err
-    assert ready["sidecar_metrics_url"] in out and ready["router_metrics_url"] in out
-    assert "triton-0" in err and "exited with code" in err
+    assert ready["sidecar_metrics_url"] in run.out and ready["router_metrics_url"] in run.out
+    assert "triton-0" in run.err and "exited with code" in run.err
     for address in addresses:
         assert not _port_open(address), f"{address} still listening after SIGTERM"
     assert not ready_file.exists()
-
-
-@contextmanager
-def _up(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, object]]]:
-    """A running `pointsman up` with two instances and its ready file; SIGTERM on exit."""
-    ready_file = tmp_path / "ready.json"
-    up = subprocess.Popen(
-        [
-            sys.executable, "-m", "pointsman", "up",
-            "--instances", "2",
-            "--sidecar-port", "0", "--router-port", "0",
-            "--run-dir", str(tmp_path / "run"),
-            "--ready-file", str(ready_file),
-            *flags,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not ready_file.exists():
-            assert up.poll() is None, up.communicate()
-            assert time.monotonic() < deadline, "fleet never became ready"
-            time.sleep(0.2)
-        yield up, json.loads(ready_file.read_text())
-    finally:
-        up.send_signal(signal.SIGTERM)
-        up.communicate(timeout=60)
-    assert up.returncode == 0
 
 
 def test_up_traces_one_request_from_client_through_sidecar_and_router_into_triton(
@@ -141,7 +136,8 @@ def test_up_traces_one_request_from_client_through_sidecar_and_router_into_trito
     receiver = OtlpReceiver().start()
     try:
         flags = ("--trace-otlp-endpoint", receiver.endpoint, "--sidecar-pick-mode", "per-request")
-        with _up(tmp_path, *flags) as (_up_process, ready):
+        with _up(tmp_path, *flags) as run:
+            ready = run.ready
             assert ready["trace_otlp_endpoint"] == receiver.endpoint
             trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
             with grpcclient.InferenceServerClient(str(ready["sidecar"])) as client:
