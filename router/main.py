@@ -16,7 +16,7 @@ from typing import Any
 from pointsman.errors import ConfigError
 from pointsman.telemetry import Tracing, setup_tracing
 from router.config import RouterConfig, load_router_config, parse_router_config
-from router.policy import load_policy
+from router.policy import PolicyStore
 
 __all__ = ["add_arguments", "config_from_args", "run"]
 
@@ -88,13 +88,15 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return parse_router_config(data)
 
 
-async def _serve(config: RouterConfig, grace_s: float, tracing: Tracing) -> None:
+async def _serve(
+    config: RouterConfig, grace_s: float, tracing: Tracing, policy: PolicyStore
+) -> None:
     from prometheus_client import REGISTRY
 
     from router.server import start_router
 
     # The process-wide registry: it also carries the process_* and python_* collectors.
-    router = await start_router(config, registry=REGISTRY, tracing=tracing)
+    router = await start_router(config, registry=REGISTRY, tracing=tracing, policy_store=policy)
     print(f"pointsman router listening on 127.0.0.1:{router.port}", flush=True)
     if router.metrics_port is not None:
         host = config.metrics_listen.rpartition(":")[0]
@@ -117,20 +119,17 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pointsman router: {exc}")
         return 2
-    if config.policy_file is not None:
-        try:  # refuse a bad policy before starting anything
-            load_policy(config.policy_file)
-        except ConfigError as exc:
-            where = (
-                "" if str(exc).startswith(str(config.policy_file)) else f"{config.policy_file}: "
-            )
-            print(f"pointsman router: policy {where}{exc}")
-            tracing.shutdown()
-            return 2
+    try:  # refuse a bad policy before starting anything; the router then serves this store
+        policy = PolicyStore(config.policy_file)
+    except ConfigError as exc:
+        where = "" if str(exc).startswith(str(config.policy_file)) else f"{config.policy_file}: "
+        print(f"pointsman router: policy {where}{exc}")
+        tracing.shutdown()
+        return 2
     import uvloop
 
     try:
-        uvloop.run(_serve(config, args.grace, tracing))
+        uvloop.run(_serve(config, args.grace, tracing, policy))
     finally:
         tracing.shutdown()
     return 0
