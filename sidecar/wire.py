@@ -21,7 +21,14 @@ from typing import NamedTuple
 
 from pointsman.errors import InvalidRequestError
 
-__all__ = ["RequestHead", "peek_model", "peek_request", "with_model_version"]
+__all__ = [
+    "RequestHead",
+    "peek_model",
+    "peek_request",
+    "with_model_version",
+    "with_uint64_parameter",
+    "with_int64_parameter",
+]
 
 _MAX_FIELD_NUMBER = (1 << 29) - 1
 # Field numbers of the strings we read; their wire type must be LEN.
@@ -185,3 +192,44 @@ def with_model_version(data: bytes, version: str) -> bytes:
         length >>= 7
     prefix.append(length)
     return data + bytes(prefix) + encoded
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _len_field(field_number: int, payload: bytes) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+# ModelInferRequest.parameters is field 4, a map<string, InferParameter>; a map entry is a
+# message with the key as field 1 and the value as field 2. In InferParameter, int64_param is
+# field 2 and uint64_param field 5 (both varints).
+_PARAMETERS = 4
+_INT64_PARAM, _UINT64_PARAM = 2, 5
+
+
+def _with_parameter(data: bytes, key: str, param_field: int, value: int) -> bytes:
+    parameter = _varint(param_field << 3) + _varint(value & 0xFFFFFFFFFFFFFFFF)
+    entry = _len_field(1, key.encode()) + _len_field(2, parameter)
+    return data + _len_field(_PARAMETERS, entry)
+
+
+def with_uint64_parameter(data: bytes, key: str, value: int) -> bytes:
+    """`data` with `parameters[key].uint64_param = value`, without parsing: a map entry is
+    appended, and for a repeated map key protobuf parsers keep the last. Triton reads the
+    request's "priority" this way."""
+    if value < 0:
+        raise ValueError(f"uint64 parameter {key!r} must be >= 0, got {value}")
+    return _with_parameter(data, key, _UINT64_PARAM, value)
+
+
+def with_int64_parameter(data: bytes, key: str, value: int) -> bytes:
+    """`data` with `parameters[key].int64_param = value` (see `with_uint64_parameter`);
+    Triton reads the request's queue "timeout" (microseconds) this way."""
+    return _with_parameter(data, key, _INT64_PARAM, value)

@@ -9,7 +9,14 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 
 from pointsman.errors import InvalidRequestError
-from sidecar.wire import RequestHead, peek_model, peek_request, with_model_version
+from sidecar.wire import (
+    RequestHead,
+    peek_model,
+    peek_request,
+    with_int64_parameter,
+    with_model_version,
+    with_uint64_parameter,
+)
 
 
 def _varint(value: int) -> bytes:
@@ -280,3 +287,36 @@ def test_with_model_version_sets_the_version_protobuf_reads(
     assert (parsed.model_name, parsed.model_version, parsed.id) == ("codegen", version_after, "r1")
     assert parsed.raw_input_contents == request.raw_input_contents
     assert peek_model(data) == ("codegen", version_after)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "already"),
+    [
+        ("priority", 1, None),
+        ("priority", 2, 9),  # the appended entry overrides one the caller set
+        ("priority", 2**64 - 1, None),
+        ("timeout", 0, None),
+        ("timeout", 30_000_000, 5),
+    ],
+)
+def test_parameters_appended_are_what_protobuf_reads(
+    key: str, value: int, already: int | None
+) -> None:
+    request = pb.ModelInferRequest(model_name="codegen", id="req-1")
+    request.inputs.add(name="INPUT0", datatype="INT32", shape=[1])
+    if already is not None:
+        request.parameters[key].uint64_param = already
+    data = request.SerializeToString()
+    if key == "priority":
+        out = pb.ModelInferRequest.FromString(with_uint64_parameter(data, key, value))
+        assert out.parameters[key].uint64_param == value
+    else:
+        out = pb.ModelInferRequest.FromString(with_int64_parameter(data, key, value))
+        assert out.parameters[key].int64_param == value
+    assert (out.model_name, out.id, len(out.inputs)) == ("codegen", "req-1", 1)
+    assert peek_model(with_int64_parameter(data, "timeout", 1)) == ("codegen", "")
+
+
+def test_negative_uint64_parameter_is_refused() -> None:
+    with pytest.raises(ValueError, match="priority"):
+        with_uint64_parameter(b"", "priority", -1)
