@@ -25,9 +25,9 @@ __all__ = [
     "RequestHead",
     "peek_model",
     "peek_request",
+    "with_int64_parameter",
     "with_model_version",
     "with_uint64_parameter",
-    "with_int64_parameter",
 ]
 
 _MAX_FIELD_NUMBER = (1 << 29) - 1
