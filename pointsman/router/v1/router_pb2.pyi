@@ -79,18 +79,38 @@ class WatchRoutesRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., model_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchRoutesResponse(_message.Message):
-    __slots__ = ("full_snapshot", "tables", "removed_models", "generation", "router_id")
+    __slots__ = ("full_snapshot", "tables", "removed_models", "generation", "router_id", "priority_policy")
     FULL_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     REMOVED_MODELS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_POLICY_FIELD_NUMBER: _ClassVar[int]
     full_snapshot: bool
     tables: _containers.RepeatedCompositeFieldContainer[RouteTable]
     removed_models: _containers.RepeatedScalarFieldContainer[str]
     generation: int
     router_id: str
-    def __init__(self, full_snapshot: _Optional[bool] = ..., tables: _Optional[_Iterable[_Union[RouteTable, _Mapping]]] = ..., removed_models: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ..., router_id: _Optional[str] = ...) -> None: ...
+    priority_policy: PriorityPolicy
+    def __init__(self, full_snapshot: _Optional[bool] = ..., tables: _Optional[_Iterable[_Union[RouteTable, _Mapping]]] = ..., removed_models: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ..., router_id: _Optional[str] = ..., priority_policy: _Optional[_Union[PriorityPolicy, _Mapping]] = ...) -> None: ...
+
+class PriorityPolicy(_message.Message):
+    __slots__ = ("classes", "default_class")
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CLASS_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedCompositeFieldContainer[PriorityClass]
+    default_class: str
+    def __init__(self, classes: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_class: _Optional[str] = ...) -> None: ...
+
+class PriorityClass(_message.Message):
+    __slots__ = ("name", "triton_priority", "sheddable")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TRITON_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SHEDDABLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    triton_priority: int
+    sheddable: bool
+    def __init__(self, name: _Optional[str] = ..., triton_priority: _Optional[int] = ..., sheddable: _Optional[bool] = ...) -> None: ...
 
 class RouteTable(_message.Message):
     __slots__ = ("model_name", "candidates", "ttl_ms", "generation", "default_version", "version_policy")
