@@ -8,6 +8,8 @@
      ├── OverloadedError           RESOURCE_EXHAUSTED too much in flight; retry later
      ├── NotSupportedError         UNIMPLEMENTED      an RPC the sidecar deliberately refuses
      ├── ManagedByRouterError      FAILED_PRECONDITION placement is the router's job
+     ├── UnauthenticatedError      UNAUTHENTICATED    an admin RPC without a valid token
+     ├── PermissionDeniedError     PERMISSION_DENIED  an admin RPC from a caller not allowed
      └── ConfigError               INVALID_ARGUMENT   a config or policy file that does not validate
 
 Upstream (Triton) errors are not wrapped: their status code and message pass through as they are.
@@ -28,7 +30,9 @@ __all__ = [
     "NoReadyInstanceError",
     "NotSupportedError",
     "OverloadedError",
+    "PermissionDeniedError",
     "PointsmanError",
+    "UnauthenticatedError",
     "abort",
     "status_of",
 ]
@@ -80,6 +84,18 @@ class NotSupportedError(PointsmanError):
 
 class ManagedByRouterError(PointsmanError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnauthenticatedError(PointsmanError):
+    """An admin RPC that brings no credentials, or a token that does not match."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(PointsmanError):
+    """An admin RPC from a known caller (or a remote one) that is not allowed."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class ConfigError(PointsmanError):

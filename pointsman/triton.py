@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pointsman.processes import ManagedProcess, ProcessSpec, free_port
+from pointsman.tls import TlsConfig, channel_options
 
 __all__ = [
     "TritonInstallation",
@@ -107,6 +108,9 @@ class TritonSpec:
     host: str = "127.0.0.1"
     log_path: Path | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    # Serve gRPC over TLS: cert_file/key_file are the server's, ca_file verifies client certs
+    # and require_client_cert turns on mutual TLS. None: plaintext.
+    tls: TlsConfig | None = None
 
     @classmethod
     def on_free_ports(cls, instance_id: str, **kwargs: object) -> TritonSpec:
@@ -140,7 +144,22 @@ class TritonSpec:
             "--metrics-interval-ms=250",
         ]
         args += [f"--load-model={name}" for name in self.load_models]
-        return args + list(self.extra_args)
+        return args + _tls_args(self.tls) + list(self.extra_args)
+
+
+def _tls_args(tls: TlsConfig | None) -> list[str]:
+    if tls is None or not tls.enabled:
+        return []
+    args = [
+        "--grpc-use-ssl=true",
+        f"--grpc-server-cert={tls.cert_file}",
+        f"--grpc-server-key={tls.key_file}",
+    ]
+    if tls.ca_file:
+        args.append(f"--grpc-root-cert={tls.ca_file}")
+    if tls.require_client_cert:
+        args.append("--grpc-use-ssl-mutual=true")
+    return args
 
 
 def triton_process(spec: TritonSpec, installation: TritonInstallation) -> ManagedProcess:
@@ -161,9 +180,11 @@ def wait_until_ready(
     process: ManagedProcess | None = None,
     *,
     server_ready: bool = False,
+    tls: TlsConfig | None = None,
 ) -> None:
     """Blocks until the server at `address` is live (ready, with `server_ready`) and every
     model in `models` is ready. Works for Triton and for the sidecar, which speaks its API.
+    `tls` (the calling side: CA, and client cert for mutual TLS) when it serves TLS.
 
     Raises TimeoutError, or RuntimeError if `process` exits first.
     """
@@ -171,7 +192,18 @@ def wait_until_ready(
     from tritonclient.utils import InferenceServerException
 
     deadline = time.monotonic() + timeout_s
-    client = grpcclient.InferenceServerClient(address)
+    if tls is not None and tls.enabled:
+        client = grpcclient.InferenceServerClient(
+            address,
+            ssl=True,
+            root_certificates=tls.ca_file or None,
+            private_key=tls.key_file or None,
+            certificate_chain=tls.cert_file or None,
+            # None keeps the client's default channel options.
+            channel_args=list(channel_options(tls)) or None,
+        )
+    else:
+        client = grpcclient.InferenceServerClient(address)
     server_up = client.is_server_ready if server_ready else client.is_server_live
     try:
         while True:
