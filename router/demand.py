@@ -29,11 +29,39 @@ from dataclasses import dataclass, field
 
 from pointsman.clock import Clock
 
-__all__ = ["DemandSnapshot", "DemandTracker", "ModelDemand"]
+__all__ = ["DemandSnapshot", "DemandTracker", "DemandWindows", "ModelDemand"]
 
 
 # How far above the observed rate a forecast may size copies.
 FORECAST_CAP = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class DemandWindows:
+    """How demand is measured: bucket length, memory, the windows rates are taken over, and
+    how far ahead the forecast looks. The policy file's `demand:` section sets them; the
+    defaults suit production traffic (minutes), tests and demos shrink them to seconds."""
+
+    bucket_s: float = 1.0
+    # How much history the tracker keeps; every window must fit in it.
+    span_s: float = 300.0
+    short_window_s: float = 60.0
+    long_window_s: float = 300.0
+    # The trend behind the forecast is fitted over this window.
+    fit_window_s: float = 60.0
+    horizon_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.bucket_s) and self.bucket_s > 0):
+            raise ValueError("bucket_s must be finite and > 0")
+        if not (math.isfinite(self.span_s) and self.span_s >= 2 * self.bucket_s):
+            raise ValueError("span_s must be finite and at least two buckets")
+        for name in ("short_window_s", "long_window_s", "fit_window_s"):
+            window = getattr(self, name)
+            if not (math.isfinite(window) and 0 < window <= self.span_s):
+                raise ValueError(f"{name} must be in (0, span_s={self.span_s:g}], got {window}")
+        if not (math.isfinite(self.horizon_s) and self.horizon_s >= 0):
+            raise ValueError("horizon_s must be finite and >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,12 +152,26 @@ class DemandTracker:
         short_window_s: float = 60.0,
         long_window_s: float = 300.0,
         fit_window_s: float = 60.0,
+        horizon_s: float = 30.0,
+    ) -> None:
+        self._clock = clock
+        self._started_at = clock()
+        self._series: dict[str, dict[str, _Series]] = {}
+        self._configure(bucket_s, span_s, short_window_s, long_window_s, fit_window_s)
+        self._horizon_s = DemandWindows(horizon_s=horizon_s).horizon_s  # validated there
+
+    def _configure(
+        self,
+        bucket_s: float,
+        span_s: float,
+        short_window_s: float,
+        long_window_s: float,
+        fit_window_s: float,
     ) -> None:
         if not (math.isfinite(bucket_s) and bucket_s > 0):
             raise ValueError("bucket_s must be finite and > 0")
         if not (math.isfinite(span_s) and span_s >= 2 * bucket_s):
             raise ValueError("span_s must be finite and at least two buckets")
-        self._clock = clock
         self._bucket_s = bucket_s
         self._slots = math.ceil(span_s / bucket_s - 1e-9)
         self._span_s = self._slots * bucket_s
@@ -142,9 +184,61 @@ class DemandTracker:
         self._short_window_s = short_window_s
         self._long_window_s = long_window_s
         self._fit_window_s = fit_window_s
-        self._started_at = clock()
-        self._series: dict[str, dict[str, _Series]] = {}
-        self._pruned_at_bucket = self._bucket(self._started_at)
+        self._pruned_at_bucket = self._bucket(self._clock())
+
+    @classmethod
+    def with_windows(cls, clock: Clock, windows: DemandWindows) -> DemandTracker:
+        return cls(
+            clock,
+            bucket_s=windows.bucket_s,
+            span_s=windows.span_s,
+            short_window_s=windows.short_window_s,
+            long_window_s=windows.long_window_s,
+            fit_window_s=windows.fit_window_s,
+            horizon_s=windows.horizon_s,
+        )
+
+    def reconfigure(self, windows: DemandWindows) -> bool:
+        """Measures with `windows` from now on (a policy reload); True if anything changed.
+
+        The history is kept: with the same bucket length and span the rings stay as they
+        are, otherwise each old bucket's count is re-recorded at its midpoint in new rings.
+        """
+        if windows == self.windows:
+            return False
+        self._horizon_s = windows.horizon_s
+        old_series, old_bucket_s, old_slots = self._series, self._bucket_s, self._slots
+        self._configure(
+            windows.bucket_s,
+            windows.span_s,
+            windows.short_window_s,
+            windows.long_window_s,
+            windows.fit_window_s,
+        )
+        if self._bucket_s == old_bucket_s and self._slots == old_slots:
+            return True
+        self._series = {}
+        for model, versions in old_series.items():
+            for version, series in versions.items():
+                for bucket, count in zip(series.buckets, series.counts, strict=True):
+                    if bucket >= 0 and count > 0:
+                        self.record(model, version, count, at=(bucket + 0.5) * old_bucket_s)
+                kept = self._series.get(model, {}).get(version)
+                if kept is not None:
+                    kept.last_seen = series.last_seen  # exact, not its bucket's midpoint
+        return True
+
+    @property
+    def windows(self) -> DemandWindows:
+        """The windows measured with, and the snapshot's default forecast horizon."""
+        return DemandWindows(
+            bucket_s=self._bucket_s,
+            span_s=self._span_s,
+            short_window_s=self._short_window_s,
+            long_window_s=self._long_window_s,
+            fit_window_s=self._fit_window_s,
+            horizon_s=self._horizon_s,
+        )
 
     # --- feeding ---------------------------------------------------------------------------
 
@@ -228,8 +322,11 @@ class DemandTracker:
             if any(s.last_seen >= cutoff for s in versions.values())
         )
 
-    def snapshot(self, horizon_s: float = 30.0) -> DemandSnapshot:
-        """Every tracked model's rates, forecast `horizon_s` ahead and last request, frozen."""
+    def snapshot(self, horizon_s: float | None = None) -> DemandSnapshot:
+        """Every tracked model's rates, forecast `horizon_s` ahead (default: the windows'
+        horizon) and last request, frozen."""
+        if horizon_s is None:
+            horizon_s = self._horizon_s
         now = self._clock()
         self._prune(now)
         models: dict[str, ModelDemand] = {}

@@ -21,6 +21,13 @@ Typed and frozen, parsed and validated once. A file looks like (see examples/pol
           sticky_header: x-user-id         # the hash of this header's value picks the arm
           header_rules:
             - {header: x-canary, value: "1", version: "2"}
+    demand:                                # how demand is measured (router.demand.DemandWindows)
+      bucket_s: 1.0
+      span_s: 300                          # history kept; every window must fit in it
+      short_window_s: 60                   # the rate copies are sized for
+      long_window_s: 300
+      fit_window_s: 60                     # the trend behind the forecast
+      horizon_s: 30                        # how far ahead the forecast looks
     priority_classes:                      # name -> Triton priority level (1 = highest)
       high: {triton_priority: 1}
       low: {triton_priority: 2, sheddable: true}
@@ -60,6 +67,7 @@ import yaml
 from pointsman.clock import Clock
 from pointsman.errors import ConfigError
 from pointsman.versions import HeaderRule, VersionRules, select_version
+from router.demand import DemandWindows
 from router.placement import ModelSpec, PlacementPolicy
 from router.plugins.registry import DEFAULT_PROFILE_DATA, build_profile, default_registry
 from router.scheduling import SchedulingProfile
@@ -138,6 +146,7 @@ class Policy:
     models: Mapping[str, ModelPolicy]
     priority_classes: Mapping[str, PriorityClass]
     default_priority_class: str
+    demand: DemandWindows
     # Short content hash of the normalised data.
     version: str
     # The file it came from, or DEFAULT_SOURCE.
@@ -230,6 +239,7 @@ def parse_policy(data: Any, *, source: str = "<data>", yaml_text: str | None = N
     }
     placement, placement_data = _placement(top.get("placement"))
     models = _models(top.get("models"))
+    demand = _demand(top.get("demand"))
     priority_classes = _priority_classes(top.get("priority_classes"))
     default_class = top.get("default_priority_class", _DEFAULT_PRIORITY_CLASS)
     if not isinstance(default_class, str) or not default_class:
@@ -250,6 +260,7 @@ def parse_policy(data: Any, *, source: str = "<data>", yaml_text: str | None = N
             for name, pc in sorted(priority_classes.items())
         },
         "default_priority_class": default_class,
+        "demand": dataclasses.asdict(demand),
     }
     policy = Policy(
         scheduling_data=_freeze(scheduling),
@@ -262,6 +273,7 @@ def parse_policy(data: Any, *, source: str = "<data>", yaml_text: str | None = N
         models=MappingProxyType(dict(models)),
         priority_classes=MappingProxyType(dict(priority_classes)),
         default_priority_class=default_class,
+        demand=demand,
         version=_content_hash(normalised),
         source=source,
         yaml_text="",
@@ -271,7 +283,14 @@ def parse_policy(data: Any, *, source: str = "<data>", yaml_text: str | None = N
     return dataclasses.replace(policy, yaml_text=text)
 
 
-_TOP_LEVEL = ("scheduling", "placement", "models", "priority_classes", "default_priority_class")
+_TOP_LEVEL = (
+    "scheduling",
+    "placement",
+    "models",
+    "demand",
+    "priority_classes",
+    "default_priority_class",
+)
 _PLACEMENT_EXTRA: Final[Mapping[str, Any]] = {
     "interval_s": _DEFAULT_INTERVAL_S,
     "enabled": True,
@@ -331,6 +350,32 @@ def _placement(raw: Any) -> tuple[PlacementPolicy, dict[str, Any]]:
         ),
     }
     return placement, {**values, **extra}
+
+
+def _demand(raw: Any) -> DemandWindows:
+    at = "demand"
+    section = {} if raw is None else _mapping(raw, at)
+    defaults = DemandWindows()
+    names = tuple(f.name for f in dataclasses.fields(DemandWindows))
+    _reject_unknown(section, names, at)
+    values = {
+        # A zero horizon forecasts the rate of now; every other figure must be > 0.
+        name: _number(section.get(name, getattr(defaults, name)), f"{at}.{name}", minimum=0.0)
+        if name == "horizon_s"
+        else _number(section.get(name, getattr(defaults, name)), f"{at}.{name}", above=0.0)
+        for name in names
+    }
+    for name in ("short_window_s", "long_window_s", "fit_window_s"):
+        if name not in section:  # a window left out is at most the span that was set
+            values[name] = min(values[name], values["span_s"])
+    if values["span_s"] < 2 * values["bucket_s"]:
+        raise ConfigError(f"{at}.span_s: must be at least two buckets, got {values['span_s']:g}")
+    for name in ("short_window_s", "long_window_s", "fit_window_s"):
+        if values[name] > values["span_s"]:
+            raise ConfigError(
+                f"{at}.{name}: must be <= span_s ({values['span_s']:g}), got {values[name]:g}"
+            )
+    return DemandWindows(**values)
 
 
 def _models(raw: Any) -> dict[str, ModelPolicy]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from router.demand import DemandSnapshot, DemandTracker, ModelDemand
+from router.demand import DemandSnapshot, DemandTracker, DemandWindows, ModelDemand
 
 
 class FakeClock:
@@ -283,3 +283,40 @@ def test_snapshot_caps_the_forecast_at_twice_the_observed_rate(
     else:
         assert raw > expected_cap * observed
         assert demand.forecast_rps == pytest.approx(expected_cap * observed)
+
+
+# --- reconfiguring (a policy reload) ---------------------------------------------------------
+
+
+def test_reconfigure_with_new_windows_keeps_the_history() -> None:
+    tracker, _ = tracker_with(lambda s: 10 if s >= 50 else 0, 60)
+    assert tracker.rate("m", 60.0) == pytest.approx(100 / 59)  # covers seconds 1..60
+    assert tracker.reconfigure(DemandWindows(short_window_s=10, fit_window_s=10, horizon_s=5))
+    assert not tracker.reconfigure(tracker.windows)  # the same again changes nothing
+    assert tracker.rate("m", 10.0) == pytest.approx(10.0)
+    snapshot = tracker.snapshot()
+    assert (snapshot.short_window_s, snapshot.horizon_s) == (10, 5)
+    assert snapshot.of("m").rate_rps == pytest.approx(10.0)
+
+
+def test_reconfigure_to_another_bucket_length_re_buckets_the_counts() -> None:
+    tracker, clock = tracker_with(lambda s: 4, 30)  # 4 rps for 30 s
+    assert tracker.reconfigure(
+        DemandWindows(bucket_s=0.5, span_s=60, short_window_s=20, long_window_s=60, fit_window_s=20)
+    )
+    assert tracker.windows.bucket_s == 0.5
+    assert tracker.series_count == 1
+    assert tracker.buckets_held == 120
+    # Counts kept, each in the half-second bucket holding its old bucket's midpoint.
+    assert tracker.rate("m", 20.0) == pytest.approx(4.0, rel=0.05)
+    assert tracker.last_seen("m") == 29.0
+    clock.now += 0.5
+    tracker.record("m", count=2)
+    assert tracker.rate("m", 0.5) == pytest.approx(4.0)
+
+
+def test_windows_are_validated() -> None:
+    with pytest.raises(ValueError, match="short_window_s"):
+        DemandWindows(span_s=30, short_window_s=60, long_window_s=30, fit_window_s=30)
+    with pytest.raises(ValueError, match="horizon_s"):
+        DemandWindows(horizon_s=-1)

@@ -30,6 +30,7 @@ from pointsman.versions import (
     rules_to_proto,
     select_version,
 )
+from router.demand import DemandWindows
 from router.placement import ModelSpec, PlacementPolicy
 from router.plugins.registry import DEFAULT_PROFILE_DATA
 from router.policy import (
@@ -84,6 +85,7 @@ FULL: dict[str, Any] = {
         "low": {"triton_priority": 2, "sheddable": True},
     },
     "default_priority_class": "low",
+    "demand": {"bucket_s": 0.5, "span_s": 120, "short_window_s": 10, "fit_window_s": 5},
 }
 
 
@@ -146,6 +148,10 @@ def test_full_policy_parses_into_frozen_typed_objects() -> None:
         "low": PriorityClass("low", 2, True),
     }
     assert policy.default_priority_class == "low"
+    # Windows left out keep their defaults, within the span they must fit.
+    assert policy.demand == DemandWindows(
+        bucket_s=0.5, span_s=120, short_window_s=10, long_window_s=120, fit_window_s=5
+    )
     assert policy.priority_class("high").triton_priority == 1
     assert policy.priority_class("").name == "low"
     assert policy.priority_class("nobody").name == "low"
@@ -465,6 +471,15 @@ INVALID: list[Any] = [
     pytest.param(
         _without(["default_priority_class"]), "default_priority_class", id="class-default-missing"
     ),
+    # demand windows
+    pytest.param(_with(["demand"], [1]), "demand", id="demand-not-map"),
+    pytest.param(_with(["demand", "bucket_s"], 0), "demand.bucket_s", id="bucket-zero"),
+    pytest.param(_with(["demand", "horizon_s"], -1), "demand.horizon_s", id="horizon-negative"),
+    pytest.param(
+        _with(["demand", "short_window_s"], 900), "demand.short_window_s", id="window>span"
+    ),
+    pytest.param(_with(["demand", "span_s"], 0.8), "demand.span_s", id="span-one-bucket"),
+    pytest.param(_with(["demand", "window_s"], 5), "demand.window_s", id="demand-unknown-key"),
 ]
 
 

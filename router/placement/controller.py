@@ -44,7 +44,7 @@ from opentelemetry import trace
 from pointsman.clock import Clock
 from router.contracts import FleetSnapshot, InstanceSnapshot, MemorySource, ModelOnInstance
 from router.datalayer.collector import GpuMemoryReading, RequestDelta
-from router.demand import DemandSnapshot, DemandTracker, ModelDemand
+from router.demand import DemandSnapshot, DemandTracker, DemandWindows, ModelDemand
 from router.metrics import RouterMetrics
 from router.placement.actions import Load, Unload
 from router.placement.control import ModelControl
@@ -159,6 +159,7 @@ class PlacementController:
         metrics: RouterMetrics | None = None,
         spec_for: SpecProvider | None = None,
         placement_policy: Callable[[], PlacementPolicy] | None = None,
+        demand_windows: Callable[[], DemandWindows] | None = None,
         on_routes_changed: Callable[[], None] = lambda: None,
         settings: ControllerSettings | None = None,
         executor_settings: ExecutorSettings | None = None,
@@ -176,6 +177,8 @@ class PlacementController:
         self._metrics = metrics
         self._spec_for = spec_for or self._default_spec
         self._placement_policy = placement_policy or PlacementPolicy
+        # None: the tracker keeps its windows and the settings' forecast horizon applies.
+        self._demand_windows = demand_windows
         self.executor = PlacementExecutor(
             control,
             book=book,
@@ -307,12 +310,19 @@ class PlacementController:
             now=now,
             instances=tuple(self._instance_state(inst, specs, now) for inst in snapshot.instances),
             specs=tuple(specs.values()),
-            demand=self.tracker.snapshot(self.settings.forecast_horizon_s),
+            demand=self._demand_snapshot(),
             requested_while_absent=frozenset(self._cold),
             backoffs=self.executor.backoffs(),
             in_progress=self.executor.in_progress(),
             policy=self._placement_policy(),
         )
+
+    def _demand_snapshot(self) -> DemandSnapshot:
+        if self._demand_windows is None:
+            return self.tracker.snapshot(self.settings.forecast_horizon_s)
+        # A policy reload may change the windows; the tracker keeps its history across.
+        self.tracker.reconfigure(self._demand_windows())
+        return self.tracker.snapshot()
 
     def footprint(self, model: str) -> int:
         """Bytes one copy takes: measured, else declared, else `unknown_footprint_bytes`."""
