@@ -137,6 +137,7 @@ async def start_router(
         metrics=metrics,
         spec_for=lambda model, footprint: policy.current.model_spec(model, footprint),
         placement_policy=lambda: policy.current.placement,
+        demand_windows=lambda: policy.current.demand,
         on_routes_changed=collector.changed.set,
         settings=ControllerSettings(stale_after_s=max(2.0, 5 * config.refresh_interval_s)),
         tracer=tracing.tracer if tracing is not None and tracing.enabled else None,
