@@ -27,6 +27,7 @@ from router.contracts import (
     SchedulingCycle,
     ScoredCandidate,
 )
+from router.first_view import FirstView
 from router.metrics import UNKNOWN_MODEL, RouterMetrics
 from router.placement.controller import PlacementController
 from router.policy import PolicyStore
@@ -126,6 +127,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self._policy = policy
         self._placement = placement
         self._snapshot = snapshot
+        # Until the fleet has been read once, routes are held and unknown models UNAVAILABLE.
+        self._first_view = FirstView(snapshot)
         self._assumed = assumed
         self._clock = clock
         self._rng = rng
@@ -218,6 +221,10 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             raise errors.InvalidRequestError("model_name is required")
         snapshot = snapshot or self._snapshot()
         if request.model_name not in snapshot.known_models:
+            if not self._first_view.seen:
+                raise errors.NoReadyInstanceError(
+                    request.model_name, request.model_version, "the router is still starting"
+                )
             raise errors.ModelNotFoundError(request.model_name)
         now = self._clock()
         started = self._metrics.timer()
@@ -312,6 +319,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self, request: pb.WatchRoutesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchRoutesResponse]:
         models = frozenset(request.model_names)
+        # A fresh router's first snapshot would name only the instances read so far.
+        await self._first_view.wait(self._stopping)
         queue = self._book.watch()
         try:
             while not self._stopping.is_set():

@@ -10,6 +10,7 @@ the field.
     max_message_bytes: 67108864
     static_routes:                     # used for a model the router has no table for
       echo: [10.0.0.5:8001, 10.0.0.6:8001]
+    fallback_instances: [10.0.0.5:8001]  # any model, until a router table has arrived
     cpus: [1]                          # pin the sidecar to CPU 1
     metrics_listen: 127.0.0.1:9101     # serve Prometheus metrics at /metrics
 """
@@ -55,6 +56,9 @@ class SidecarConfig:
     static_routes: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: types.MappingProxyType({})
     )
+    # Triton gRPC addresses for ANY model while no router table has arrived (fail-static: a
+    # sidecar that starts while every router is down still serves); unused once one has.
+    fallback_instances: tuple[str, ...] = ()
     # Name the router logs this watcher under.
     client_id: str = field(default_factory=_default_client_id)
     # Models to watch; empty watches every model.
@@ -118,6 +122,8 @@ class SidecarConfig:
                 )
             for address in addresses:
                 _check_address(f"static_routes.{model}", address)
+        for address in self.fallback_instances:
+            _check_address("fallback_instances", address)
         # A read-only view, so the frozen config cannot change behind the sidecar's back.
         object.__setattr__(
             self,
@@ -181,7 +187,7 @@ def _check_address(field_name: str, address: object, *, allow_port_zero: bool = 
         )
 
 
-_TUPLE_FIELDS = {"routers", "watch_models"}
+_TUPLE_FIELDS = {"routers", "watch_models", "fallback_instances"}
 
 
 def config_from_mapping(

@@ -42,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a router replica to watch routes from; repeat for several (tried in order)",
     )
     parser.add_argument(
+        "--fallback-instance",
+        metavar="HOST:PORT",
+        action="append",
+        dest="fallback_instances",
+        help="a Triton instance to route any model to while no router table has arrived "
+        "(fail-static start); repeat for several",
+    )
+    parser.add_argument(
         "--pick-mode",
         choices=PICK_MODES,
         help="table: pick from streamed route tables; per-request: ask the router each time",
@@ -86,6 +94,8 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
         overrides["listen"] = args.listen
     if getattr(args, "routers", None):
         overrides["routers"] = tuple(args.routers)
+    if getattr(args, "fallback_instances", None):
+        overrides["fallback_instances"] = tuple(args.fallback_instances)
     if getattr(args, "pick_mode", None):
         overrides["pick_mode"] = args.pick_mode
     if getattr(args, "metrics_listen", None):

@@ -6,9 +6,15 @@ no tables) while nothing changes. `RouterWatch` keeps that stream open across ro
 trying each router address in turn with jittered backoff, and feeds a `RouteCache`.
 
 The cache compiles each table once into a `Route`, so a request costs one dict lookup and a
-`pick`: no router round trip. When the router is away the cache keeps its last tables, marks
-them stale and goes on routing with them. Static routes from the config cover models the router
-has no table for.
+`pick`: no router round trip.
+
+Fail-static: when the route stream is down the cache keeps its last tables, marks them stale
+and goes on routing with them, but with the router's weights dropped (every candidate weight
+1), so picks balance by the sidecar's own in-flight counts alone: weights computed from a fleet
+view that is no longer refreshed would keep steering traffic by old queue depths. The weights
+come back with the next table from a router. Static routes from the config cover models the
+router has no table for; `fallback_instances` cover every model while no router table has
+arrived at all (a sidecar started while every router is down still serves).
 """
 
 from __future__ import annotations
@@ -25,10 +31,19 @@ import grpc
 from pointsman.errors import ModelNotFoundError, NoReadyInstanceError, PointsmanError
 from pointsman.router.v1 import router_pb2, router_pb2_grpc
 from pointsman.versions import VersionRules, rules_from_proto
+from sidecar.admission import NO_CLASSES, PriorityClasses, priority_classes_from_proto
 from sidecar.balancer import CandidateSet
 from sidecar.upstream import UpstreamPool
 
-__all__ = ["NoRouteTablesError", "Route", "RouteCache", "RouteSource", "RouterWatch"]
+__all__ = [
+    "NoRouteTablesError",
+    "Route",
+    "RouteCache",
+    "RouteSource",
+    "RouterWatch",
+    "compile_fallback",
+    "without_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +142,48 @@ def compile_static(model_name: str, addresses: Sequence[str], pool: UpstreamPool
     return Route(model_name, {"": candidates}, fallback=candidates, static=True)
 
 
+def compile_fallback(addresses: Sequence[str], pool: UpstreamPool) -> Route:
+    """The route of any model without a table: the config's fallback instances, any version."""
+    return compile_static("*", addresses, pool)
+
+
+def without_weights(route: Route) -> Route:
+    """`route` with every candidate weighted 1, for routing on stale tables: the pick then
+    balances by the sidecar's own in-flight counts alone."""
+
+    def flat(candidates: CandidateSet) -> CandidateSet:
+        return CandidateSet(candidates.upstreams, [1.0] * len(candidates))
+
+    return Route(
+        route.model_name,
+        {version: flat(c) for version, c in route.by_version.items()},
+        fallback=None if route.fallback is None else flat(route.fallback),
+        generation=route.generation,
+        default_version=route.default_version,
+        static=route.static,
+        version_rules=route.version_rules,
+    )
+
+
+class _FallbackRoutes(dict[str, Route]):
+    """A routes dict whose `get` answers the fallback route for a model it lacks.
+
+    Used only while fallback instances apply (no router table yet), so the hot path's plain
+    dict lookup is unchanged otherwise. `in` is not overridden: metrics keep unknown names
+    under their bounded `_unknown` label.
+    """
+
+    __slots__ = ("fallback",)
+
+    def __init__(self, routes: Mapping[str, Route], fallback: Route) -> None:
+        super().__init__(routes)
+        self.fallback = fallback
+
+    def get(self, key: str, default: Route | None = None) -> Route | None:  # type: ignore[override]
+        route = dict.get(self, key)
+        return self.fallback if route is None else route
+
+
 class RouteCache:
     """The current routes, read on every request, replaced as the router's updates arrive.
 
@@ -139,6 +196,7 @@ class RouteCache:
         pool: UpstreamPool,
         *,
         static_routes: Mapping[str, Sequence[str]] | None = None,
+        fallback_instances: Sequence[str] = (),
         expects_router: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -149,7 +207,10 @@ class RouteCache:
             name: compile_static(name, addresses, pool)
             for name, addresses in (static_routes or {}).items()
         }
+        self._fallback = compile_fallback(fallback_instances, pool) if fallback_instances else None
         self._router: dict[str, Route] = {}
+        # The router's routes with weights dropped, made when the stream goes down.
+        self._router_unweighted: dict[str, Route] | None = None
         self._listeners: list[Callable[[], None]] = []
         # What requests read: router routes over static ones.
         self.routes: dict[str, Route] = dict(self._static)
@@ -159,6 +220,8 @@ class RouteCache:
         self.generation = 0
         self.router_id = ""
         self.last_message_at: float | None = None
+        # The policy's priority classes, as the router last sent them (kept while it is away).
+        self.priorities: PriorityClasses = NO_CLASSES
         self._created_at = clock()
         self._refresh()
 
@@ -211,6 +274,8 @@ class RouteCache:
             if self.router_id:
                 log.info("router changed from %s to %s", self.router_id, message.router_id)
             self.router_id = message.router_id
+        if message.HasField("priority_policy"):
+            self.priorities = priority_classes_from_proto(message.priority_policy)
         if not message.full_snapshot and not message.tables and not message.removed_models:
             return  # heartbeat
         routes = {} if message.full_snapshot else dict(self._router)
@@ -219,15 +284,26 @@ class RouteCache:
         for name in message.removed_models:
             routes.pop(name, None)
         self._router = routes
+        self._router_unweighted = None
         if message.full_snapshot:
             self.has_router_tables = True
         self._refresh()
+
+    @property
+    def using_fallback(self) -> bool:
+        """True while models without a route go to the config's fallback instances: they are
+        configured and no router table has arrived (or no router is configured)."""
+        return self._fallback is not None and not self.has_router_tables
 
     def set_connected(self, connected: bool) -> None:
         if connected != self.connected:
             self.connected = connected
             if not connected and self.has_router_tables:
-                log.warning("router stream down: routing with the last tables (stale)")
+                log.warning(
+                    "router stream down: routing with the last tables (stale), balanced by "
+                    "this sidecar's in-flight counts"
+                )
+            self._refresh()  # weights off while stale, back on with a live stream
 
     def replace_static(self, static_routes: Mapping[str, Sequence[str]]) -> None:
         self._static = {
@@ -237,9 +313,21 @@ class RouteCache:
         self._refresh()
 
     def _refresh(self) -> None:
-        self.routes = {**self._static, **self._router}
-        self._ready = any(route.has_candidates for route in self.routes.values())
-        self._addresses = frozenset(a for route in self.routes.values() for a in route.addresses())
+        router = self._router
+        if self.stale and router:
+            if self._router_unweighted is None:
+                self._router_unweighted = {n: without_weights(r) for n, r in router.items()}
+            router = self._router_unweighted
+        else:
+            self._router_unweighted = None
+        routes = {**self._static, **router}
+        if self._fallback is not None and self.using_fallback:
+            self.routes = _FallbackRoutes(routes, self._fallback)
+            routes[""] = self._fallback  # counted in readiness and the fleet's addresses
+        else:
+            self.routes = routes
+        self._ready = any(route.has_candidates for route in routes.values())
+        self._addresses = frozenset(a for route in routes.values() for a in route.addresses())
         self._pool.retain(self._addresses)
         for listener in self._listeners:
             listener()

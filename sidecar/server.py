@@ -153,7 +153,10 @@ async def start_sidecar(
             rng=random.Random(rng.getrandbits(64)),
         )
     cache = RouteCache(
-        pool, static_routes=config.static_routes, expects_router=route_source is not None
+        pool,
+        static_routes=config.static_routes,
+        fallback_instances=config.fallback_instances,
+        expects_router=route_source is not None,
     )
     picker = (
         RouterPicker(config.routers, timeout_s=config.pick_timeout_s)
