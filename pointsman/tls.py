@@ -22,6 +22,7 @@ ConfigError naming the field before anything listens.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,9 +36,13 @@ from pointsman.errors import ConfigError
 __all__ = [
     "TlsConfig",
     "add_port",
+    "add_tls_arguments",
     "aio_channel",
     "channel_options",
+    "check_calling",
+    "check_listening",
     "sync_channel",
+    "tls_from_args",
     "tls_from_mapping",
 ]
 
@@ -166,3 +171,60 @@ def tls_from_mapping(data: object, where: str) -> TlsConfig:
         key: str(value) if isinstance(value, Path) else value for key, value in data.items()
     }
     return TlsConfig(**values, where=where)
+
+
+def check_listening(tls: TlsConfig) -> None:
+    """A listening port's block: TLS needs our own cert; server_name has no meaning."""
+    if tls.enabled and not tls.cert_file:
+        raise ConfigError(f"{tls.where}.cert_file: a TLS server needs cert_file and key_file")
+    if tls.server_name:
+        raise ConfigError(f"{tls.where}.server_name: only for outgoing channels")
+
+
+def check_calling(tls: TlsConfig) -> None:
+    """An outgoing hop's block: require_client_cert is for servers only."""
+    if tls.require_client_cert:
+        raise ConfigError(f"{tls.where}.require_client_cert: only for a listening port")
+
+
+_FLAG_FIELDS = (
+    ("cert", "cert_file", "FILE", "PEM certificate chain we present"),
+    ("key", "key_file", "FILE", "PEM private key of that certificate"),
+    ("ca", "ca_file", "FILE", "PEM CA bundle that verifies the peer"),
+)
+
+
+def add_tls_arguments(
+    parser: argparse.ArgumentParser, prefix: str, hop: str, *, listening: bool
+) -> None:
+    """Flags --PREFIX-cert/-key/-ca, plus --PREFIX-require-client-cert on a listening port
+    or --PREFIX-server-name on a channel; `hop` says which connection in the help text."""
+    group = parser.add_argument_group(f"TLS of {hop}")
+    for suffix, _, metavar, text in _FLAG_FIELDS:
+        group.add_argument(f"--{prefix}-{suffix}", metavar=metavar, help=text)
+    if listening:
+        group.add_argument(
+            f"--{prefix}-require-client-cert",
+            action="store_true",
+            default=None,
+            help="mutual TLS: refuse callers without a client certificate signed by the CA",
+        )
+    else:
+        group.add_argument(
+            f"--{prefix}-server-name",
+            metavar="NAME",
+            help="name the server's certificate must carry, if not the address's host",
+        )
+
+
+def tls_from_args(args: argparse.Namespace, prefix: str, base: TlsConfig) -> TlsConfig:
+    """`base` with the flags of `add_tls_arguments(prefix)` that were given on top."""
+    dest = prefix.replace("-", "_")
+    names = [(suffix, name) for suffix, name, _, _ in _FLAG_FIELDS]
+    names += [("require_client_cert", "require_client_cert"), ("server_name", "server_name")]
+    changes = {
+        name: getattr(args, f"{dest}_{suffix}")
+        for suffix, name in names
+        if getattr(args, f"{dest}_{suffix}", None) is not None
+    }
+    return dataclasses.replace(base, **changes) if changes else base

@@ -13,6 +13,8 @@ the field.
     fallback_instances: [10.0.0.5:8001]  # any model, until a router table has arrived
     cpus: [1]                          # pin the sidecar to CPU 1
     metrics_listen: 127.0.0.1:9101     # serve Prometheus metrics at /metrics
+    tls: {cert_file: s.pem, key_file: s.key, ca_file: ca.pem, require_client_cert: true}
+    router_tls: {ca_file: ca.pem}      # and triton_tls: TLS towards the router / Triton
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from pointsman.errors import ConfigError
+from pointsman.tls import TlsConfig, check_calling, check_listening, tls_from_mapping
 
 __all__ = ["PICK_MODES", "PickMode", "SidecarConfig", "config_from_mapping", "load_config"]
 
@@ -83,6 +86,13 @@ class SidecarConfig:
     retry_unavailable: bool = True
     # Seconds in-flight requests get to finish on shutdown.
     shutdown_grace_s: float = 5.0
+    # TLS (pointsman/tls.py) of the listening port (cert_file + key_file; with ca_file and
+    # require_client_cert: mutual TLS), of the channels to the routers, and of the channels
+    # to Triton (ca_file verifies the server; cert_file + key_file present our identity).
+    # Empty: plaintext.
+    tls: TlsConfig = field(default_factory=lambda: TlsConfig(where="tls"))
+    router_tls: TlsConfig = field(default_factory=lambda: TlsConfig(where="router_tls"))
+    triton_tls: TlsConfig = field(default_factory=lambda: TlsConfig(where="triton_tls"))
     # CPUs to pin every thread of the sidecar to (Linux); empty leaves placement to the OS.
     # grpc.aio hands each request between several threads; on one CPU those hand-offs are
     # plain context switches instead of cross-CPU wake-ups, which on small VMs is worth
@@ -148,6 +158,9 @@ class SidecarConfig:
                 raise ConfigError(
                     f"sidecar config field {name!r}: expected a positive number, got {value!r}"
                 )
+        check_listening(self.tls)
+        check_calling(self.router_tls)
+        check_calling(self.triton_tls)
         if not _is_number(self.shutdown_grace_s) or self.shutdown_grace_s < 0:
             raise ConfigError(
                 "sidecar config field 'shutdown_grace_s': expected a number >= 0, "
@@ -187,6 +200,7 @@ def _check_address(field_name: str, address: object, *, allow_port_zero: bool = 
         )
 
 
+_TLS_FIELDS = {"tls", "router_tls", "triton_tls"}
 _TUPLE_FIELDS = {"routers", "watch_models", "fallback_instances"}
 
 
@@ -215,6 +229,8 @@ def config_from_mapping(
             value = tuple(value)
         elif key == "static_routes":
             value = _static_routes(value)
+        elif key in _TLS_FIELDS:
+            value = tls_from_mapping(value, f"sidecar config field {key}")
         elif key in ("listen", "client_id", "pick_mode", "metrics_listen") and not isinstance(
             value, str
         ):

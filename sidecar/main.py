@@ -18,6 +18,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from pointsman.errors import ConfigError
+from pointsman.tls import add_tls_arguments, tls_from_args
 from sidecar.config import PICK_MODES, SidecarConfig, config_from_mapping, load_config
 
 if TYPE_CHECKING:
@@ -84,6 +85,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="log level (default INFO)",
     )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight requests and streams may take to finish (default 5)",
+    )
+    add_tls_arguments(parser, "tls", "the listening port", listening=True)
+    add_tls_arguments(parser, "router-tls", "channels to the routers", listening=False)
+    add_tls_arguments(parser, "triton-tls", "channels to Triton", listening=False)
 
 
 def build_config(args: argparse.Namespace) -> SidecarConfig:
@@ -104,6 +114,10 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
         overrides["cold_start_wait_s"] = args.cold_start_wait
     if getattr(args, "max_message_bytes", None) is not None:
         overrides["max_message_bytes"] = args.max_message_bytes
+    if getattr(args, "shutdown_grace", None) is not None:
+        overrides["shutdown_grace_s"] = args.shutdown_grace
+    for prefix, key in (("tls", "tls"), ("router-tls", "router_tls"), ("triton-tls", "triton_tls")):
+        overrides[key] = tls_from_args(args, prefix, getattr(base, key))
     if getattr(args, "cpus", None):
         try:
             overrides["cpus"] = tuple(int(c) for c in args.cpus.split(",") if c.strip())

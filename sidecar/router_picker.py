@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import grpc
 
 from pointsman.router.v1 import router_pb2, router_pb2_grpc
+from pointsman.tls import TlsConfig, aio_channel
 
 __all__ = ["ROUTER_SERVICE", "RouterPicker", "RouterUnreachableError"]
 
@@ -33,12 +34,14 @@ class RouterPicker:
         *,
         timeout_s: float,
         channel_options: Sequence[tuple[str, object]] = (),
+        tls: TlsConfig | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("RouterPicker needs at least one router address")
         self._addresses = tuple(addresses)
         self._timeout = timeout_s
         self._options = tuple(channel_options)
+        self._tls = tls  # None or empty: plaintext
         self._stubs: dict[str, router_pb2_grpc.RouterServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._current = 0
@@ -46,7 +49,7 @@ class RouterPicker:
     def _stub(self, address: str) -> router_pb2_grpc.RouterServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = aio_channel(address, self._tls, self._options)
             self._channels.append(channel)
             stub = self._stubs[address] = router_pb2_grpc.RouterServiceStub(channel)  # type: ignore[no-untyped-call]
         return stub

@@ -30,6 +30,7 @@ import grpc
 
 from pointsman.errors import ModelNotFoundError, NoReadyInstanceError, PointsmanError
 from pointsman.router.v1 import router_pb2, router_pb2_grpc
+from pointsman.tls import TlsConfig, aio_channel
 from pointsman.versions import VersionRules, rules_from_proto
 from sidecar.admission import NO_CLASSES, PriorityClasses, priority_classes_from_proto
 from sidecar.balancer import CandidateSet
@@ -361,6 +362,7 @@ class RouterWatch:
         rng: random.Random | None = None,
         channel_options: Sequence[tuple[str, object]] = (),
         sleep: Callable[[float], object] = asyncio.sleep,
+        tls: TlsConfig | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("RouterWatch needs at least one router address")
@@ -372,6 +374,7 @@ class RouterWatch:
         self._rng = rng or random.Random()
         self._options = tuple(channel_options)
         self._sleep = sleep
+        self._tls = tls  # None or empty: plaintext
         # For tests and status: how many streams have been opened and have delivered.
         self.attempts = 0
         self.streams_with_messages = 0
@@ -407,7 +410,7 @@ class RouterWatch:
         """Reads one stream until it ends; True if it delivered at least one message."""
         self.attempts += 1
         delivered = False
-        async with grpc.aio.insecure_channel(address, options=self._options) as channel:
+        async with aio_channel(address, self._tls, self._options) as channel:
             stub = router_pb2_grpc.RouterServiceStub(channel)  # type: ignore[no-untyped-call]
             call = stub.WatchRoutes(self._request)
             try:

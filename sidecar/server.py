@@ -18,8 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
+from pointsman.drain import DrainingHealthServicer
 from pointsman.errors import ConfigError
 from pointsman.telemetry import MetricsEndpoint, Tracing, serve_metrics
+from pointsman.tls import add_port
 from sidecar.config import SidecarConfig
 from sidecar.metrics import SidecarMetrics
 from sidecar.router_picker import RouterPicker
@@ -139,7 +141,9 @@ async def start_sidecar(
     """
     rng = rng or random.Random()
     pool = UpstreamPool(
-        max_message_bytes=config.max_message_bytes, idle_close_s=config.upstream_idle_close_s
+        max_message_bytes=config.max_message_bytes,
+        idle_close_s=config.upstream_idle_close_s,
+        tls=config.triton_tls,
     )
     if route_source is None and config.routers:
         route_source = RouterWatch(
@@ -151,6 +155,7 @@ async def start_sidecar(
             idle_timeout_s=config.router_idle_timeout_s,
             # Its own stream, so reconnect jitter does not shift the balancer's draws.
             rng=random.Random(rng.getrandbits(64)),
+            tls=config.router_tls,
         )
     cache = RouteCache(
         pool,
@@ -159,7 +164,7 @@ async def start_sidecar(
         expects_router=route_source is not None,
     )
     picker = (
-        RouterPicker(config.routers, timeout_s=config.pick_timeout_s)
+        RouterPicker(config.routers, timeout_s=config.pick_timeout_s, tls=config.router_tls)
         if config.pick_mode == "per-request"
         else None
     )
@@ -167,7 +172,7 @@ async def start_sidecar(
     cold_picker = (
         picker
         if picker is not None or not config.routers or config.cold_start_wait_s <= 0
-        else RouterPicker(config.routers, timeout_s=config.pick_timeout_s)
+        else RouterPicker(config.routers, timeout_s=config.pick_timeout_s, tls=config.router_tls)
     )
     metrics = SidecarMetrics(registry or CollectorRegistry(), cache=cache, pool=pool)
     tracer = RpcTracer(tracing.tracer) if tracing is not None and tracing.enabled else None
@@ -195,10 +200,11 @@ async def start_sidecar(
     # callers that do not use registered-method stubs.
     server.add_registered_method_handlers(SERVICE, handlers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    health = health_aio.HealthServicer()
+    # Watch streams end once they said NOT_SERVING, so a drain waits only for real work.
+    health = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
-        port = server.add_insecure_port(config.listen)
+        port = add_port(server, config.listen, config.tls)
     except RuntimeError as error:
         raise ConfigError(
             f"sidecar config field 'listen': cannot bind {config.listen}: {error}"

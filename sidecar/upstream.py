@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 
+from pointsman.tls import TlsConfig, channel_options
+
 __all__ = ["SERVICE", "Upstream", "UpstreamPool", "method_path"]
 
 SERVICE = "inference.GRPCInferenceService"
@@ -36,6 +38,7 @@ class Upstream:
     __slots__ = (
         "_channel",
         "_clock",
+        "_credentials",
         "_options",
         "_unary",
         "address",
@@ -50,6 +53,7 @@ class Upstream:
         address: str,
         options: Sequence[tuple[str, Any]],
         clock: Callable[[], float] = time.monotonic,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.address = address
         # Requests this sidecar has sent to the instance and not yet seen answered.
@@ -62,6 +66,8 @@ class Upstream:
         self.unreferenced_since: float | None = None
         self._options = tuple(options)
         self._clock = clock
+        # None: plaintext; else TLS credentials (built once by the pool).
+        self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
         self._unary: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
@@ -74,7 +80,12 @@ class Upstream:
 
     def _open(self) -> grpc.aio.Channel:
         if self._channel is None:
-            channel = grpc.aio.insecure_channel(self.address, options=self._options)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(self.address, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(
+                    self.address, self._credentials, options=self._options
+                )
             self._channel = channel
             self.infer = channel.unary_unary(
                 _MODEL_INFER,
@@ -130,13 +141,17 @@ class UpstreamPool:
         max_message_bytes: int,
         idle_close_s: float,
         clock: Callable[[], float] = time.monotonic,
+        tls: TlsConfig | None = None,
     ) -> None:
         self._options: tuple[tuple[str, Any], ...] = (
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             # A sidecar talks to its Tritons directly, never through an HTTP proxy.
             ("grpc.enable_http_proxy", 0),
+            *channel_options(tls),
         )
+        # Read once at start-up: a missing file fails the start, not the first request.
+        self._credentials = tls.channel_credentials() if tls is not None and tls.enabled else None
         self._idle_close_s = idle_close_s
         self._clock = clock
         self._upstreams: dict[str, Upstream] = {}
@@ -156,7 +171,7 @@ class UpstreamPool:
         now = self._clock()
         upstream = self._upstreams.get(address)
         if upstream is None:
-            upstream = Upstream(address, self._options, self._clock)
+            upstream = Upstream(address, self._options, self._clock, self._credentials)
             # Not in a table until `retain` says so (e.g. a per-request pick).
             upstream.unreferenced_since = now
             self._upstreams[address] = upstream
