@@ -1,0 +1,275 @@
+"""Results of a benchmark run and how they are written: JSON, a markdown table, a PNG plot.
+
+A scenario returns a `ScenarioResult`: tables (what the markdown shows), bar groups (what the
+plot draws), target checks (stated, never asserted) and notes. `write_report` writes
+`results.json`, `results.md` and `results.png` into one folder, each with the machine's
+description, so a figure never travels without the machine it was measured on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+__all__ = [
+    "BarGroup",
+    "BenchRun",
+    "MachineInfo",
+    "ScenarioResult",
+    "Table",
+    "TargetCheck",
+    "format_cell",
+    "machine_info",
+    "ratio",
+    "render_markdown",
+    "utc_now",
+    "write_report",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[object, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BarGroup:
+    """One subplot: a value per label, e.g. p99 ms per system."""
+
+    title: str
+    ylabel: str
+    labels: tuple[str, ...]
+    values: tuple[float, ...]
+    log_scale: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TargetCheck:
+    name: str
+    target: str
+    measured: str
+    met: bool | None  # None: could not be measured in this run
+
+
+@dataclass(frozen=True, slots=True)
+class ScenarioResult:
+    name: str
+    title: str
+    tables: tuple[Table, ...] = ()
+    bars: tuple[BarGroup, ...] = ()
+    targets: tuple[TargetCheck, ...] = ()
+    notes: tuple[str, ...] = ()
+    # Everything measured, as plain data, for the JSON file.
+    data: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MachineInfo:
+    cpu_model: str
+    cores: int
+    memory_bytes: int
+    os: str
+    python: str
+    pointsman: str
+    nvidia_pytriton: str
+    triton_server: str  # from a running server's metadata; "" when none ran
+
+    def describe(self) -> str:
+        gib = self.memory_bytes / 2**30
+        triton = f", Triton {self.triton_server}" if self.triton_server else ""
+        return (
+            f"{self.cpu_model}, {self.cores} cores, {gib:.1f} GiB, {self.os}, "
+            f"Python {self.python}, nvidia-pytriton {self.nvidia_pytriton}{triton}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRun:
+    command: str
+    started_utc: str
+    machine: MachineInfo
+    scenarios: tuple[ScenarioResult, ...]
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _cpu_model(cpuinfo: str) -> str:
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def _memory_bytes(meminfo: str) -> int:
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _os_name() -> str:
+    try:
+        distribution = platform.freedesktop_os_release().get("PRETTY_NAME", "")
+    except OSError:
+        distribution = ""
+    kernel = f"{platform.system()} {platform.release()}"
+    return f"{kernel} ({distribution})" if distribution else kernel
+
+
+def machine_info(triton_server: str = "") -> MachineInfo:
+    # The cores this process may use (a container's or taskset's limit), not the host's.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return MachineInfo(
+        cpu_model=_cpu_model(_read("/proc/cpuinfo")),
+        cores=cores or 1,
+        memory_bytes=_memory_bytes(_read("/proc/meminfo")),
+        os=_os_name(),
+        python=platform.python_version(),
+        pointsman=_version("pointsman"),
+        nvidia_pytriton=_version("nvidia-pytriton"),
+        triton_server=triton_server,
+    )
+
+
+def format_cell(value: object) -> str:
+    """Numbers with sensible precision; NaN and None as a dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        magnitude = abs(value)
+        if magnitude >= 100:
+            return f"{value:,.0f}"
+        if magnitude >= 10:
+            return f"{value:.1f}"
+        if magnitude >= 0.1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _markdown_table(table: Table) -> list[str]:
+    lines = [f"**{table.title}**", ""]
+    lines.append("| " + " | ".join(table.columns) + " |")
+    lines.append("|" + "|".join(" --- " for _ in table.columns) + "|")
+    for row in table.rows:
+        lines.append("| " + " | ".join(format_cell(v).replace("|", "/") for v in row) + " |")
+    lines.append("")
+    return lines
+
+
+def render_markdown(run: BenchRun) -> str:
+    lines = [
+        "# Pointsman benchmark",
+        "",
+        f"- command: `{run.command}`",
+        f"- started: {run.started_utc}",
+        f"- machine: {run.machine.describe()}",
+        "",
+    ]
+    for scenario in run.scenarios:
+        lines += [f"## {scenario.title}", ""]
+        for table in scenario.tables:
+            lines += _markdown_table(table)
+        if scenario.targets:
+            lines += _markdown_table(
+                Table(
+                    "Targets (reported, not asserted)",
+                    ("target", "wanted", "measured", "met"),
+                    tuple(
+                        (t.name, t.target, t.measured, "n/a" if t.met is None else t.met)
+                        for t in scenario.targets
+                    ),
+                )
+            )
+        lines += [f"- {note}" for note in scenario.notes]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _jsonable(value: object) -> object:
+    """NaN is not JSON: it becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _plot(run: BenchRun, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    groups: list[tuple[str, BarGroup]] = [(s.title, g) for s in run.scenarios for g in s.bars]
+    if not groups:
+        groups = [("no figures", BarGroup("nothing measured", "", (), ()))]
+    columns = min(3, len(groups))
+    rows = math.ceil(len(groups) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.axis("off")
+    for ax, (scenario_title, group) in zip(axes.flat, groups, strict=False):
+        values = [0.0 if math.isnan(v) else v for v in group.values]
+        bars = ax.bar(range(len(values)), values, color=[f"C{i % 10}" for i in range(len(values))])
+        ax.set_xticks(range(len(values)), group.labels, rotation=20, ha="right", fontsize=8)
+        ax.set_title(f"{scenario_title}\n{group.title}", fontsize=9)
+        ax.set_ylabel(group.ylabel, fontsize=8)
+        if group.log_scale and any(v > 0 for v in values):
+            ax.set_yscale("log")
+        ax.bar_label(bars, labels=[format_cell(v) for v in group.values], fontsize=7)
+    figure.suptitle(f"Pointsman benchmark: {run.machine.describe()}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(run: BenchRun, out_dir: Path) -> list[Path]:
+    """Writes results.json, results.md and results.png into `out_dir`; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = (out_dir / f"results.{ext}" for ext in ("json", "md", "png"))
+    document = {
+        "command": run.command,
+        "started_utc": run.started_utc,
+        "machine": asdict(run.machine),
+        "scenarios": [asdict(s) for s in run.scenarios],
+    }
+    json_path.write_text(json.dumps(_jsonable(document), indent=2) + "\n")
+    md_path.write_text(render_markdown(run))
+    _plot(run, png_path)
+    return [json_path, md_path, png_path]
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def ratio(value: float, baseline: float) -> float:
+    """value / baseline, NaN when either is missing or the baseline is 0."""
+    if not (math.isfinite(value) and math.isfinite(baseline)) or baseline == 0:
+        return math.nan
+    return value / baseline
