@@ -21,13 +21,14 @@ Every error names the field, e.g. "instances[1].grpc: must be host:port".
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pointsman.errors import ConfigError
+from router.discovery_config import DiscoveryConfig, DiscoveryKind, parse_discovery_config
 
 __all__ = ["InstanceConfig", "RouterConfig", "load_router_config", "parse_router_config"]
 
@@ -57,6 +58,8 @@ class RouterConfig:
     metrics_listen: str = ""
     # The policy file (router.policy); None = the built-in default policy.
     policy_file: Path | None = None
+    # Where instances come from (router/discovery_config.py); static = `instances`.
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
 
 def _address(value: Any, where: str) -> str:
@@ -107,6 +110,7 @@ _TOP_LEVEL = {
     "seed",
     "metrics_listen",
     "policy_file",
+    "discovery",
 }
 
 
@@ -131,6 +135,9 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
         not isinstance(policy_file, str | Path) or not str(policy_file)
     ):
         raise ConfigError(f"policy_file: must be a file path, got {policy_file!r}")
+    discovery = parse_discovery_config(data.get("discovery"))
+    if discovery.kind is not DiscoveryKind.STATIC and instances:
+        raise ConfigError(f"instances: must be empty when discovery.kind is {discovery.kind.value}")
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"seed: must be an integer, got {seed!r}")
@@ -146,6 +153,7 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
             "" if metrics_listen in (None, "") else _address(metrics_listen, "metrics_listen")
         ),
         policy_file=None if policy_file is None else Path(policy_file),
+        discovery=discovery,
     )
 
 

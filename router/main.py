@@ -16,6 +16,7 @@ from typing import Any
 from pointsman.errors import ConfigError
 from pointsman.telemetry import Tracing, setup_tracing
 from router.config import RouterConfig, load_router_config, parse_router_config
+from router.discovery import ManagedDiscovery, discovery_for
 from router.policy import PolicyStore
 
 __all__ = ["add_arguments", "config_from_args", "run"]
@@ -84,19 +85,26 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         "seed": args.seed if args.seed is not None else base.seed,
         "metrics_listen": args.metrics_listen or base.metrics_listen,
         "policy_file": args.policy or base.policy_file,
+        "discovery": base.discovery,
     }
     return parse_router_config(data)
 
 
 async def _serve(
-    config: RouterConfig, grace_s: float, tracing: Tracing, policy: PolicyStore
+    config: RouterConfig,
+    grace_s: float,
+    tracing: Tracing,
+    policy: PolicyStore,
+    discovery: ManagedDiscovery,
 ) -> None:
     from prometheus_client import REGISTRY
 
     from router.server import start_router
 
     # The process-wide registry: it also carries the process_* and python_* collectors.
-    router = await start_router(config, registry=REGISTRY, tracing=tracing, policy_store=policy)
+    router = await start_router(
+        config, discovery=discovery, registry=REGISTRY, tracing=tracing, policy_store=policy
+    )
     print(f"pointsman router listening on 127.0.0.1:{router.port}", flush=True)
     if router.metrics_port is not None:
         host = config.metrics_listen.rpartition(":")[0]
@@ -126,10 +134,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"pointsman router: policy {where}{exc}")
         tracing.shutdown()
         return 2
+    discovery = discovery_for(config)
+    try:  # no Kubernetes credentials, say, is refused before anything starts
+        discovery.start()
+    except ConfigError as exc:
+        print(f"pointsman router: {exc}")
+        tracing.shutdown()
+        return 2
     import uvloop
 
     try:
-        uvloop.run(_serve(config, args.grace, tracing, policy))
+        uvloop.run(_serve(config, args.grace, tracing, policy, discovery))
     finally:
+        discovery.stop()
         tracing.shutdown()
     return 0
