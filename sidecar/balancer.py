@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 
 from sidecar.upstream import Upstream
 
-__all__ = ["CandidateSet", "pick"]
+__all__ = ["CandidateSet", "pick", "pick_avoiding"]
 
 
 class CandidateSet:
@@ -79,3 +79,15 @@ def pick(candidates: CandidateSet, rng: random.Random) -> Upstream:
     a = upstreams[i]
     b = upstreams[j]
     return a if a.in_flight * weights[j] <= b.in_flight * w_i else b
+
+
+def pick_avoiding(
+    candidates: CandidateSet, rng: random.Random, avoid: Callable[[str], bool]
+) -> Upstream:
+    """`pick` among the candidates whose address `avoid` rejects (ejected instances); among
+    all of them when it rejects every one, since a doubtful instance beats none."""
+    kept = [(u, w) for u, w in zip(candidates.upstreams, candidates.weights, strict=True)
+            if not avoid(u.address)]  # fmt: skip
+    if not kept or len(kept) == len(candidates):
+        return pick(candidates, rng)
+    return pick(CandidateSet([u for u, _ in kept], [w for _, w in kept]), rng)

@@ -81,9 +81,27 @@ class SidecarConfig:
     upstream_idle_close_s: float = 60.0
     # Deadline of each call of a fan-out (RepositoryIndex, ModelStatistics for all models).
     fanout_timeout_s: float = 5.0
-    # Try another candidate once when Triton answers UNAVAILABLE (the request was not run:
-    # the instance is unreachable or its queue is full).
+    # Failover: when an attempt fails before any response reached the caller (connection
+    # refused or reset, UNAVAILABLE, NOT_FOUND from a model unloading there), try another
+    # candidate not yet tried, within the caller's deadline. False: never retry.
     retry_unavailable: bool = True
+    # Attempts per request at most, the first included (1: no retries).
+    max_attempts: int = 3
+    # Retry budget: retries within `retry_budget_window_s` stay below
+    # retry_budget_min + retry_budget_ratio * requests, so a failing fleet is not hammered.
+    retry_budget_ratio: float = 0.1
+    retry_budget_min: int = 10
+    retry_budget_window_s: float = 10.0
+    # Passive outlier detection: this many connection-level failures in a row eject an
+    # instance from picks for outlier_base_ejection_s * 2**(earlier ejections), at most
+    # outlier_max_ejection_s; it returns when that ends and the router still lists it ready.
+    outlier_consecutive_failures: int = 3
+    outlier_base_ejection_s: float = 1.0
+    outlier_max_ejection_s: float = 30.0
+    # Pass the caller's remaining deadline to Triton as the request's queue timeout
+    # (parameters["timeout"], microseconds) unless the request sets one: Triton would
+    # otherwise run queued requests whose caller has given up.
+    deadline_queue_timeout: bool = True
     # Seconds in-flight requests get to finish on shutdown.
     shutdown_grace_s: float = 5.0
     # TLS (pointsman/tls.py) of the listening port (cert_file + key_file; with ca_file and
@@ -161,6 +179,39 @@ class SidecarConfig:
         check_listening(self.tls)
         check_calling(self.router_tls)
         check_calling(self.triton_tls)
+        for name in ("max_attempts", "outlier_consecutive_failures"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"sidecar config field {name!r}: expected an integer >= 1, got {value!r}"
+                )
+        if (
+            isinstance(self.retry_budget_min, bool)
+            or not isinstance(self.retry_budget_min, int)
+            or self.retry_budget_min < 0
+        ):
+            raise ConfigError(
+                "sidecar config field 'retry_budget_min': expected an integer >= 0, "
+                f"got {self.retry_budget_min!r}"
+            )
+        if not _is_number(self.retry_budget_ratio) or self.retry_budget_ratio < 0:
+            raise ConfigError(
+                "sidecar config field 'retry_budget_ratio': expected a number >= 0, "
+                f"got {self.retry_budget_ratio!r}"
+            )
+        for name in ("retry_budget_window_s", "outlier_base_ejection_s", "outlier_max_ejection_s"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(
+                    f"sidecar config field {name!r}: expected a positive number, got {value!r}"
+                )
+        if self.outlier_max_ejection_s < self.outlier_base_ejection_s:
+            raise ConfigError(
+                "sidecar config field 'outlier_max_ejection_s': must be >= outlier_base_ejection_s"
+            )
+        check_listening(self.tls)
+        check_calling(self.router_tls)
+        check_calling(self.triton_tls)
         if not _is_number(self.shutdown_grace_s) or self.shutdown_grace_s < 0:
             raise ConfigError(
                 "sidecar config field 'shutdown_grace_s': expected a number >= 0, "
@@ -235,7 +286,7 @@ def config_from_mapping(
             value, str
         ):
             raise ConfigError(f"sidecar config field {key!r}: expected a string, got {value!r}")
-        elif key == "retry_unavailable" and not isinstance(value, bool):
+        elif key in ("retry_unavailable", "deadline_queue_timeout") and not isinstance(value, bool):
             raise ConfigError(f"sidecar config field {key!r}: expected true or false")
         values[key] = value
     try:

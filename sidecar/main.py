@@ -69,6 +69,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 30; 0 answers UNAVAILABLE at once)",
     )
     parser.add_argument(
+        "--max-attempts",
+        type=int,
+        metavar="N",
+        help="attempts per request at most, on different instances (default 3; 1: no failover)",
+    )
+    parser.add_argument(
+        "--retry-budget-ratio",
+        type=float,
+        metavar="R",
+        help="retries may be at most this share of requests over 10 s, plus a floor of 10 "
+        "(default 0.1)",
+    )
+    parser.add_argument(
+        "--outlier-failures",
+        type=int,
+        metavar="N",
+        help="connection failures in a row that eject an instance from picks (default 3)",
+    )
+    parser.add_argument(
+        "--outlier-ejection",
+        type=float,
+        metavar="SECONDS",
+        help="first ejection's length; each further one doubles, up to 30 s (default 1)",
+    )
+    parser.add_argument(
+        "--deadline-queue-timeout",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pass the caller's remaining deadline as Triton's queue timeout (default on)",
+    )
+    parser.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, "
@@ -112,6 +143,22 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
         overrides["metrics_listen"] = args.metrics_listen
     if getattr(args, "cold_start_wait", None) is not None:
         overrides["cold_start_wait_s"] = args.cold_start_wait
+    for flag, key in (
+        ("max_attempts", "max_attempts"),
+        ("retry_budget_ratio", "retry_budget_ratio"),
+        ("outlier_failures", "outlier_consecutive_failures"),
+        ("outlier_ejection", "outlier_base_ejection_s"),
+        ("deadline_queue_timeout", "deadline_queue_timeout"),
+    ):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    for flag, key in (
+        ("max_in_flight", "max_in_flight"),
+        ("max_queued", "max_queued"),
+        ("idempotency_ttl", "idempotency_ttl_s"),
+    ):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
     if getattr(args, "max_message_bytes", None) is not None:
         overrides["max_message_bytes"] = args.max_message_bytes
     if getattr(args, "shutdown_grace", None) is not None:

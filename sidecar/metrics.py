@@ -99,8 +99,21 @@ class SidecarMetrics:
         )
         self.retries = Counter(
             "pointsman_sidecar_retries",
-            "Extra attempts on another instance after Triton answered UNAVAILABLE",
+            "Extra attempts on another instance after an attempt failed before any response "
+            "(unreachable, reset, UNAVAILABLE, NOT_FOUND from a model unloading there)",
             ("model",),
+            registry=registry,
+        )
+        self.retry_budget_exhausted = Counter(
+            "pointsman_sidecar_retry_budget_exhausted",
+            "Failed attempts not retried because the retry budget was spent",
+            ("model",),
+            registry=registry,
+        )
+        self.outlier_ejections = Counter(
+            "pointsman_sidecar_outlier_ejections",
+            "Times an instance was ejected from picks after failing repeatedly",
+            ("instance",),
             registry=registry,
         )
         self.shed = Counter(
@@ -171,6 +184,14 @@ class SidecarMetrics:
                 instance, code.name
             )
         counter.inc()
+
+    def budget_exhausted(self, model: str) -> None:
+        """A failed attempt that the retry budget did not let the sidecar retry."""
+        self.retry_budget_exhausted.labels(self.model_label(model)).inc()
+
+    def ejection(self, instance: str) -> None:
+        """`instance` (an address from a route) was ejected by outlier detection."""
+        self.outlier_ejections.labels(instance).inc()
 
     def shed_request(self, model: str, priority: int) -> None:
         """A request refused to protect the fleet (counted from the issue that sheds)."""

@@ -13,6 +13,7 @@ spans (`sidecar.tracing`): a SERVER span per call and a CLIENT span per upstream
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import metadata as package_metadata
@@ -23,6 +24,7 @@ import grpc
 from opentelemetry.trace import Span
 from tritonclient.grpc import service_pb2 as pb
 
+from pointsman.clock import Clock, monotonic
 from pointsman.errors import (
     DeadlineExpiredError,
     ManagedByRouterError,
@@ -33,9 +35,18 @@ from pointsman.errors import (
     status_of,
 )
 from pointsman.versions import PIN_HEADER, select_version
-from sidecar.balancer import CandidateSet, pick
+from sidecar.balancer import CandidateSet, pick, pick_avoiding
 from sidecar.config import SidecarConfig
 from sidecar.metrics import RequestSeries, SidecarMetrics
+from sidecar.resilience import (
+    EjectionPolicy,
+    OutlierDetector,
+    RetryBudget,
+    counts_against_instance,
+    retryable,
+    sets_queue_timeout,
+    with_queue_timeout,
+)
 from sidecar.router_picker import ROUTER_SERVICE, RouterPicker, RouterUnreachableError
 from sidecar.routes import NoRouteTablesError, RouteCache
 from sidecar.tracing import ATTEMPT, ATTEMPTS, INSTANCE, MODEL, MODEL_VERSION, RpcTracer
@@ -43,6 +54,8 @@ from sidecar.upstream import SERVICE, Upstream, UpstreamPool
 from sidecar.wire import peek_model, with_model_version
 
 __all__ = ["InferenceProxy", "forward_metadata"]
+
+log = logging.getLogger(__name__)
 
 # grpc ships no type hints, so this is Any to mypy; it names what handlers receive.
 Context: TypeAlias = grpc.aio.ServicerContext
@@ -99,6 +112,7 @@ class InferenceProxy:
         tracer: RpcTracer | None = None,
         picker: RouterPicker | None = None,
         cold_picker: RouterPicker | None = None,
+        clock: Clock = monotonic,
     ) -> None:
         self._config = config
         # Asks the router for a load when a model is ready nowhere (None: the cold path is off).
@@ -111,6 +125,22 @@ class InferenceProxy:
         self._tracer = tracer
         self._picker = picker
         self._retry = config.retry_unavailable
+        self._max_attempts = config.max_attempts
+        self._queue_timeout = config.deadline_queue_timeout
+        self._budget = RetryBudget(
+            ratio=config.retry_budget_ratio,
+            min_retries=config.retry_budget_min,
+            window_s=config.retry_budget_window_s,
+            clock=clock,
+        )
+        self._outliers = OutlierDetector(
+            EjectionPolicy(
+                consecutive_failures=config.outlier_consecutive_failures,
+                base_ejection_s=config.outlier_base_ejection_s,
+                max_ejection_s=config.outlier_max_ejection_s,
+            ),
+            clock=clock,
+        )
         self._server_live: bytes = pb.ServerLiveResponse(live=True).SerializeToString()
         self._ready_true: bytes = pb.ServerReadyResponse(ready=True).SerializeToString()
         self._ready_false: bytes = pb.ServerReadyResponse(ready=False).SerializeToString()
@@ -204,6 +234,18 @@ class InferenceProxy:
             raise NoReadyInstanceError(name, version)
         return candidates
 
+    def _pick(self, candidates: CandidateSet) -> Upstream:
+        """`pick`, skipping instances that outlier detection has ejected while others exist
+        (the check costs one truth test while none is ejected)."""
+        if self._outliers.any_ejected:
+            return pick_avoiding(candidates, self._rng, self._outliers.is_ejected)
+        return pick(candidates, self._rng)
+
+    @property
+    def outliers(self) -> OutlierDetector:
+        """The passive outlier detector (read by tests and diagnostics)."""
+        return self._outliers
+
     async def _table_pick(
         self, name: str, version: str, md: Metadata, context: Context
     ) -> tuple[Upstream, bool]:
@@ -211,7 +253,7 @@ class InferenceProxy:
         (the model is known but ready nowhere) the router is asked to load it, and the
         request waits for that load, up to `cold_start_wait_s` and the caller's deadline."""
         try:
-            return pick(self._candidates(name, version), self._rng), True
+            return self._pick(self._candidates(name, version)), True
         except NoRouteTablesError:
             raise
         except NoReadyInstanceError:
@@ -280,19 +322,46 @@ class InferenceProxy:
         self,
         name: str,
         version: str,
-        failed: Upstream,
+        tried: Sequence[Upstream],
         targets: list[Upstream] | None,
-        attempts: int,
     ) -> Upstream | None:
-        """Where to try after an UNAVAILABLE (Triton did not run the request: unreachable, or
-        its queue is full): the router's next fallback, or once, the least busy other table
-        candidate; None when there is nowhere else."""
-        if targets is not None:
-            return targets[attempts] if attempts < len(targets) else None
-        if attempts > 1:
+        """Where to try after a failed attempt: the router's next fallback not yet tried
+        (per-request mode), else the least busy route-table candidate not yet tried; ejected
+        instances are left out. None when there is nowhere else."""
+        ordered = [u for u in targets or () if u not in tried]
+        try:
+            table: Sequence[Upstream] = self._candidates(name, version).upstreams
+        except PointsmanError:  # the model left the tables meanwhile
+            table = ()
+        ordered.extend(
+            sorted((u for u in table if u not in tried and u not in ordered),
+                   key=lambda u: u.in_flight)
+        )  # fmt: skip
+        ejected = self._outliers.is_ejected
+        return next((u for u in ordered if not ejected(u.address)), None)
+
+    def _failover(
+        self,
+        name: str,
+        version: str,
+        error: grpc.aio.AioRpcError,
+        tried: Sequence[Upstream],
+        targets: list[Upstream] | None,
+    ) -> Upstream | None:
+        """The instance to retry on after `error`, or None to give the caller the error:
+        retries must be on, the error one after which Triton did not run the request, attempts
+        left, another candidate, and room in the retry budget."""
+        if not self._retry or len(tried) >= self._max_attempts:
             return None
-        others = [u for u in self._candidates(name, version).upstreams if u is not failed]
-        return min(others, key=lambda u: u.in_flight) if others else None
+        if not retryable(error.code(), error.details() or ""):
+            return None
+        following = self._next_target(name, version, tried, targets)
+        if following is None:
+            return None
+        if not self._budget.try_spend():
+            self._metrics.budget_exhausted(name)
+            return None
+        return following
 
     # -- ModelInfer ----------------------------------------------------------------------------
 
@@ -347,27 +416,35 @@ class InferenceProxy:
         series.routed.inc()
         if hit:
             series.hits.inc()
-        attempts = 1
+        if targets is not None and self._outliers.any_ejected:
+            ejected = self._outliers.is_ejected
+            upstream = next((u for u in targets if not ejected(u.address)), upstream)
+        self._budget.record_request()
+        own_timeout: bool | None = None  # whether the request sets Triton's timeout itself
+        tried = [upstream]
         try:
             while True:
+                # Checked before every attempt: an expired request is never forwarded.
+                remaining = _remaining(context)
+                sent = request
+                if remaining is not None and self._queue_timeout:
+                    if own_timeout is None:
+                        own_timeout = sets_queue_timeout(request)
+                    sent = with_queue_timeout(request, remaining, own_timeout)
                 try:
                     if span is None:
-                        return await self._send(upstream, request, _remaining(context), md)
-                    return await self._traced_send(
-                        upstream, request, _remaining(context), md, attempts, span
-                    )
+                        return await self._send(upstream, sent, remaining, md)
+                    return await self._traced_send(upstream, sent, remaining, md, len(tried), span)
                 except grpc.aio.AioRpcError as error:
-                    if not self._retry or error.code() is not _UNAVAILABLE:
-                        raise
-                    following = self._next_target(name, version, upstream, targets, attempts)
+                    following = self._failover(name, version, error, tried, targets)
                     if following is None:
                         raise
                     upstream = following
-                    attempts += 1
+                    tried.append(upstream)
                     series.retries.inc()
         finally:
             if span is not None:
-                span.set_attributes({INSTANCE: upstream.address, ATTEMPTS: attempts})
+                span.set_attributes({INSTANCE: upstream.address, ATTEMPTS: len(tried)})
 
     async def _send(
         self, upstream: Upstream, request: bytes, timeout: float | None, md: Metadata
@@ -377,7 +454,10 @@ class InferenceProxy:
         try:
             response: bytes = await upstream.infer(request, timeout=timeout, metadata=md)
         except grpc.aio.AioRpcError as error:
-            self._metrics.attempt(upstream.address, error.code())
+            code = error.code()
+            self._metrics.attempt(upstream.address, code)
+            if counts_against_instance(code, error.details() or ""):
+                self._instance_failed(upstream.address)
             raise
         except asyncio.CancelledError:
             self._metrics.attempt(upstream.address, _CANCELLED)
@@ -385,7 +465,15 @@ class InferenceProxy:
         finally:
             upstream.in_flight -= 1
         self._metrics.attempt(upstream.address, _OK)
+        self._outliers.success(upstream.address)
         return response
+
+    def _instance_failed(self, address: str) -> None:
+        ejected_for = self._outliers.failure(address)
+        if ejected_for is not None:
+            self._metrics.ejection(address)
+            log.warning("ejected %s from picks for %.1fs after repeated failures",
+                        address, ejected_for)  # fmt: skip
 
     async def _traced_send(
         self,
