@@ -30,7 +30,7 @@ from router.contracts import (
 from router.first_view import FirstView
 from router.metrics import UNKNOWN_MODEL, RouterMetrics
 from router.placement.controller import PlacementController
-from router.policy import PolicyStore
+from router.policy import Policy, PolicyStore
 from router.routes import (
     AssumedLoad,
     ModelRoutes,
@@ -89,6 +89,19 @@ def _describe_decision(
     span.set_attribute(
         "pointsman.target_scores",
         ",".join(f"{name}={score:.2f}" for name, score in chosen.scores.items()),
+    )
+
+
+def priority_policy_to_proto(policy: Policy) -> pb.PriorityPolicy:
+    """The policy's priority classes as sidecars receive them on WatchRoutes."""
+    return pb.PriorityPolicy(
+        classes=[
+            pb.PriorityClass(
+                name=pc.name, triton_priority=pc.triton_priority, sheddable=pc.sheddable
+            )
+            for _, pc in sorted(policy.priority_classes.items())
+        ],
+        default_class=policy.default_priority_class,
     )
 
 
@@ -322,19 +335,34 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         # A fresh router's first snapshot would name only the instances read so far.
         await self._first_view.wait(self._stopping)
         queue = self._book.watch()
+        # Priority classes go with the full snapshot and again whenever a reload changes them;
+        # a policy change wakes the stream with an empty update so they go out at once.
+        sent_priorities: pb.PriorityPolicy | None = None
+
+        def wake(policy: Policy) -> None:
+            if not queue.full():
+                queue.put_nowait(RouteUpdate(False, (), (), self._book.generation))
+
+        unsubscribe = self._policy.subscribe(wake)
         try:
             while not self._stopping.is_set():
                 try:
                     update = await asyncio.wait_for(queue.get(), self._heartbeat_interval_s)
                 except TimeoutError:
-                    yield pb.WatchRoutesResponse(
+                    message = pb.WatchRoutesResponse(
                         generation=self._book.generation, router_id=self._router_id
                     )
-                    continue
-                if update is None:
-                    return
-                yield self._message(update, models)
+                else:
+                    if update is None:
+                        return
+                    message = self._message(update, models)
+                priorities = priority_policy_to_proto(self._policy.current)
+                if message.full_snapshot or priorities != sent_priorities:
+                    message.priority_policy.CopyFrom(priorities)
+                    sent_priorities = priorities
+                yield message
         finally:
+            unsubscribe()
             self._book.unwatch(queue)
 
     async def ListInstances(

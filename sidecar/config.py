@@ -15,6 +15,9 @@ the field.
     metrics_listen: 127.0.0.1:9101     # serve Prometheus metrics at /metrics
     tls: {cert_file: s.pem, key_file: s.key, ca_file: ca.pem, require_client_cert: true}
     router_tls: {ca_file: ca.pem}      # and triton_tls: TLS towards the router / Triton
+    max_in_flight: 256                 # overload: sent on at once; more wait in a queue of
+    max_queued: 1024                   #   this many; a full queue sheds the lowest class
+    idempotency_ttl_s: 60              # replay finished outcomes of a request id this long
 """
 
 from __future__ import annotations
@@ -119,6 +122,17 @@ class SidecarConfig:
     # host:port to serve Prometheus metrics on at /metrics (port 0 lets the kernel choose);
     # empty serves none (they are still kept, for tests to read from the registry).
     metrics_listen: str = ""
+    # Overload: at most this many ModelInfer calls and streams sent on at once; more wait in
+    # a queue of at most max_queued, best priority class first. A full queue sheds the lowest
+    # sheddable class first with RESOURCE_EXHAUSTED and `retry-after-ms` (shed_retry_after_ms).
+    max_in_flight: int = 256
+    max_queued: int = 1024
+    shed_retry_after_ms: int = 200
+    # Requests with an id (x-request-id, else the request's `id`): concurrent duplicates run
+    # once, and finished outcomes are replayed for idempotency_ttl_s (0: no replay), within
+    # idempotency_max_bytes of kept responses.
+    idempotency_ttl_s: float = 60.0
+    idempotency_max_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _check_address("listen", self.listen, allow_port_zero=True)
@@ -216,6 +230,23 @@ class SidecarConfig:
             raise ConfigError(
                 "sidecar config field 'shutdown_grace_s': expected a number >= 0, "
                 f"got {self.shutdown_grace_s!r}"
+            )
+        for name, minimum in (
+            ("max_in_flight", 1),
+            ("max_queued", 0),
+            ("shed_retry_after_ms", 0),
+            ("idempotency_max_bytes", 0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(
+                    f"sidecar config field {name!r}: expected an integer >= {minimum}, "
+                    f"got {value!r}"
+                )
+        if not _is_number(self.idempotency_ttl_s) or self.idempotency_ttl_s < 0:
+            raise ConfigError(
+                "sidecar config field 'idempotency_ttl_s': expected a number >= 0, "
+                f"got {self.idempotency_ttl_s!r}"
             )
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.cpus):
             raise ConfigError(

@@ -106,6 +106,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "logged; default: not served)",
     )
     parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        metavar="N",
+        help="inference calls and streams sent on at once; more wait (default 256)",
+    )
+    parser.add_argument(
+        "--max-queued",
+        type=int,
+        metavar="N",
+        help="calls waiting for a slot; beyond it the lowest priority is shed with "
+        "RESOURCE_EXHAUSTED (default 1024)",
+    )
+    parser.add_argument(
+        "--idempotency-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="replay the outcome of a request id this long (default 60; 0: no replay)",
+    )
+    parser.add_argument(
         "--cpus",
         metavar="LIST",
         help="pin the sidecar to these CPUs, e.g. 1 or 0,1 (Linux; default: no pinning)",

@@ -122,6 +122,19 @@ class SidecarMetrics:
             ("model", "priority"),
             registry=registry,
         )
+        self.triton_queue_full = Counter(
+            "pointsman_sidecar_triton_queue_full",
+            "Requests Triton refused because the model's queue was full (Triton counts none)",
+            ("model",),
+            registry=registry,
+        )
+        self.idempotent = Counter(
+            "pointsman_sidecar_idempotent_requests",
+            "Requests with an id, by how they were answered: executed, coalesced onto a "
+            "running duplicate, or replayed from a finished one",
+            ("outcome",),
+            registry=registry,
+        )
         self.cold_starts = Counter(
             "pointsman_sidecar_cold_starts",
             "Requests that had to wait for their model to be loaded somewhere",
@@ -199,6 +212,10 @@ class SidecarMetrics:
         self.shed.labels(
             self.model_label(model), label if label in _PRIORITY_LABELS else _OTHER
         ).inc()
+
+    def queue_full(self, model: str) -> None:
+        """Triton answered "Exceeds maximum queue size" for a request of `model`."""
+        self.triton_queue_full.labels(self.model_label(model)).inc()
 
     def cold_start(self, model: str) -> None:
         """A request that waited for its model to load (counted once the sidecar can wait)."""

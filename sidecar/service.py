@@ -35,8 +35,16 @@ from pointsman.errors import (
     status_of,
 )
 from pointsman.versions import PIN_HEADER, select_version
+from sidecar.admission import (
+    Admission,
+    PriorityClass,
+    ShedError,
+    request_keys,
+    sets_parameter,
+)
 from sidecar.balancer import CandidateSet, pick, pick_avoiding
 from sidecar.config import SidecarConfig
+from sidecar.idempotency import IdempotencyCache
 from sidecar.metrics import RequestSeries, SidecarMetrics
 from sidecar.resilience import (
     EjectionPolicy,
@@ -51,7 +59,7 @@ from sidecar.router_picker import ROUTER_SERVICE, RouterPicker, RouterUnreachabl
 from sidecar.routes import NoRouteTablesError, RouteCache
 from sidecar.tracing import ATTEMPT, ATTEMPTS, INSTANCE, MODEL, MODEL_VERSION, RpcTracer
 from sidecar.upstream import SERVICE, Upstream, UpstreamPool
-from sidecar.wire import peek_model, with_model_version
+from sidecar.wire import peek_model, peek_request, with_model_version, with_uint64_parameter
 
 __all__ = ["InferenceProxy", "forward_metadata"]
 
@@ -73,6 +81,8 @@ _REPOSITORY_STATE_RANK = {"READY": 0, "LOADING": 1, "UNLOADING": 2, "UNAVAILABLE
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+# How Triton says that a model's queue (its queue policy's max_queue_size) is full.
+TRITON_QUEUE_FULL = "Exceeds maximum queue size"
 # The `method` label of the request metrics.
 INFER = "infer"
 STREAM = "stream"
@@ -125,6 +135,15 @@ class InferenceProxy:
         self._tracer = tracer
         self._picker = picker
         self._retry = config.retry_unavailable
+        self.admission = Admission(
+            config.max_in_flight, config.max_queued, retry_after_ms=config.shed_retry_after_ms
+        )
+        # None when replay is off; concurrent duplicates are then not coalesced either.
+        self.idempotency = (
+            IdempotencyCache(config.idempotency_ttl_s, config.idempotency_max_bytes)
+            if config.idempotency_ttl_s > 0
+            else None
+        )
         self._max_attempts = config.max_attempts
         self._queue_timeout = config.deadline_queue_timeout
         self._budget = RetryBudget(
@@ -375,22 +394,72 @@ class InferenceProxy:
         name = version = ""
         code, message = _OK, ""
         try:
-            name, version = peek_model(request)
+            name, version, body_id = peek_request(request)
+            request_id, priority_name = request_keys(metadata)
+            asked_version = version
             if not version and self._picker is None:
                 version, request = self._apply_version_policy(name, request, metadata)
             series = self._metrics.series(name, version, INFER)
             md = forward_metadata(metadata)
-            return await self._infer(name, version, series, request, md, context, span)
+            priority = self._cache.priorities.resolve(priority_name)
+            if priority.triton_priority and not sets_parameter(request, "priority"):
+                request = with_uint64_parameter(request, "priority", priority.triton_priority)
+            request_id = request_id or body_id
+            if not request_id or self.idempotency is None:
+                return await self._admitted_infer(
+                    name, version, series, request, md, context, span, priority
+                )
+            sent, chosen = request, version
+            response, reuse = await self.idempotency.run(
+                (name, asked_version, request_id),
+                lambda: self._admitted_infer(
+                    name, chosen, series, sent, md, context, span, priority
+                ),
+            )
+            self._metrics.idempotent.labels(reuse.value).inc()
+            return response
         except asyncio.CancelledError:
             code = _CANCELLED
             raise
         except Exception as error:
             code, message = status_of(error)
-            await _abort(context, code, message)
+            await _abort(context, code, message, self._refusal(name, error, code, message))
         finally:
             (series or self._metrics.series("", "", INFER)).done(code, perf_counter() - started)
             if span is not None:
                 _end_server_span(span, name, version, code, message)
+
+    async def _admitted_infer(
+        self,
+        name: str,
+        version: str,
+        series: RequestSeries,
+        request: bytes,
+        md: Metadata,
+        context: Context,
+        span: Span | None,
+        priority: PriorityClass,
+    ) -> bytes:
+        """`_infer` within a slot of the sidecar's admission (waiting for one if need be)."""
+        admission = self.admission
+        if not admission.try_enter():
+            await admission.wait(priority, _remaining(context))
+        try:
+            return await self._infer(name, version, series, request, md, context, span)
+        finally:
+            admission.leave()
+
+    def _refusal(
+        self, name: str, error: Exception, code: grpc.StatusCode, message: str
+    ) -> Metadata:
+        """Counts a shed request or a full Triton queue; the trailing metadata to answer with
+        (a shed request's retry hint)."""
+        if isinstance(error, ShedError):
+            self._metrics.shed_request(name, error.priority.triton_priority)
+            return error.trailing_metadata()
+        if code is _UNAVAILABLE and TRITON_QUEUE_FULL in message:
+            self._metrics.queue_full(name)
+        return ()
 
     async def _infer(
         self,
@@ -525,6 +594,7 @@ class InferenceProxy:
         upstream: Upstream | None = None
         call: grpc.aio.StreamStreamCall[bytes, bytes] | None = None
         pump: asyncio.Task[None] | None = None
+        admitted = False
         try:
             try:
                 first = await anext(requests)
@@ -537,6 +607,11 @@ class InferenceProxy:
             series = self._metrics.series(name, version, STREAM)
             md = forward_metadata(metadata)
             timeout = _remaining(context)
+            # A stream holds one admission slot for its whole life.
+            if not self.admission.try_enter():
+                priority = self._cache.priorities.resolve(request_keys(metadata)[1])
+                await self.admission.wait(priority, timeout)
+            admitted = True
             if self._picker is None:
                 chosen, hit = await self._table_pick(name, version, md, context)
             else:
@@ -571,8 +646,10 @@ class InferenceProxy:
             raise
         except Exception as error:
             code, message = status_of(error)
-            await _abort(context, code, message)
+            await _abort(context, code, message, self._refusal(name, error, code, message))
         finally:
+            if admitted:
+                self.admission.leave()
             if pump is not None:
                 pump.cancel()
             if call is not None:
@@ -731,9 +808,11 @@ def _remaining(context: Context) -> float | None:
     return timeout
 
 
-async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+async def _abort(
+    context: Context, code: grpc.StatusCode, message: str, trailers: Metadata = ()
+) -> NoReturn:
     """Ends the RPC with (code, message) from `status_of`, which the metrics saw too."""
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=trailers)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 

@@ -1,0 +1,305 @@
+"""Priorities and overload: which class a request is in, and whether it may go on now.
+
+A request's class comes from its `x-priority` metadata, looked up in the classes the router's
+policy publishes on WatchRoutes (`PriorityClasses`); an unknown or missing name gets the
+policy's default class. The class gives Triton's priority level (1 is the highest) and whether
+overload may shed the request.
+
+`Admission` bounds what one sidecar has in flight (`max_in_flight`) and what waits for a slot
+(`max_queued`). Waiting requests are admitted best level first, then in arrival order. When
+the queue is full, a newcomer displaces the lowest-level sheddable waiter of a strictly lower
+priority than its own (that waiter is shed); if there is none, the newcomer is shed. Shed
+requests end with RESOURCE_EXHAUSTED (`ShedError`) and a retry hint, never UNAVAILABLE, which
+means that no instance could serve. Nothing here grows with the offered load: the queue is
+bounded and a shed request costs one exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from pointsman.errors import DeadlineExpiredError, OverloadedError
+from pointsman.router.v1 import router_pb2
+
+__all__ = [
+    "NO_CLASSES",
+    "PRIORITY_HEADER",
+    "REQUEST_ID_HEADER",
+    "RETRY_AFTER_HEADER",
+    "STATUS_DETAILS_HEADER",
+    "UNCLASSED",
+    "Admission",
+    "PriorityClass",
+    "PriorityClasses",
+    "ShedError",
+    "priority_classes_from_proto",
+    "request_keys",
+    "sets_parameter",
+]
+
+PRIORITY_HEADER = "x-priority"
+REQUEST_ID_HEADER = "x-request-id"
+# Trailing metadata of a shed request: milliseconds the caller should wait before retrying.
+RETRY_AFTER_HEADER = "retry-after-ms"
+# Where gRPC carries a google.rpc.Status with details.
+STATUS_DETAILS_HEADER = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityClass:
+    """One class of the router's policy: Triton's level (1 is the highest) and sheddability."""
+
+    name: str
+    triton_priority: int
+    sheddable: bool = False
+
+
+# What a request is in while no policy has arrived (static routes only): below every real
+# level, never shed by class (a full queue still refuses it), and no Triton priority is set.
+UNCLASSED = PriorityClass("", 0, False)
+# Admission ranks UNCLASSED requests after every level a policy can name.
+_UNCLASSED_RANK = 1 << 32
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityClasses:
+    """The policy's classes by name, and the class of a request that names none it knows."""
+
+    by_name: Mapping[str, PriorityClass] = field(default_factory=lambda: MappingProxyType({}))
+    default: PriorityClass = UNCLASSED
+
+    def resolve(self, name: str) -> PriorityClass:
+        """The class called `name`; the default class for "" or an unknown name."""
+        return self.by_name.get(name, self.default) if name else self.default
+
+
+NO_CLASSES = PriorityClasses()
+
+
+def priority_classes_from_proto(message: router_pb2.PriorityPolicy) -> PriorityClasses:
+    """The classes a WatchRoutes message carries. A default naming no class leaves requests
+    without a known class UNCLASSED rather than failing: the router validated the policy."""
+    classes = {
+        pc.name: PriorityClass(pc.name, pc.triton_priority, pc.sheddable)
+        for pc in message.classes
+        if pc.name
+    }
+    return PriorityClasses(MappingProxyType(classes), classes.get(message.default_class, UNCLASSED))
+
+
+def request_keys(metadata: Sequence[tuple[str, Any]] | None) -> tuple[str, str]:
+    """(x-request-id, x-priority) from the call's metadata; "" for each one absent."""
+    request_id = priority = ""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            request_id = value
+        elif key == PRIORITY_HEADER and isinstance(value, str):
+            priority = value
+    return request_id, priority
+
+
+# ModelInferRequest.parameters is field 4 (LEN): a map entry whose key is its field 1.
+_PARAMETERS_TAG = 4 << 3 | 2
+
+
+def sets_parameter(data: bytes, key: str) -> bool:
+    """Whether the serialized ModelInferRequest `data` has `parameters[key]`.
+
+    Walks the top-level fields only (tensor contents are skipped by length). Every protobuf
+    serializer writes a map entry's key first, which is all this looks at. `data` has already
+    passed `wire.peek_model`; anything it cannot read answers False.
+    """
+    wanted = b"\x0a" + bytes([len(key)]) + key.encode() if len(key) < 0x80 else None
+    n = len(data)
+    i = 0
+    try:
+        while i < n:
+            tag, i = _varint(data, i)
+            wire_type = tag & 7
+            if wire_type == 2:
+                length, i = _varint(data, i)
+                if (
+                    tag == _PARAMETERS_TAG
+                    and wanted is not None
+                    and data.startswith(wanted, i, i + length)
+                ):
+                    return True
+                i += length
+            elif wire_type == 0:
+                _, i = _varint(data, i)
+            elif wire_type == 1:
+                i += 8
+            elif wire_type == 5:
+                i += 4
+            else:
+                return False
+    except IndexError:
+        return False
+    return False
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+class ShedError(OverloadedError):
+    """RESOURCE_EXHAUSTED: refused to protect the fleet; retry after `retry_after_ms`."""
+
+    def __init__(self, message: str, *, priority: PriorityClass, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.priority = priority
+        self.retry_after_ms = retry_after_ms
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The retry hint: `retry-after-ms`, and a `google.rpc.RetryInfo` in the standard
+        rich status (`grpc-status-details-bin`) for clients that read that."""
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(self.retry_after_ms)
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status = status_pb2.Status(
+            code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=str(self), details=[detail]
+        )
+        return (
+            (RETRY_AFTER_HEADER, str(self.retry_after_ms)),
+            (STATUS_DETAILS_HEADER, status.SerializeToString()),
+        )
+
+
+@dataclass(order=True, slots=True)
+class _Waiter:
+    rank: int
+    seq: int
+    # Not part of the order: ties are broken by arrival (seq), which is unique.
+    priority: PriorityClass = field(compare=False)
+    admitted: asyncio.Future[None] = field(compare=False)
+
+
+def _rank(priority: PriorityClass) -> int:
+    return priority.triton_priority if priority.triton_priority > 0 else _UNCLASSED_RANK
+
+
+class Admission:
+    """At most `max_in_flight` requests running and `max_queued` waiting, per sidecar.
+
+    `try_enter()` takes a slot at once when one is free and nobody waits (the hot path: no
+    future, no await); otherwise `wait()` queues. Whoever got a slot calls `leave()` once.
+    Runs on one event loop: no locks.
+    """
+
+    def __init__(self, max_in_flight: int, max_queued: int, *, retry_after_ms: int) -> None:
+        if max_in_flight < 1 or max_queued < 0:
+            raise ValueError("max_in_flight must be >= 1 and max_queued >= 0")
+        self.max_in_flight = max_in_flight
+        self.max_queued = max_queued
+        self.retry_after_ms = retry_after_ms
+        self.in_flight = 0
+        self._queue: list[_Waiter] = []
+        self._seq = itertools.count()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def try_enter(self) -> bool:
+        if self.in_flight < self.max_in_flight and not self._queue:
+            self.in_flight += 1
+            return True
+        return False
+
+    async def wait(self, priority: PriorityClass, timeout: float | None) -> None:
+        """Queues for a slot, up to `timeout` seconds (the caller's deadline).
+
+        Raises ShedError when the queue is full and this request ranks lowest, or when a
+        better request displaces it while it waits; DeadlineExpiredError when time runs out.
+        """
+        if self.try_enter():
+            return
+        rank = _rank(priority)
+        if len(self._queue) >= self.max_queued:
+            victim = self._victim(rank)
+            if victim is None:
+                raise self._shed(priority, "the sidecar's queue is full")
+            self._remove(victim)
+            victim.admitted.set_exception(
+                self._shed(
+                    victim.priority,
+                    "displaced from the sidecar's queue by a request of higher priority",
+                )
+            )
+        waiter = _Waiter(
+            rank, next(self._seq), priority, asyncio.get_running_loop().create_future()
+        )
+        heapq.heappush(self._queue, waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.admitted), timeout)
+        except TimeoutError:
+            self._give_up(waiter)
+            raise DeadlineExpiredError(
+                "deadline expired while waiting in the sidecar's admission queue"
+            ) from None
+        except asyncio.CancelledError:
+            self._give_up(waiter)
+            raise
+
+    def leave(self) -> None:
+        """Frees a slot; the best waiter, if any, takes it."""
+        self.in_flight -= 1
+        while self._queue and self.in_flight < self.max_in_flight:
+            waiter = heapq.heappop(self._queue)
+            if not waiter.admitted.done():
+                self.in_flight += 1
+                waiter.admitted.set_result(None)
+
+    def _victim(self, rank: int) -> _Waiter | None:
+        """The sheddable waiter of the lowest priority (the latest among equals), if it ranks
+        strictly below `rank`."""
+        worst: _Waiter | None = None
+        for waiter in self._queue:
+            if (
+                waiter.priority.sheddable
+                and waiter.rank > rank
+                and (worst is None or (waiter.rank, waiter.seq) > (worst.rank, worst.seq))
+            ):
+                worst = waiter
+        return worst
+
+    def _remove(self, waiter: _Waiter) -> None:
+        self._queue.remove(waiter)
+        heapq.heapify(self._queue)
+
+    def _give_up(self, waiter: _Waiter) -> None:
+        """A waiter that stops waiting: out of the queue, or, if a slot was just handed to
+        it, the slot passes on."""
+        admitted = waiter.admitted
+        if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
+            self.leave()
+        elif not admitted.done():
+            admitted.cancel()
+            self._remove(waiter)
+
+    def _shed(self, priority: PriorityClass, why: str) -> ShedError:
+        what = f"priority class '{priority.name}'" if priority.name else "request"
+        return ShedError(
+            f"overloaded: {what} shed, {why} ({self.in_flight} in flight, {len(self._queue)} "
+            f"queued); retry after {self.retry_after_ms} ms",
+            priority=priority,
+            retry_after_ms=self.retry_after_ms,
+        )

@@ -1,0 +1,159 @@
+"""Idempotent requests: one execution per request id, and its outcome replayed for a while.
+
+A request that carries an id (`x-request-id` metadata, else the ModelInferRequest's `id`) is
+keyed by (model, version asked for, id). While one execution of a key runs, duplicates wait
+for its outcome instead of running again (coalescing). A finished outcome, the response
+bytes or the error status, is kept for `ttl_s` and replayed to later duplicates, within
+`max_bytes`: least recently used outcomes go first, and one larger than the whole budget is
+not kept. Outcomes that say the request was not run (UNAVAILABLE, RESOURCE_EXHAUSTED,
+DEADLINE_EXCEEDED, CANCELLED, ABORTED) are not kept, so a retry of those runs again: safe
+retries build on this.
+
+The execution runs in a task of its own, so the caller that started it can leave (cancel,
+deadline) without taking the result from the others; Triton would run it anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import grpc
+
+from pointsman.errors import status_of
+
+__all__ = ["IdempotencyCache", "Reuse", "StoredStatusError"]
+
+Key = tuple[str, str, str]
+
+# Bytes an outcome costs besides its payload (entry, key strings' headers, dict slot):
+# counted so that many tiny outcomes are bounded too.
+ENTRY_OVERHEAD_BYTES = 256
+
+# Codes that mean the request was not executed: a retry must run it again.
+_NOT_RUN = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
+class Reuse(Enum):
+    """How a request with an id was answered (the `outcome` label of its metric)."""
+
+    EXECUTED = "executed"
+    COALESCED = "coalesced"
+    REPLAYED = "replayed"
+
+
+class StoredStatusError(grpc.RpcError):  # type: ignore[misc]  # grpc ships no types
+    """A kept error outcome, replayed with its original code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self._code = code
+        self._message = message
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    expires_at: float
+    size: int
+    response: bytes | None
+    error: StoredStatusError | None
+
+
+class IdempotencyCache:
+    """Coalesces and replays requests by key. Runs on one event loop: no locks."""
+
+    def __init__(
+        self, ttl_s: float, max_bytes: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._done: OrderedDict[Key, _Outcome] = OrderedDict()
+        self._running: dict[Key, asyncio.Task[bytes]] = {}
+        self.used_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether an outcome of `key` is kept (expired or not)."""
+        return key in self._done
+
+    async def run(self, key: Key, execute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, Reuse]:
+        """The response for `key`: replayed, awaited from the running execution, or from
+        `execute()`. An error outcome raises (kept ones as StoredStatusError)."""
+        kept = self._done.get(key)
+        if kept is not None:
+            if kept.expires_at > self._clock():
+                self._done.move_to_end(key)
+                if kept.error is not None:
+                    raise kept.error
+                assert kept.response is not None
+                return kept.response, Reuse.REPLAYED
+            self._drop(key)
+        running = self._running.get(key)
+        if running is not None:
+            return await asyncio.shield(running), Reuse.COALESCED
+        task = asyncio.ensure_future(self._execute(key, execute))
+        task.add_done_callback(_retrieve)
+        self._running[key] = task
+        return await asyncio.shield(task), Reuse.EXECUTED
+
+    async def _execute(self, key: Key, execute: Callable[[], Awaitable[bytes]]) -> bytes:
+        try:
+            response = await execute()
+        except Exception as error:
+            code, message = status_of(error)
+            if code not in _NOT_RUN:
+                self._keep(key, None, StoredStatusError(code, message), len(message))
+            raise
+        finally:
+            self._running.pop(key, None)
+        self._keep(key, response, None, len(response))
+        return response
+
+    def _keep(
+        self, key: Key, response: bytes | None, error: StoredStatusError | None, payload: int
+    ) -> None:
+        size = payload + sum(map(len, key)) + ENTRY_OVERHEAD_BYTES
+        if self.ttl_s <= 0 or size > self.max_bytes:
+            return
+        self._drop(key)
+        now = self._clock()
+        # Expired outcomes at the old end go first, then the least recently used.
+        while self._done:
+            oldest_key, oldest = next(iter(self._done.items()))
+            if oldest.expires_at > now and self.used_bytes + size <= self.max_bytes:
+                break
+            self._drop(oldest_key)
+        self._done[key] = _Outcome(now + self.ttl_s, size, response, error)
+        self.used_bytes += size
+
+    def _drop(self, key: Key) -> None:
+        gone = self._done.pop(key, None)
+        if gone is not None:
+            self.used_bytes -= gone.size
+
+
+def _retrieve(task: asyncio.Task[bytes]) -> None:
+    """Marks an execution's exception as seen: every caller may have left before it ended."""
+    if not task.cancelled():
+        task.exception()
