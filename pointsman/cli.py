@@ -290,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar_main.add_arguments(sidecar)
     sidecar.set_defaults(func=sidecar_main.run)
 
+    from pointsman import webhook
+
+    inject = sub.add_parser("webhook", help="serve the sidecar-injecting admission webhook (HTTPS)")
+    webhook.add_arguments(inject)
+    inject.set_defaults(func=webhook.run)
+
     _add_policy_parser(sub)
     return parser
 
