@@ -297,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     inject.set_defaults(func=webhook.run)
 
     _add_policy_parser(sub)
+
+    from pointsman.bench import command as bench_command
+
+    bench = sub.add_parser(
+        "bench", help="benchmarks: seed table, data-plane overhead, scale; JSON + markdown + PNG"
+    )
+    bench_command.add_arguments(bench)
+    bench.set_defaults(func=bench_command.run)
     return parser
 
 

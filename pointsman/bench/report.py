@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -249,7 +250,8 @@ def _plot(run: BenchRun, path: Path) -> None:
 
 
 def write_report(run: BenchRun, out_dir: Path) -> list[Path]:
-    """Writes results.json, results.md and results.png into `out_dir`; returns their paths."""
+    """Writes results.json, results.md and results.png into `out_dir`; returns their paths.
+    Without matplotlib (the `bench` extra) the PNG is left out, with a message."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out_dir / f"results.{ext}" for ext in ("json", "md", "png"))
     document = {
@@ -260,7 +262,15 @@ def write_report(run: BenchRun, out_dir: Path) -> list[Path]:
     }
     json_path.write_text(json.dumps(_jsonable(document), indent=2) + "\n")
     md_path.write_text(render_markdown(run))
-    _plot(run, png_path)
+    try:
+        _plot(run, png_path)
+    except ImportError:
+        print(
+            "pointsman bench: matplotlib is not installed, so no PNG "
+            "(pip install 'pointsman[bench]')",
+            file=sys.stderr,
+        )
+        return [json_path, md_path]
     return [json_path, md_path, png_path]
 
 

@@ -204,8 +204,7 @@ def _h2load_run(
 
 def run_overhead(
     settings: OverheadSettings, progress: Callable[[str], None] = lambda _line: None
-) -> tuple[ScenarioResult, str]:
-    """The result, and the Triton server's version (for the machine description)."""
+) -> ScenarioResult:
     workdir = Path(tempfile.mkdtemp(prefix="pointsman-bench-overhead-"))
     triton = TritonSpec.on_free_ports(
         "bench-triton", load_models=(MODEL,), log_path=workdir / "triton.log"
@@ -281,7 +280,9 @@ def run_overhead(
     finally:
         stop_all(processes[::-1])
     notes.append(f"logs: {workdir}")
-    return _result(results, settings, drivers, list(paths), notes), triton_version
+    result = _result(results, settings, drivers, list(paths), notes)
+    result.data["triton_version"] = triton_version
+    return result
 
 
 def _result(
