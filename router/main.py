@@ -15,6 +15,7 @@ from typing import Any
 
 from pointsman.errors import ConfigError
 from pointsman.telemetry import Tracing, setup_tracing
+from router.autoscale import DesiredReplicasView, measure_router
 from router.config import RouterConfig, load_router_config, parse_router_config
 from router.discovery import ManagedDiscovery, discovery_for
 from router.policy import PolicyStore
@@ -104,6 +105,10 @@ async def _serve(
     # The process-wide registry: it also carries the process_* and python_* collectors.
     router = await start_router(
         config, discovery=discovery, registry=REGISTRY, tracing=tracing, policy_store=policy
+    )
+    # The autoscaling signal (router/autoscale.py), computed at each scrape.
+    router.metrics.registry.register(
+        DesiredReplicasView(lambda: measure_router(router, policy, config.discovery.pool))
     )
     print(f"pointsman router listening on 127.0.0.1:{router.port}", flush=True)
     if router.metrics_port is not None:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import grpc
+import httpx
 import pytest
 import yaml
 
@@ -416,11 +417,13 @@ def test_pointsman_router_discovers_tritons_from_endpointslices(
             )
         )
         listen = f"127.0.0.1:{free_port()}"
+        metrics_listen = f"127.0.0.1:{free_port()}"
         (tmp_path / "policy.yaml").write_text("placement: {enabled: false}\n")
         (tmp_path / "router.yaml").write_text(
             yaml.safe_dump(
                 {
                     "listen": listen,
+                    "metrics_listen": metrics_listen,
                     "policy_file": "policy.yaml",
                     "discovery": {
                         "kind": "kubernetes",
@@ -448,6 +451,10 @@ def test_pointsman_router_discovers_tritons_from_endpointslices(
         try:
             expected_first = [f"pod-{tritons[0].instance_id}"]
             wait_for(lambda: _try_list(listen) == expected_first, timeout_s=30)
+            # The autoscaling signal is served (figures come with placement's rounds, off here).
+            scraped = httpx.get(f"http://{metrics_listen}/metrics", timeout=5).text
+            assert "# TYPE pointsman_router_desired_replicas gauge" in scraped
+            assert "# TYPE pointsman_router_model_desired_copies gauge" in scraped
             # The second Triton arrives in a slice of its own (its own port, as in a test fleet).
             api.put(
                 endpoint_slice(
