@@ -190,15 +190,27 @@ def _cmd_policy_rpc(args: argparse.Namespace) -> int:
     """
     import grpc
 
+    from pointsman.auth import bearer_metadata, load_admin_token
+    from pointsman.errors import ConfigError
     from pointsman.router.v1 import router_pb2 as pb
     from pointsman.router.v1 import router_pb2_grpc as pb_grpc
+    from pointsman.tls import TlsConfig, sync_channel, tls_from_args
 
     rpc = args.policy_command
-    with grpc.insecure_channel(args.router) as channel:
+    try:
+        token = load_admin_token(args.token_file, where="--token-file")
+        tls = tls_from_args(args, "tls", TlsConfig(where="--tls"))
+        channel = sync_channel(args.router, tls)
+    except ConfigError as exc:
+        print(f"pointsman policy {rpc}: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = pb_grpc.RouterServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             if rpc == "reload":
-                reloaded = stub.ReloadPolicy(pb.ReloadPolicyRequest(), timeout=args.timeout)
+                reloaded = stub.ReloadPolicy(
+                    pb.ReloadPolicyRequest(), timeout=args.timeout, metadata=bearer_metadata(token)
+                )
                 state = "changed" if reloaded.changed else "unchanged"
                 print(f"policy {reloaded.policy_version} {state}")
             else:
@@ -227,6 +239,8 @@ def _cmd_policy_rpc(args: argparse.Namespace) -> int:
 
 
 def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pointsman.tls import add_tls_arguments
+
     policy = sub.add_parser("policy", help="check a policy file; show or reload the router's")
     actions = policy.add_subparsers(dest="policy_command", required=True)
     check = actions.add_parser(
@@ -245,6 +259,13 @@ def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         action.add_argument(
             "--timeout", type=_positive_seconds, default=5.0, help="seconds to wait for it"
         )
+        action.add_argument(
+            "--token-file",
+            type=Path,
+            metavar="FILE",
+            help="admin bearer token to send (default: $POINTSMAN_ADMIN_TOKEN, if set)",
+        )
+        add_tls_arguments(action, "tls", "the channel to the router", listening=False)
         action.set_defaults(func=_cmd_policy_rpc)
 
 

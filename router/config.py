@@ -14,6 +14,12 @@ A file looks like:
         memory_budget_bytes: 2147483648
     policy_file: policy.yaml      # scheduling, placement, versions (router/policy.py);
                                   # relative to this file; hot-reloaded when it changes
+    tls: {cert_file: server.pem, key_file: server.key}   # pointsman/tls.py; +ca_file and
+                                  # require_client_cert: true for mutual TLS
+    triton_tls: {ca_file: triton-ca.pem}                  # TLS towards Triton
+    admin_token_file: /run/secrets/pointsman-admin  # else $POINTSMAN_ADMIN_TOKEN
+    admin_identities: [ops-admin] # client-cert CN/SAN allowed admin RPCs (with mTLS)
+    shutdown_grace_s: 5           # SIGTERM: NOT_SERVING, streams end, RPCs get this long
 
 Every error names the field, e.g. "instances[1].grpc: must be host:port".
 """
@@ -28,11 +34,15 @@ from typing import Any
 import yaml
 
 from pointsman.errors import ConfigError
+from pointsman.tls import TlsConfig, check_calling, check_listening, tls_from_mapping
 from router.discovery_config import DiscoveryConfig, DiscoveryKind, parse_discovery_config
 
 __all__ = ["InstanceConfig", "RouterConfig", "load_router_config", "parse_router_config"]
 
 DEFAULT_LISTEN = "127.0.0.1:8101"
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_PLAINTEXT = TlsConfig(where="tls")
+_PLAINTEXT_TO_TRITON = TlsConfig(where="triton_tls")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,20 @@ class RouterConfig:
     metrics_listen: str = ""
     # The policy file (router.policy); None = the built-in default policy.
     policy_file: Path | None = None
+    # TLS of the listening port and of the channels to Triton (pointsman/tls.py); empty
+    # blocks: plaintext.
+    tls: TlsConfig = _PLAINTEXT
+    triton_tls: TlsConfig = _PLAINTEXT_TO_TRITON
+    # Admin RPCs (ReloadPolicy) need `authorization: Bearer <token>` with the token in this
+    # file (else in $POINTSMAN_ADMIN_TOKEN), or a verified client certificate whose CN or a
+    # SAN is in admin_identities (needs tls.require_client_cert). With neither configured
+    # they are accepted from loopback callers only (pointsman/auth.py).
+    admin_token_file: Path | None = None
+    admin_identities: tuple[str, ...] = ()
+    # Seconds in-flight RPCs get on SIGTERM (WatchRoutes streams end at once).
+    shutdown_grace_s: float = 5.0
+    # Largest message received or sent, on the listening port and on channels to Triton.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Where instances come from (router/discovery_config.py); static = `instances`.
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
@@ -110,6 +134,12 @@ _TOP_LEVEL = {
     "seed",
     "metrics_listen",
     "policy_file",
+    "tls",
+    "triton_tls",
+    "admin_token_file",
+    "admin_identities",
+    "shutdown_grace_s",
+    "max_message_bytes",
     "discovery",
 }
 
@@ -138,6 +168,32 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
     discovery = parse_discovery_config(data.get("discovery"))
     if discovery.kind is not DiscoveryKind.STATIC and instances:
         raise ConfigError(f"instances: must be empty when discovery.kind is {discovery.kind.value}")
+    tls = tls_from_mapping(data.get("tls"), "tls")
+    check_listening(tls)
+    triton_tls = tls_from_mapping(data.get("triton_tls"), "triton_tls")
+    check_calling(triton_tls)
+    token_file = data.get("admin_token_file")
+    if token_file is not None and (not isinstance(token_file, str | Path) or not str(token_file)):
+        raise ConfigError(f"admin_token_file: must be a file path, got {token_file!r}")
+    identities = data.get("admin_identities", ())
+    if isinstance(identities, str):
+        identities = [identities]
+    if not isinstance(identities, list | tuple) or not all(
+        isinstance(i, str) and i for i in identities
+    ):
+        raise ConfigError(f"admin_identities: must be a list of names, got {identities!r}")
+    if identities and not tls.require_client_cert:
+        raise ConfigError("admin_identities: needs tls.require_client_cert (verified client certs)")
+    shutdown_grace_s = _number(data, "shutdown_grace_s", 5.0, positive=False)
+    if shutdown_grace_s < 0:
+        raise ConfigError(f"shutdown_grace_s: must be >= 0, got {shutdown_grace_s!r}")
+    max_message_bytes = data.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+    if (
+        isinstance(max_message_bytes, bool)
+        or not isinstance(max_message_bytes, int)
+        or max_message_bytes <= 0
+    ):
+        raise ConfigError(f"max_message_bytes: must be an integer > 0, got {max_message_bytes!r}")
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"seed: must be an integer, got {seed!r}")
@@ -153,6 +209,12 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
             "" if metrics_listen in (None, "") else _address(metrics_listen, "metrics_listen")
         ),
         policy_file=None if policy_file is None else Path(policy_file),
+        tls=tls,
+        triton_tls=triton_tls,
+        admin_token_file=None if token_file is None else Path(token_file),
+        admin_identities=tuple(identities),
+        shutdown_grace_s=shutdown_grace_s,
+        max_message_bytes=max_message_bytes,
         discovery=discovery,
     )
 

@@ -13,8 +13,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from pointsman.auth import ADMIN_TOKEN_ENV
 from pointsman.errors import ConfigError
 from pointsman.telemetry import Tracing, setup_tracing
+from pointsman.tls import add_tls_arguments, tls_from_args
 from router.autoscale import DesiredReplicasView, measure_router
 from router.config import RouterConfig, load_router_config, parse_router_config
 from router.discovery import ManagedDiscovery, discovery_for
@@ -46,7 +48,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a Triton instance (repeatable); adds to the file's list",
     )
     parser.add_argument("--seed", type=int, help="seed of the picker's random source")
-    parser.add_argument("--grace", type=float, default=5.0, help="seconds to drain on SIGTERM")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        help="seconds in-flight RPCs get on SIGTERM (default: the file's shutdown_grace_s, 5)",
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="FILE",
+        help=f"admin RPCs need this bearer token (default: ${ADMIN_TOKEN_ENV}; with neither "
+        "token nor --admin-identity, admin RPCs are accepted from this host only)",
+    )
+    parser.add_argument(
+        "--admin-identity",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a client-certificate CN or SAN allowed admin RPCs (mutual TLS); repeatable",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        metavar="N",
+        help="largest message received or sent (default 16 MiB)",
+    )
+    add_tls_arguments(parser, "tls", "the listening port", listening=True)
+    add_tls_arguments(parser, "triton-tls", "channels to Triton", listening=False)
 
 
 def _instance_flag(value: str) -> dict[str, Any]:
@@ -63,6 +91,17 @@ def _instance_flag(value: str) -> dict[str, Any]:
         except ValueError as exc:
             raise ConfigError(f"--instance {value!r}: budget must be an integer") from exc
     return item
+
+
+def check_credentials(config: RouterConfig) -> None:
+    """Reads the token and certificate files now, so a missing one stops the start."""
+    from router.server import admin_auth_from_config
+
+    admin_auth_from_config(config)
+    if config.tls.enabled:
+        config.tls.server_credentials()
+    if config.triton_tls.enabled:
+        config.triton_tls.channel_credentials()
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -86,6 +125,14 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         "seed": args.seed if args.seed is not None else base.seed,
         "metrics_listen": args.metrics_listen or base.metrics_listen,
         "policy_file": args.policy or base.policy_file,
+        "tls": tls_from_args(args, "tls", base.tls),
+        "triton_tls": tls_from_args(args, "triton-tls", base.triton_tls),
+        "admin_token_file": getattr(args, "admin_token_file", None) or base.admin_token_file,
+        "admin_identities": [*base.admin_identities, *getattr(args, "admin_identity", [])],
+        "shutdown_grace_s": (
+            args.grace if getattr(args, "grace", None) is not None else base.shutdown_grace_s
+        ),
+        "max_message_bytes": getattr(args, "max_message_bytes", None) or base.max_message_bytes,
         "discovery": base.discovery,
     }
     return parse_router_config(data)
@@ -128,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
     try:
         config = config_from_args(args)
+        check_credentials(config)
         tracing = setup_tracing("pointsman-router")
     except ConfigError as exc:
         print(f"pointsman router: {exc}")
@@ -149,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     import uvloop
 
     try:
-        uvloop.run(_serve(config, args.grace, tracing, policy, discovery))
+        uvloop.run(_serve(config, config.shutdown_grace_s, tracing, policy, discovery))
     finally:
         discovery.stop()
         tracing.shutdown()

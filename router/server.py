@@ -14,9 +14,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
+from pointsman.auth import AdminAuth, AdminAuthInterceptor, load_admin_token
 from pointsman.clock import Clock, monotonic
+from pointsman.drain import DrainingHealthServicer
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
 from pointsman.telemetry import MetricsEndpoint, Tracing, serve_metrics
+from pointsman.tls import add_port
 from router.config import RouterConfig
 from router.contracts import FleetSnapshot
 from router.datalayer.collector import FleetCollector
@@ -33,6 +36,16 @@ __all__ = ["RouterServer", "start_router"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "pointsman.router.v1.RouterService"
+# RPCs that change what the fleet does: they need a token or an allowed mTLS identity.
+ADMIN_METHODS = frozenset({f"/{SERVICE_NAME}/ReloadPolicy"})
+
+
+def admin_auth_from_config(config: RouterConfig) -> AdminAuth:
+    """The token from admin_token_file or $POINTSMAN_ADMIN_TOKEN, and the allowed identities."""
+    return AdminAuth(
+        token=load_admin_token(config.admin_token_file, where="admin_token_file"),
+        identities=frozenset(config.admin_identities),
+    )
 
 
 @dataclass
@@ -103,9 +116,12 @@ async def start_router(
     registry: CollectorRegistry | None = None,
     tracing: Tracing | None = None,
     policy_store: PolicyStore | None = None,
+    admin_auth: AdminAuth | None = None,
 ) -> RouterServer:
     """Starts the router. Metrics go to `registry` (a private one when None), served over
-    HTTP when `config.metrics_listen` is set; spans go to `tracing` when it is enabled."""
+    HTTP when `config.metrics_listen` is set; spans go to `tracing` when it is enabled.
+    `admin_auth` admits admin RPCs (default: from the config and $POINTSMAN_ADMIN_TOKEN)."""
+    auth = admin_auth if admin_auth is not None else admin_auth_from_config(config)
     policy = policy_store or PolicyStore(config.policy_file)
     book = RouteBook(
         Scheduler(policy.current.profile),
@@ -128,7 +144,7 @@ async def start_router(
         clock=clock,
         on_model_loaded=model_seen_loaded,
     )
-    control = TritonModelControl()
+    control = TritonModelControl(tls=config.triton_tls, max_message_bytes=config.max_message_bytes)
     controller = PlacementController(
         collector,
         book,
@@ -144,8 +160,20 @@ async def start_router(
     )
     assumed = AssumedLoad(window_s=2 * config.metrics_interval_s)
     stopping = asyncio.Event()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    health_servicer = health_aio.HealthServicer()
+    server = grpc.aio.server(
+        interceptors=[
+            AdminAuthInterceptor(
+                auth, ADMIN_METHODS, trust_peer_certs=config.tls.require_client_cert
+            )
+        ],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+    )
+    # Watch streams end once they said NOT_SERVING, so a drain waits only for real work.
+    health_servicer = DrainingHealthServicer()
     router = RouterServer(
         server=server,
         port=0,
@@ -174,7 +202,7 @@ async def start_router(
     )
     pb_grpc.add_RouterServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    router.port = server.add_insecure_port(config.listen)
+    router.port = add_port(server, config.listen, config.tls)
     if router.port == 0:
         raise OSError(f"router cannot bind {config.listen}")
     if config.metrics_listen:

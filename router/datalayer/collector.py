@@ -28,6 +28,7 @@ import httpx
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from pointsman.clock import Clock
+from pointsman.tls import TlsConfig, aio_channel
 from router.config import InstanceConfig, RouterConfig
 from router.contracts import FleetSnapshot, InstanceSnapshot, MemorySource, ModelOnInstance
 from router.datalayer.triton_metrics import TritonMetrics, parse_triton_metrics
@@ -137,6 +138,8 @@ class InstanceWatcher:
         on_change: Callable[[], None],
         on_model_loaded: ModelLoadedHook = _ignore_load,
         on_requests: Callable[[list[RequestDelta]], None] | None = None,
+        tls: TlsConfig | None = None,
+        max_message_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.config = config
         self._clock = clock
@@ -150,7 +153,14 @@ class InstanceWatcher:
         # baseline (when its requests came is unknown).
         self._request_totals: Mapping[tuple[str, str], float] | None = None
         self.gpu_memory: GpuMemoryReading | None = None
-        self._channel = grpc.aio.insecure_channel(config.grpc_address)
+        self._channel = aio_channel(
+            config.grpc_address,
+            tls,
+            (
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ),
+        )
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._states: dict[str, _ModelStates] = {}
         self.known_models: frozenset[str] = frozenset()
@@ -403,6 +413,8 @@ class FleetCollector:
                     on_change=self.changed.set,
                     on_model_loaded=self._on_model_loaded,
                     on_requests=self._request_deltas.extend,
+                    tls=self._config.triton_tls,
+                    max_message_bytes=self._config.max_message_bytes,
                 )
                 self._watchers[instance_id] = watcher
                 watcher.start()

@@ -22,6 +22,8 @@ from typing import Protocol
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from pointsman.tls import TlsConfig, aio_channel
+
 __all__ = ["ModelControl", "ModelControlError", "TritonModelControl"]
 
 # Index states in which a model version still holds memory.
@@ -59,16 +61,23 @@ class TritonModelControl:
         load_timeout_s: float = 300.0,
         rpc_timeout_s: float = 10.0,
         poll_interval_s: float = 0.05,
+        tls: TlsConfig | None = None,
+        max_message_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self._load_timeout_s = load_timeout_s
         self._rpc_timeout_s = rpc_timeout_s
         self._poll_interval_s = poll_interval_s
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tls = tls  # None or empty: plaintext
+        self._options = (
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        )
 
     def _stub(self, address: str) -> service_pb2_grpc.GRPCInferenceServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = aio_channel(address, self._tls, self._options)
         return service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
     async def load(self, address: str, model: str) -> None:
