@@ -180,3 +180,23 @@ def test_a_record_discovery_runs_in_its_thread(fake_dns: FakeDns) -> None:
         assert discovery.instances() == ()
     finally:
         discovery.stop()
+
+
+def test_router_config_picks_the_discovery() -> None:
+    from router.config import parse_router_config
+    from router.discovery import StaticDiscovery, discovery_for
+    from router.discovery_kubernetes import KubernetesDiscovery
+
+    static = parse_router_config({"instances": [{"id": "a", "grpc": "127.0.0.1:1"}]})
+    assert isinstance(discovery_for(static), StaticDiscovery)
+    dns_config = parse_router_config({"discovery": {"kind": "dns", "service": SERVICE}})
+    assert isinstance(discovery_for(dns_config), DnsDiscovery)
+    kube = parse_router_config({"discovery": {"kind": "kubernetes", "namespace": "x"}})
+    assert isinstance(discovery_for(kube), KubernetesDiscovery)
+    with pytest.raises(ConfigError, match=r"instances: must be empty when discovery\.kind is dns"):
+        parse_router_config(
+            {
+                "instances": [{"id": "a", "grpc": "127.0.0.1:1"}],
+                "discovery": {"kind": "dns", "service": SERVICE},
+            }
+        )
