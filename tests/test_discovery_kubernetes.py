@@ -499,3 +499,19 @@ def _try_list(address: str) -> list[str] | None:
         return _list_instances(address)
     except grpc.RpcError:
         return None
+
+
+def test_pointsman_router_without_credentials_exits_2_saying_why(tmp_path: Path) -> None:
+    (tmp_path / "router.yaml").write_text(
+        yaml.safe_dump({"discovery": {"kind": "kubernetes", "namespace": NAMESPACE}})
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pointsman", "router", "--config", str(tmp_path / "router.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "discovery: no Kubernetes API credentials" in result.stdout
