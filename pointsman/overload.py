@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ from tritonclient.grpc import service_pb2
 __all__ = [
     "Answer",
     "ClassFigures",
+    "RssSampler",
     "codegen_request",
     "figures",
     "measure_capacity",
+    "rss_bytes",
     "run_closed",
     "run_open_loop",
 ]
@@ -162,3 +165,36 @@ def figures(answers: Sequence[Answer], priority: str) -> ClassFigures:
         p50_ms=float(np.percentile(ok, 50)) if ok else float("nan"),
         p99_ms=float(np.percentile(ok, 99)) if ok else float("nan"),
     )
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process `pid` (Linux)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
+class RssSampler:
+    """The start and the highest RSS of a process, sampled on a thread while a load runs."""
+
+    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+        self.pid = pid
+        self.start = self.peak = rss_bytes(pid)
+        self._stop = threading.Event()
+        self._interval_s = interval_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.peak = max(self.peak, rss_bytes(self.pid))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.peak = max(self.peak, rss_bytes(self.pid))
