@@ -145,6 +145,11 @@ async def start_sidecar(
         idle_close_s=config.upstream_idle_close_s,
         tls=config.triton_tls,
     )
+    # Full route snapshots of a large fleet can pass gRPC's 4 MiB default.
+    router_channel = (
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    )
     if route_source is None and config.routers:
         route_source = RouterWatch(
             config.routers,
@@ -156,6 +161,7 @@ async def start_sidecar(
             # Its own stream, so reconnect jitter does not shift the balancer's draws.
             rng=random.Random(rng.getrandbits(64)),
             tls=config.router_tls,
+            channel_options=router_channel,
         )
     cache = RouteCache(
         pool,
@@ -164,7 +170,12 @@ async def start_sidecar(
         expects_router=route_source is not None,
     )
     picker = (
-        RouterPicker(config.routers, timeout_s=config.pick_timeout_s, tls=config.router_tls)
+        RouterPicker(
+            config.routers,
+            timeout_s=config.pick_timeout_s,
+            tls=config.router_tls,
+            channel_options=router_channel,
+        )
         if config.pick_mode == "per-request"
         else None
     )
@@ -172,7 +183,12 @@ async def start_sidecar(
     cold_picker = (
         picker
         if picker is not None or not config.routers or config.cold_start_wait_s <= 0
-        else RouterPicker(config.routers, timeout_s=config.pick_timeout_s, tls=config.router_tls)
+        else RouterPicker(
+            config.routers,
+            timeout_s=config.pick_timeout_s,
+            tls=config.router_tls,
+            channel_options=router_channel,
+        )
     )
     metrics = SidecarMetrics(registry or CollectorRegistry(), cache=cache, pool=pool)
     tracer = RpcTracer(tracing.tracer) if tracing is not None and tracing.enabled else None
