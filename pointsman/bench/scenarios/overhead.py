@@ -106,10 +106,11 @@ def h2load_command(
     address: str, body_file: Path, duration_s: float, concurrency: int, log_file: Path
 ) -> list[str]:
     """h2load with one connection and `concurrency` streams, posting gRPC frames; every
-    request's latency goes to `log_file` (start us, HTTP status, duration us; tab-separated)."""
+    request's latency goes to `log_file` (start us, HTTP status, duration us; tab-separated).
+    h2load takes whole seconds: see `h2load_seconds`."""
     return [
         "h2load",
-        f"--duration={duration_s:g}",
+        f"--duration={h2load_seconds(duration_s)}",
         "--warm-up-time=1",
         "--clients=1",
         f"--max-concurrent-streams={concurrency}",
@@ -120,6 +121,10 @@ def h2load_command(
         f"--log-file={log_file}",
         f"http://{address}{INFER_METHOD}",
     ]
+
+
+def h2load_seconds(duration_s: float) -> int:
+    return max(1, round(duration_s))
 
 
 def parse_h2load_log(text: str, duration_s: float) -> LoadSummary:
@@ -185,13 +190,15 @@ def _h2load_run(
     log_file = tmp / "h2load.log"
     log_file.unlink(missing_ok=True)
     before = triton_successes(metrics_url)
-    subprocess.run(
+    done = subprocess.run(
         h2load_command(address, body_file, settings.duration_s, concurrency, log_file),
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
     )
-    summary = parse_h2load_log(log_file.read_text(), settings.duration_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr or done.stdout}")
+    summary = parse_h2load_log(log_file.read_text(), h2load_seconds(settings.duration_s))
     time.sleep(0.6)  # Triton refreshes its metrics every 250 ms here
     served = triton_successes(metrics_url) - before
     if served < summary.ok:  # h2load's warm-up requests are served too, hence "<"
