@@ -62,8 +62,9 @@ lint: install check-protos check-ops
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Seed table, data-plane overhead and scale: results.json/.md/.png in ./pointsman-bench-TIME/.
 bench: install
-	$(PY) bench/sidecar_overhead.py
+	$(VENV)/bin/pointsman bench --scenario all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
