@@ -323,7 +323,7 @@ class InferenceProxy:
                 pick_span.set_attribute(INSTANCE, targets[0].grpc_address)
         except RouterUnreachableError as error:
             code, message = _UNAVAILABLE, str(error)
-            return pick(self._candidates(name, version), self._rng), None, True, ""
+            return self._pick(self._candidates(name, version)), None, True, ""
         except grpc.aio.AioRpcError as error:
             code, message = error.code(), error.details() or ""
             raise
