@@ -26,6 +26,8 @@ from sidecar.admission import (
     sets_parameter,
 )
 from sidecar.config import config_from_mapping
+from sidecar.routes import RouteCache
+from sidecar.upstream import UpstreamPool
 from sidecar.wire import with_uint64_parameter
 
 HIGH = PriorityClass("high", 1)
@@ -276,3 +278,23 @@ def test_config_accepts_overload_and_idempotency_fields() -> None:
         {"max_in_flight": 8, "max_queued": 0, "idempotency_ttl_s": 0, "shed_retry_after_ms": 50}
     )
     assert (config.max_in_flight, config.max_queued, config.idempotency_ttl_s) == (8, 0, 0)
+
+
+def test_route_cache_keeps_the_last_priority_classes() -> None:
+    cache = RouteCache(UpstreamPool(max_message_bytes=1 << 20, idle_close_s=60))
+    assert cache.priorities == NO_CLASSES
+    policy = router_pb2.PriorityPolicy(
+        classes=[router_pb2.PriorityClass(name="high", triton_priority=1)], default_class="high"
+    )
+    cache.apply(router_pb2.WatchRoutesResponse(full_snapshot=True, priority_policy=policy))
+    assert cache.priorities.resolve("") == PriorityClass("high", 1)
+    # Heartbeats and table updates without the field keep the classes.
+    cache.apply(router_pb2.WatchRoutesResponse(generation=2))
+    cache.apply(router_pb2.WatchRoutesResponse(removed_models=["gone"], generation=3))
+    assert cache.priorities.resolve("x") == PriorityClass("high", 1)
+    changed = router_pb2.PriorityPolicy(
+        classes=[router_pb2.PriorityClass(name="low", triton_priority=2, sheddable=True)],
+        default_class="low",
+    )
+    cache.apply(router_pb2.WatchRoutesResponse(generation=4, priority_policy=changed))
+    assert cache.priorities.resolve("high") == PriorityClass("low", 2, True)

@@ -30,6 +30,7 @@ from pointsman.overload import (
     run_closed,
     run_open_loop,
 )
+from pointsman.router.v1 import router_pb2, router_pb2_grpc
 from sidecar.config import SidecarConfig
 from sidecar.server import start_sidecar
 
@@ -40,6 +41,10 @@ priority_classes:
   high: {triton_priority: 1}
   low: {triton_priority: 2, sheddable: true}
 default_priority_class: low
+"""
+BULK = """\
+  bulk: {triton_priority: 2, sheddable: true}
+default_priority_class: bulk
 """
 MAX_IN_FLIGHT, MAX_QUEUED = 8, 32
 REQUEST = codegen_request("def quicksort(items):", 16)
@@ -171,3 +176,38 @@ def test_triton_queue_full_is_counted(overload_fleet: Fleet) -> None:
     assert "Exceeds maximum queue size" in message
     assert codes.count(grpc.StatusCode.OK) + rejected == len(codes)
     assert counted == rejected
+
+
+@pytest.mark.timeout(60)
+def test_watch_routes_carries_priority_classes_and_resends_on_reload(
+    overload_fleet: Fleet,
+) -> None:
+    policy_file = overload_fleet.run_dir / "policy.yaml"
+
+    async def watch() -> tuple[router_pb2.PriorityPolicy, router_pb2.PriorityPolicy]:
+        async with grpc.aio.insecure_channel(overload_fleet.router_address) as channel:
+            stub = router_pb2_grpc.RouterServiceStub(channel)
+            stream = stub.WatchRoutes(router_pb2.WatchRoutesRequest(client_id="test"))
+            first = await stream.read()
+            assert first.full_snapshot and first.HasField("priority_policy")
+            policy_file.write_text(POLICY.replace("default_priority_class: low", "") + BULK)
+            await stub.ReloadPolicy(router_pb2.ReloadPolicyRequest())
+            # The next message carrying classes must be the reloaded ones, well before a
+            # heartbeat would have been due.
+            while True:
+                message = await asyncio.wait_for(stream.read(), 5)
+                if message.HasField("priority_policy"):
+                    stream.cancel()
+                    return first.priority_policy, message.priority_policy
+
+    try:
+        before, after = asyncio.run(watch())
+    finally:
+        policy_file.write_text(POLICY)
+    assert {(c.name, c.triton_priority, c.sheddable) for c in before.classes} == {
+        ("high", 1, False),
+        ("low", 2, True),
+    }
+    assert before.default_class == "low"
+    assert {c.name for c in after.classes} == {"high", "low", "bulk"}
+    assert after.default_class == "bulk"
