@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry
 from pointsman.auth import AdminAuth, AdminAuthInterceptor, load_admin_token
 from pointsman.clock import Clock, monotonic
 from pointsman.drain import DrainingHealthServicer
-from pointsman.router.v1 import router_pb2_grpc as pb_grpc
 from pointsman.telemetry import MetricsEndpoint, Tracing, serve_metrics
 from pointsman.tls import add_port
 from router.config import RouterConfig
@@ -31,6 +30,7 @@ from router.policy import Policy, PolicyStore
 from router.routes import AssumedLoad, RouteBook
 from router.scheduling import Scheduler
 from router.service import RouterServicer
+from router.strict_decoding import add_router_service
 
 __all__ = ["RouterServer", "start_router"]
 
@@ -200,7 +200,8 @@ async def start_router(
         placement=controller,
         tracing=tracing,
     )
-    pb_grpc.add_RouterServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    # Parses requests itself: bytes that do not parse get INVALID_ARGUMENT, not UNKNOWN.
+    add_router_service(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     router.port = add_port(server, config.listen, config.tls)
     if router.port == 0:
