@@ -51,6 +51,7 @@ LONG_TOKENS = 2500  # a few seconds of decoding on a small CPU
 STREAM_TOKENS = 1200
 MAX_TOKENS = 8192
 POLICY = "placement: {enabled: false}\n"
+PROMPT = b"def drain_with_secret_prompt():"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -150,7 +151,7 @@ def drain_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DrainFleet
             ["sidecar", "--listen", sidecar_address,
              "--router", router_a_address, "--router", router_b_address,
              "--cold-start-wait", "0", "--shutdown-grace", str(GRACE_S),
-             "--metrics-listen", sidecar_metrics],
+             "--metrics-listen", sidecar_metrics, "--log-level", "DEBUG"],
             run_dir,
         )  # fmt: skip
         processes.append(sidecar)
@@ -207,7 +208,7 @@ class HealthWatch:
 
 def _codegen_inputs(tokens: int) -> list[grpcclient.InferInput]:
     prompt = grpcclient.InferInput("PROMPT", [1, 1], "BYTES")
-    prompt.set_data_from_numpy(np.array([[b"def drain():"]], dtype=object))
+    prompt.set_data_from_numpy(np.array([[PROMPT]], dtype=object))
     count = grpcclient.InferInput("MAX_TOKENS", [1, 1], "INT32")
     count.set_data_from_numpy(np.array([[tokens]], dtype=np.int32))
     return [prompt, count]
@@ -362,3 +363,7 @@ def test_sidecar_drain_finishes_in_flight_work_and_refuses_new(drain_fleet: Drai
     assert code == 0, drain_fleet.sidecar.log_tail()
     assert time.monotonic() - stopped_at < GRACE_S
     health.close()
+    # Even at DEBUG, no request contents reach the logs.
+    for log in drain_fleet.run_dir.glob("*.log"):
+        if log.name != "t0.log":
+            assert PROMPT.decode() not in log.read_text(errors="replace"), log.name
