@@ -157,7 +157,15 @@ async def _serve(
     router.metrics.registry.register(
         DesiredReplicasView(lambda: measure_router(router, policy, config.discovery.pool))
     )
-    print(f"pointsman router listening on 127.0.0.1:{router.port}", flush=True)
+    host = config.listen.rpartition(":")[0]
+    security = (
+        " (mutual TLS)"
+        if config.tls.require_client_cert
+        else " (TLS)"
+        if config.tls.enabled
+        else ""
+    )
+    print(f"pointsman router listening on {host}:{router.port}{security}", flush=True)
     if router.metrics_port is not None:
         host = config.metrics_listen.rpartition(":")[0]
         print(

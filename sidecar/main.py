@@ -257,6 +257,9 @@ async def _serve_traced(config: SidecarConfig, tracing: Tracing) -> int:
     )
     if sidecar.metrics_url is not None:
         log.info("sidecar metrics at %s", sidecar.metrics_url)
+    if config.tls.enabled:
+        mode = "mutual TLS" if config.tls.require_client_cert else "TLS"
+        log.info("sidecar listening with %s", mode)
     if tracing.enabled:
         log.info(
             "sidecar tracing on (OTEL_TRACES_EXPORTER=%s)", os.environ.get("OTEL_TRACES_EXPORTER")
