@@ -5,12 +5,14 @@ uses the shared session fleet.
 - A hung model (`slow`) on an instance does not stall another model on the same instance.
 - A request whose deadline passes while queued in Triton is dropped by Triton's queue timeout
   (the sidecar passes the remaining time), not run.
+- A model unloading on one instance (Triton answers NOT_FOUND) is retried on another.
 - `kill -9` of one of three Tritons under steady load fails no request, and the dead instance
   leaves the routes.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 import urllib.request
@@ -21,11 +23,14 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from loop_thread import LoopThread
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from pointsman.fleet import Fleet, FleetConfig
 from pointsman.router.v1 import router_pb2, router_pb2_grpc
+from sidecar.config import SidecarConfig
+from sidecar.server import start_sidecar
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -235,6 +240,49 @@ def test_deadline_passing_in_the_queue_is_not_run(fleet: Fleet) -> None:
     print(f"straight to Triton with a client deadline only: {executed:.0f} executed, "
           f"{rejected:.0f} rejected by a queue timeout")  # fmt: skip
     assert rejected == 0
+
+
+def test_model_unloading_on_one_instance_is_retried_elsewhere(fleet: Fleet) -> None:
+    """Static routes (no router to update them) keep naming the instance where `echo` is
+    unloaded: every call sent there gets Triton's NOT_FOUND and is retried elsewhere."""
+    echo_addresses = tuple(s.grpc_address for s in fleet.tritons if "echo" in s.load_models)
+    unloaded, _ = triton(fleet, "triton-1")
+    loop = LoopThread()
+    config = SidecarConfig(
+        listen="127.0.0.1:0",
+        static_routes={"echo": echo_addresses},
+        cold_start_wait_s=0,
+        retry_budget_min=100,  # this test is about NOT_FOUND, not the budget
+    )
+    sidecar = loop.run(start_sidecar(config, rng=random.Random(11)))
+    registry = sidecar.metrics.registry
+
+    def attempts(code: str, instance: str = unloaded) -> float:
+        value = registry.get_sample_value(
+            "pointsman_sidecar_upstream_attempts_total", {"instance": instance, "code": code}
+        )
+        return value or 0.0
+
+    try:
+        with grpcclient.InferenceServerClient(unloaded) as direct:
+            direct.unload_model("echo")
+            try:
+                with grpcclient.InferenceServerClient(sidecar.address) as client:
+                    for _ in range(20):
+                        result = client.infer("echo", echo_inputs(), client_timeout=10)
+                        assert result.as_numpy("OUTPUT0").tolist() == [0.0, 1.0, 2.0, 3.0]
+                not_found = attempts("NOT_FOUND")
+                retries = registry.get_sample_value(
+                    "pointsman_sidecar_retries_total", {"model": "echo"}
+                )
+            finally:
+                direct.load_model("echo")  # as the fleet was (the router may do it too)
+    finally:
+        loop.run(sidecar.stop(0))
+        loop.close()
+    print(f"20 calls, {not_found:.0f} answered NOT_FOUND by the unloading instance, retried")
+    assert not_found >= 1
+    assert retries == not_found
 
 
 def test_kill_9_under_load_fails_no_request(fleet: Fleet) -> None:
