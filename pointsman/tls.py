@@ -41,6 +41,7 @@ __all__ = [
     "channel_options",
     "check_calling",
     "check_listening",
+    "resolved_against",
     "sync_channel",
     "tls_from_args",
     "tls_from_mapping",
@@ -228,3 +229,13 @@ def tls_from_args(args: argparse.Namespace, prefix: str, base: TlsConfig) -> Tls
         if getattr(args, f"{dest}_{suffix}", None) is not None
     }
     return dataclasses.replace(base, **changes) if changes else base
+
+
+def resolved_against(tls: TlsConfig, folder: Path) -> TlsConfig:
+    """`tls` with relative file paths taken relative to `folder` (a config file's folder)."""
+    changes: dict[str, Any] = {
+        name: str(folder / path)
+        for name in ("cert_file", "key_file", "ca_file")
+        if (path := getattr(tls, name)) and not Path(path).is_absolute()
+    }
+    return dataclasses.replace(tls, **changes) if changes else tls

@@ -34,7 +34,13 @@ from typing import Any
 import yaml
 
 from pointsman.errors import ConfigError
-from pointsman.tls import TlsConfig, check_calling, check_listening, tls_from_mapping
+from pointsman.tls import (
+    TlsConfig,
+    check_calling,
+    check_listening,
+    resolved_against,
+    tls_from_mapping,
+)
 from router.discovery_config import DiscoveryConfig, DiscoveryKind, parse_discovery_config
 
 __all__ = ["InstanceConfig", "RouterConfig", "load_router_config", "parse_router_config"]
@@ -228,4 +234,10 @@ def load_router_config(path: Path) -> RouterConfig:
     if config.policy_file is not None and not config.policy_file.is_absolute():
         # As written in the file: relative to the file, not to wherever the router starts.
         config = replace(config, policy_file=path.parent / config.policy_file)
-    return config
+    if config.admin_token_file is not None and not config.admin_token_file.is_absolute():
+        config = replace(config, admin_token_file=path.parent / config.admin_token_file)
+    return replace(
+        config,
+        tls=resolved_against(config.tls, path.parent),
+        triton_tls=resolved_against(config.triton_tls, path.parent),
+    )

@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from pointsman.errors import ConfigError
-from pointsman.tls import TlsConfig, check_calling, check_listening, tls_from_mapping
+from pointsman.tls import (
+    TlsConfig,
+    check_calling,
+    check_listening,
+    resolved_against,
+    tls_from_mapping,
+)
 
 __all__ = ["PICK_MODES", "PickMode", "SidecarConfig", "config_from_mapping", "load_config"]
 
@@ -190,9 +196,6 @@ class SidecarConfig:
                 raise ConfigError(
                     f"sidecar config field {name!r}: expected a positive number, got {value!r}"
                 )
-        check_listening(self.tls)
-        check_calling(self.router_tls)
-        check_calling(self.triton_tls)
         for name in ("max_attempts", "outlier_consecutive_failures"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -361,4 +364,10 @@ def load_config(path: str | Path, base: SidecarConfig | None = None) -> SidecarC
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"sidecar config file {str(path)!r}: expected a mapping at top level")
-    return config_from_mapping(data, base)
+    config = config_from_mapping(data, base)
+    # Certificate paths written in the file are relative to the file.
+    folder = Path(path).parent
+    resolved: dict[str, Any] = {
+        name: resolved_against(getattr(config, name), folder) for name in _TLS_FIELDS & set(data)
+    }
+    return dataclasses.replace(config, **resolved) if resolved else config

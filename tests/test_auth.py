@@ -238,3 +238,31 @@ def test_read_only_calls_need_no_admin_identity(mtls_router: RouterServer, pki: 
         stub = pb_grpc.RouterServiceStub(channel)  # type: ignore[no-untyped-call]
         policy = stub.GetPolicy(pb.GetPolicyRequest(), timeout=5)
         assert policy.policy_version
+
+
+def test_config_files_take_cert_paths_relative_to_the_file(tmp_path: Path) -> None:
+    from router.config import load_router_config
+    from sidecar.config import load_config
+
+    router_file = tmp_path / "router.yaml"
+    router_file.write_text(
+        "tls: {cert_file: certs/r.pem, key_file: /abs/r.key}\n"
+        "triton_tls: {ca_file: ca.pem}\n"
+        "admin_token_file: secrets/token\n"
+    )
+    router = load_router_config(router_file)
+    assert router.tls.cert_file == str(tmp_path / "certs/r.pem")
+    assert router.tls.key_file == "/abs/r.key"
+    assert router.triton_tls.ca_file == str(tmp_path / "ca.pem")
+    assert router.admin_token_file == tmp_path / "secrets/token"
+
+    sidecar_file = tmp_path / "sidecar.yaml"
+    sidecar_file.write_text(
+        "router_tls: {ca_file: ca.pem, server_name: router.internal}\n"
+        "triton_tls: {ca_file: /etc/ca.pem}\n"
+    )
+    sidecar = load_config(sidecar_file)
+    assert sidecar.router_tls.ca_file == str(tmp_path / "ca.pem")
+    assert sidecar.router_tls.server_name == "router.internal"
+    assert sidecar.triton_tls.ca_file == "/etc/ca.pem"
+    assert not sidecar.tls.enabled
