@@ -29,9 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
-from tritonclient.grpc import service_pb2 as pb
 
 from pointsman.clock import Clock, monotonic
+from sidecar.admission import sets_parameter
 from sidecar.wire import with_int64_parameter
 
 __all__ = [
@@ -221,21 +221,11 @@ class OutlierDetector:
         return duration
 
 
-# A map entry's key as protobuf writes it: field 1, LEN 7, "timeout".
-_TIMEOUT_KEY = b"\x0a\x07timeout"
-
-
 def sets_queue_timeout(request: bytes) -> bool:
-    """Whether a serialized ModelInferRequest sets parameters["timeout"] itself.
-
-    A byte search rules most requests out at C speed; only a request whose bytes contain the
-    key (in its parameters, or by chance in tensor data) is parsed to be sure."""
-    if _TIMEOUT_KEY not in request:
-        return False
-    try:
-        return "timeout" in pb.ModelInferRequest.FromString(request).parameters
-    except Exception:  # malformed: Triton will say so; do not add to it
-        return True
+    """Whether a serialized ModelInferRequest sets parameters["timeout"] itself. Walks the
+    top-level fields only, skipping tensor contents by length: a few microseconds whatever
+    the request's size."""
+    return sets_parameter(request, "timeout")
 
 
 def queue_timeout_us(remaining_s: float) -> int:
