@@ -17,10 +17,13 @@ import pytest
 
 from pointsman.bench.loadgen import (
     CallRecord,
+    LoadSummary,
+    infer_request_bytes,
     poisson_arrivals,
     run_closed_loop,
     run_open_loop,
     status_of,
+    stream_call,
     summarize,
 )
 from pointsman.bench.report import (
@@ -37,7 +40,15 @@ from pointsman.bench.scenarios.overhead import grpc_frame, parse_h2load_log
 from pointsman.bench.scenarios.scale import QUICK, run_scale
 from pointsman.bench.scenarios.seed_table import average_batch, model_config, zipf_popularity
 from pointsman.cli import main
-from pointsman.triton import DEFAULT_MODEL_REPOSITORY
+from pointsman.processes import stop_all
+from pointsman.triton import (
+    DEFAULT_MODEL_REPOSITORY,
+    TritonSpec,
+    prepare_installation,
+    triton_process,
+    wait_until_ready,
+)
+from pointsman.workload import codegen_inputs
 
 # --- statistics -------------------------------------------------------------------------------
 
@@ -277,3 +288,33 @@ def test_overhead_quick_end_to_end(tmp_path: Path) -> None:
         assert 0 < cell["p50_ms"] <= cell["p99_ms"]
     assert (out / "results.png").stat().st_size > 0
     assert "Overhead" in (out / "results.md").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_stream_calls_read_every_token_and_count_model_errors(tmp_path: Path) -> None:
+    """The generator's streaming call against codegen_stream on a real Triton."""
+    spec = TritonSpec.on_free_ports(
+        "bench-stream", load_models=("codegen_stream",), log_path=tmp_path / "triton.log"
+    )
+    process = triton_process(spec, prepare_installation())
+    process.start()
+    try:
+        wait_until_ready(spec.grpc_address, ["codegen_stream"], 60, process)
+        good = infer_request_bytes("codegen_stream", codegen_inputs("def f():", 4))
+        bad = infer_request_bytes("codegen_stream", codegen_inputs("def f():", 0))
+
+        async def run() -> tuple[LoadSummary, LoadSummary]:
+            async with grpc.aio.insecure_channel(spec.grpc_address) as channel:
+                tokens = stream_call(channel, good, responses=4, timeout_s=30)
+                refused = stream_call(channel, bad, responses=4, timeout_s=30)
+                ok = await run_closed_loop(
+                    lambda _w: tokens(), concurrency=2, duration_s=1.0, warmup_s=0.3
+                )
+                failed = await run_closed_loop(lambda _w: refused(), concurrency=1, duration_s=0.3)
+                return ok, failed
+
+        ok, failed = asyncio.run(run())
+    finally:
+        stop_all([process])
+    assert ok.ok > 0 and ok.errors == 0, ok
+    assert failed.ok == 0 and failed.errors_by_status == {"StreamError": failed.requests}

@@ -593,7 +593,13 @@ def _result(
             ),
         ),
         bars=(
-            BarGroup("p99 latency", "ms", labels, tuple(r.summary.p99_ms for r in results)),
+            BarGroup(
+                "p99 latency",
+                "ms (log scale)",
+                labels,
+                tuple(r.summary.p99_ms for r in results),
+                log_scale=True,
+            ),
             BarGroup(
                 "throughput", "requests/s", labels, tuple(r.summary.throughput_rps for r in results)
             ),
