@@ -90,6 +90,11 @@ class RouterConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Where instances come from (router/discovery_config.py); static = `instances`.
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    # Whether this replica loads and unloads models. With several replicas over one fleet
+    # (active-active), leave it true on exactly one: two placement controllers would each
+    # shrink a model by one copy at once (different copies: it can drop to none) and each
+    # drain a copy only from their own route tables.
+    placement_writer: bool = True
 
 
 def _address(value: Any, where: str) -> str:
@@ -144,6 +149,7 @@ _TOP_LEVEL = {
     "triton_tls",
     "admin_token_file",
     "admin_identities",
+    "placement_writer",
     "shutdown_grace_s",
     "max_message_bytes",
     "discovery",
@@ -203,6 +209,9 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"seed: must be an integer, got {seed!r}")
+    placement_writer = data.get("placement_writer", True)
+    if not isinstance(placement_writer, bool):
+        raise ConfigError(f"placement_writer: must be true or false, got {placement_writer!r}")
     return RouterConfig(
         instances=instances,
         listen=_address(data.get("listen", DEFAULT_LISTEN), "listen"),
@@ -222,6 +231,7 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
         shutdown_grace_s=shutdown_grace_s,
         max_message_bytes=max_message_bytes,
         discovery=discovery,
+        placement_writer=placement_writer,
     )
 
 

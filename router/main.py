@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, help="seed of the picker's random source")
     parser.add_argument(
+        "--no-placement",
+        action="store_true",
+        help="never load or unload models (placement_writer: false): for every router "
+        "replica but one when several serve one fleet",
+    )
+    parser.add_argument(
         "--grace",
         type=float,
         help="seconds in-flight RPCs get on SIGTERM (default: the file's shutdown_grace_s, 5)",
@@ -134,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         ),
         "max_message_bytes": getattr(args, "max_message_bytes", None) or base.max_message_bytes,
         "discovery": base.discovery,
+        "placement_writer": base.placement_writer and not getattr(args, "no_placement", False),
     }
     return parse_router_config(data)
 

@@ -197,7 +197,8 @@ async def start_router(
         stopping=stopping,
         metrics=metrics,
         policy=policy,
-        placement=controller,
+        # A replica that does not place has no cold path: PickTarget answers at once.
+        placement=controller if config.placement_writer else None,
         tracing=tracing,
     )
     # Parses requests itself: bytes that do not parse get INVALID_ARGUMENT, not UNKNOWN.
@@ -232,7 +233,7 @@ async def start_router(
         asyncio.create_task(
             controller.run(
                 lambda: policy.current.placement_interval_s,
-                enabled=lambda: policy.current.placement_enabled,
+                enabled=lambda: config.placement_writer and policy.current.placement_enabled,
             )
         )
     )

@@ -18,6 +18,7 @@ from pointsman.errors import ConfigError
 from pointsman.fleet import Fleet
 from pointsman.processes import free_port
 from pointsman.router.v1 import router_pb2
+from router.config import parse_router_config
 from router.contracts import FleetSnapshot, InstanceSnapshot
 from router.first_view import FirstView, has_first_view
 from sidecar.balancer import pick
@@ -163,6 +164,23 @@ def test_fallback_instances_config_file_and_flag(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="fallback_instances"):
         SidecarConfig(fallback_instances=("x:0",))
+
+
+# -- active-active: one placement writer ------------------------------------------------------
+
+
+def test_placement_writer_config_and_flag() -> None:
+    from router.main import add_arguments as router_arguments
+    from router.main import config_from_args
+
+    assert parse_router_config({}).placement_writer
+    assert not parse_router_config({"placement_writer": False}).placement_writer
+    with pytest.raises(ConfigError, match="placement_writer"):
+        parse_router_config({"placement_writer": "no"})
+    parser = argparse.ArgumentParser()
+    router_arguments(parser)
+    assert not config_from_args(parser.parse_args(["--no-placement"])).placement_writer
+    assert config_from_args(parser.parse_args([])).placement_writer
 
 
 # -- a fresh router's first view -------------------------------------------------------------

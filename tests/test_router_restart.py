@@ -60,14 +60,14 @@ class Routers:
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *flags: str) -> None:
         port = self.ports.setdefault(name, free_port())
         config = self.run_dir / f"{name}.yaml"
         config.write_text(self.config_text.replace("LISTEN", f"127.0.0.1:{port}"))
         proc = ManagedProcess(
             ProcessSpec(
                 name=name,
-                argv=[sys.executable, "-m", "pointsman", "router", "--config", str(config)],
+                argv=[sys.executable, "-m", "pointsman", "router", "--config", str(config), *flags],
                 env={"PYTHONUNBUFFERED": "1"},
                 log_path=self.run_dir / f"{name}.log",
             )
@@ -268,9 +268,10 @@ def test_router_killed_and_restarted_under_load_loses_no_request(
 def test_active_active_sidecar_fails_over_to_the_other_router(
     routers: Routers, loop: LoopThread
 ) -> None:
-    for name in ("router-a", "router-b"):
-        if name not in routers.processes:
-            routers.start(name)
+    if "router-a" not in routers.processes:
+        routers.start("router-a")
+    # One placement writer per fleet: the second replica only routes.
+    routers.start("router-b", "--no-placement")
     sidecar = _sidecar(loop, (routers.address("router-a"), routers.address("router-b")))
     try:
         cache = sidecar.cache
