@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from pointsman.bench.loadgen import (
+    Call,
     CallRecord,
     LoadSummary,
     infer_request_bytes,
@@ -115,7 +116,7 @@ class _Refused(Exception):
 def test_closed_loop_counts_errors_by_status() -> None:
     calls = 0
 
-    def make_call(_worker: int):  # type: ignore[no-untyped-def]
+    def make_call(_worker: int) -> Call:
         async def call() -> None:
             nonlocal calls
             calls += 1
@@ -133,7 +134,7 @@ def test_closed_loop_counts_errors_by_status() -> None:
 
 
 def test_open_loop_sends_every_scheduled_arrival_and_bounds_outstanding_calls() -> None:
-    def quick(_index: int):  # type: ignore[no-untyped-def]
+    def quick(_index: int) -> Call:
         async def call() -> None:
             await asyncio.sleep(0.001)
 
@@ -143,7 +144,7 @@ def test_open_loop_sends_every_scheduled_arrival_and_bounds_outstanding_calls() 
     assert summary.requests == len(poisson_arrivals(200, 0.5, random.Random(11)))
     assert summary.errors == 0
 
-    def stuck(_index: int):  # type: ignore[no-untyped-def]
+    def stuck(_index: int) -> Call:
         async def call() -> None:
             await asyncio.sleep(0.5)
 
