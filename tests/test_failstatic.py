@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -17,13 +18,14 @@ from loop_thread import LoopThread
 from pointsman.errors import ConfigError
 from pointsman.fleet import Fleet
 from pointsman.processes import free_port
-from pointsman.router.v1 import router_pb2
+from pointsman.router.v1 import router_pb2, router_pb2_grpc
 from router.config import parse_router_config
 from router.contracts import FleetSnapshot, InstanceSnapshot
 from router.first_view import FirstView, has_first_view
 from sidecar.balancer import pick
 from sidecar.config import SidecarConfig, load_config
 from sidecar.main import add_arguments, build_config
+from sidecar.router_picker import RouterPicker, RouterUnreachableError
 from sidecar.routes import RouteCache
 from sidecar.server import start_sidecar
 from sidecar.upstream import UpstreamPool
@@ -255,3 +257,56 @@ def test_sidecar_started_while_every_router_is_down_serves_from_fallback(fleet: 
             loop.run(sidecar.stop(0))
     finally:
         loop.close()
+
+
+# -- per-request picks while a router replica is down ---------------------------------------
+
+
+class _AnsweringRouter(router_pb2_grpc.RouterServiceServicer):
+    """A live replica that answers every PickTarget with UNAVAILABLE (nothing can serve)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def PickTarget(
+        self, request: router_pb2.PickTargetRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.PickTargetResponse:
+        self.calls += 1
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "no ready Triton instance")
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.asyncio
+async def test_picker_skips_a_replica_that_is_down_but_not_one_that_answers() -> None:
+    now = [0.0]
+    live = _AnsweringRouter()
+    server = grpc.aio.server()
+    router_pb2_grpc.add_RouterServiceServicer_to_server(live, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    dead = f"127.0.0.1:{free_port()}"
+    picker = RouterPicker(
+        [dead, f"127.0.0.1:{port}"], timeout_s=2.0, skip_unreachable_s=1.0, clock=lambda: now[0]
+    )
+    asked: list[str] = []
+    stub_of = picker._stub
+
+    def counting_stub(address: str) -> router_pb2_grpc.RouterServiceStub:
+        asked.append(address)
+        return stub_of(address)
+
+    picker._stub = counting_stub  # type: ignore[method-assign]
+    try:
+        for _ in range(2):
+            with pytest.raises(RouterUnreachableError):
+                await picker.pick("m", "", {})
+        # The dead replica was asked once, then skipped; the live one both times.
+        assert asked == [dead, f"127.0.0.1:{port}", f"127.0.0.1:{port}"]
+        assert live.calls == 2
+        now[0] += 1.5  # the skip ends: the dead one is asked again
+        with pytest.raises(RouterUnreachableError):
+            await picker.pick("m", "", {})
+        assert asked[-2:] == [dead, f"127.0.0.1:{port}"]
+    finally:
+        await picker.close()
+        await server.stop(0)
