@@ -161,9 +161,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_top(args: argparse.Namespace) -> int:
+    from pointsman.errors import ConfigError
+    from pointsman.tls import TlsConfig, tls_from_args
     from pointsman.top import run_top
 
-    return run_top(args.router, interval_s=args.interval, once=args.once)
+    try:
+        tls = tls_from_args(args, "tls", TlsConfig(where="--tls"))
+        return run_top(args.router, interval_s=args.interval, once=args.once, tls=tls)
+    except ConfigError as exc:
+        print(f"pointsman top: {exc}", file=sys.stderr)
+        return 2
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
@@ -270,6 +277,7 @@ def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pointsman.tls import add_tls_arguments
     from router import main as router_main
     from sidecar import main as sidecar_main
 
@@ -305,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument(
         "--once", action="store_true", help="print one frame and exit (1 if the router is down)"
     )
+    add_tls_arguments(top, "tls", "the channel to the router", listening=False)
     top.set_defaults(func=_cmd_top)
 
     sidecar = sub.add_parser("sidecar", help="run a sidecar alone")

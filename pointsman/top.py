@@ -32,6 +32,7 @@ from rich.text import Text
 
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
+from pointsman.tls import TlsConfig, sync_channel
 
 __all__ = ["DecisionLog", "FleetView", "RouterClient", "TopState", "render", "run_top"]
 
@@ -55,10 +56,10 @@ class FleetView:
 class RouterClient:
     """The two read-only router calls `top` makes, over one channel."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
+        self._channel = sync_channel(address, tls)
         self._stub = pb_grpc.RouterServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     def fetch(self) -> FleetView:
@@ -274,14 +275,16 @@ def run_top(
     once: bool = False,
     console: Console | None = None,
     clock: Callable[[], float] = time.time,
+    tls: TlsConfig | None = None,
 ) -> int:
-    """Draws the fleet until Ctrl-C (0), or one frame with `once` (0; 1 if no answer)."""
+    """Draws the fleet until Ctrl-C (0), or one frame with `once` (0; 1 if no answer).
+    `tls`: the channel's TLS when the router serves TLS."""
     if console is None:
         console = Console()
         if not console.is_terminal and "COLUMNS" not in os.environ:
             console = Console(width=160)  # scripts and pipes: no 80-column wrapping
     state = TopState(router, interval_s)
-    client = RouterClient(router, timeout_s=min(max(interval_s, 1.0), 5.0))
+    client = RouterClient(router, timeout_s=min(max(interval_s, 1.0), 5.0), tls=tls)
     try:
         if once:
             answered = state.refresh(client, clock())

@@ -296,3 +296,19 @@ def test_cli_policy_reload_sends_the_token(secure_fleet: SecureFleet, tmp_path: 
     assert with_file.stdout.startswith("policy ")
     from_env = _cli_reload(secure_fleet, env={**os.environ, "POINTSMAN_ADMIN_TOKEN": TOKEN})
     assert from_env.returncode == 0, from_env.stderr
+
+
+def test_top_reads_a_tls_router(secure_fleet: SecureFleet) -> None:
+    base = [sys.executable, "-m", "pointsman", "top", "--once", "--router"]
+    shown = subprocess.run(
+        [*base, secure_fleet.router_address, "--tls-ca", str(secure_fleet.pki.ca)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "t0" in shown.stdout
+    plaintext = subprocess.run(
+        [*base, secure_fleet.router_address], capture_output=True, text=True, timeout=60
+    )
+    assert plaintext.returncode == 1
