@@ -190,6 +190,7 @@ class _Waiter:
     # Not part of the order: ties are broken by arrival (seq), which is unique.
     priority: PriorityClass = field(compare=False)
     admitted: asyncio.Future[None] = field(compare=False)
+    size: int = field(compare=False, default=0)
 
 
 def _rank(priority: PriorityClass) -> int:
@@ -197,18 +198,28 @@ def _rank(priority: PriorityClass) -> int:
 
 
 class Admission:
-    """At most `max_in_flight` requests running and `max_queued` waiting, per sidecar.
+    """At most `max_in_flight` requests running and `max_queued` waiting, per sidecar; the
+    waiting ones hold at most `max_queued_bytes` of request bytes (None: no byte bound).
 
     `try_enter()` takes a slot at once when one is free and nobody waits (the hot path: no
     future, no await); otherwise `wait()` queues. Whoever got a slot calls `leave()` once.
     Runs on one event loop: no locks.
     """
 
-    def __init__(self, max_in_flight: int, max_queued: int, *, retry_after_ms: int) -> None:
+    def __init__(
+        self,
+        max_in_flight: int,
+        max_queued: int,
+        *,
+        retry_after_ms: int,
+        max_queued_bytes: int | None = None,
+    ) -> None:
         if max_in_flight < 1 or max_queued < 0:
             raise ValueError("max_in_flight must be >= 1 and max_queued >= 0")
         self.max_in_flight = max_in_flight
         self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
+        self.queued_bytes = 0
         self.retry_after_ms = retry_after_ms
         self.in_flight = 0
         self._queue: list[_Waiter] = []
@@ -224,30 +235,34 @@ class Admission:
             return True
         return False
 
-    async def wait(self, priority: PriorityClass, timeout: float | None) -> None:
-        """Queues for a slot, up to `timeout` seconds (the caller's deadline).
+    async def wait(self, priority: PriorityClass, timeout: float | None, size: int = 0) -> None:
+        """Queues a request of `size` bytes for a slot, up to `timeout` seconds (the caller's
+        deadline).
 
-        Raises ShedError when the queue is full and this request ranks lowest, or when a
-        better request displaces it while it waits; DeadlineExpiredError when time runs out.
+        Raises ShedError when the queue is full (in count or bytes) and this request ranks
+        lowest, or when a better request displaces it while it waits; DeadlineExpiredError
+        when time runs out.
         """
         if self.try_enter():
             return
         rank = _rank(priority)
-        if len(self._queue) >= self.max_queued:
-            victim = self._victim(rank)
-            if victim is None:
+        if not self._fits(0, 0, size):
+            victims = self._victims(rank, size)
+            if victims is None:
                 raise self._shed(priority, "the sidecar's queue is full")
-            self._remove(victim)
-            victim.admitted.set_exception(
-                self._shed(
-                    victim.priority,
-                    "displaced from the sidecar's queue by a request of higher priority",
+            for victim in victims:
+                self._remove(victim)
+                victim.admitted.set_exception(
+                    self._shed(
+                        victim.priority,
+                        "displaced from the sidecar's queue by a request of higher priority",
+                    )
                 )
-            )
         waiter = _Waiter(
-            rank, next(self._seq), priority, asyncio.get_running_loop().create_future()
+            rank, next(self._seq), priority, asyncio.get_running_loop().create_future(), size
         )
         heapq.heappush(self._queue, waiter)
+        self.queued_bytes += size
         try:
             await asyncio.wait_for(asyncio.shield(waiter.admitted), timeout)
         except TimeoutError:
@@ -264,26 +279,38 @@ class Admission:
         self.in_flight -= 1
         while self._queue and self.in_flight < self.max_in_flight:
             waiter = heapq.heappop(self._queue)
+            self.queued_bytes -= waiter.size
             if not waiter.admitted.done():
                 self.in_flight += 1
                 waiter.admitted.set_result(None)
 
-    def _victim(self, rank: int) -> _Waiter | None:
-        """The sheddable waiter of the lowest priority (the latest among equals), if it ranks
-        strictly below `rank`."""
-        worst: _Waiter | None = None
-        for waiter in self._queue:
-            if (
-                waiter.priority.sheddable
-                and waiter.rank > rank
-                and (worst is None or (waiter.rank, waiter.seq) > (worst.rank, worst.seq))
-            ):
-                worst = waiter
-        return worst
+    def _fits(self, freed_count: int, freed_bytes: int, size: int) -> bool:
+        """Whether a request of `size` bytes fits once `freed_*` of the queue are gone."""
+        if len(self._queue) - freed_count >= self.max_queued:
+            return False
+        limit = self.max_queued_bytes
+        return limit is None or self.queued_bytes - freed_bytes + size <= limit
+
+    def _victims(self, rank: int, size: int) -> list[_Waiter] | None:
+        """The fewest sheddable waiters ranking strictly below `rank` whose leaving makes room
+        for `size` bytes, lowest priority first (the latest among equals); None if those
+        cannot make room."""
+        eligible = sorted(
+            (w for w in self._queue if w.priority.sheddable and w.rank > rank),
+            key=lambda w: (w.rank, w.seq),
+            reverse=True,
+        )
+        freed = 0
+        for count, waiter in enumerate(eligible, 1):
+            freed += waiter.size
+            if self._fits(count, freed, size):
+                return eligible[:count]
+        return None
 
     def _remove(self, waiter: _Waiter) -> None:
         self._queue.remove(waiter)
         heapq.heapify(self._queue)
+        self.queued_bytes -= waiter.size
 
     def _give_up(self, waiter: _Waiter) -> None:
         """A waiter that stops waiting: out of the queue, or, if a slot was just handed to

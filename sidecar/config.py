@@ -133,6 +133,9 @@ class SidecarConfig:
     # sheddable class first with RESOURCE_EXHAUSTED and `retry-after-ms` (shed_retry_after_ms).
     max_in_flight: int = 256
     max_queued: int = 1024
+    # Request bytes the queue may hold (a request that would pass it waits like one that
+    # finds the queue full), so memory stays bounded for large tensors too.
+    max_queued_bytes: int = 256 * 1024 * 1024
     shed_retry_after_ms: int = 200
     # Requests with an id (x-request-id, else the request's `id`): concurrent duplicates run
     # once, and finished outcomes are replayed for idempotency_ttl_s (0: no replay), within
@@ -237,6 +240,7 @@ class SidecarConfig:
         for name, minimum in (
             ("max_in_flight", 1),
             ("max_queued", 0),
+            ("max_queued_bytes", 0),
             ("shed_retry_after_ms", 0),
             ("idempotency_max_bytes", 0),
         ):

@@ -136,7 +136,10 @@ class InferenceProxy:
         self._picker = picker
         self._retry = config.retry_unavailable
         self.admission = Admission(
-            config.max_in_flight, config.max_queued, retry_after_ms=config.shed_retry_after_ms
+            config.max_in_flight,
+            config.max_queued,
+            retry_after_ms=config.shed_retry_after_ms,
+            max_queued_bytes=config.max_queued_bytes,
         )
         # None when replay is off; concurrent duplicates are then not coalesced either.
         self.idempotency = (
@@ -443,7 +446,7 @@ class InferenceProxy:
         """`_infer` within a slot of the sidecar's admission (waiting for one if need be)."""
         admission = self.admission
         if not admission.try_enter():
-            await admission.wait(priority, _remaining(context))
+            await admission.wait(priority, _remaining(context), len(request))
         try:
             return await self._infer(name, version, series, request, md, context, span)
         finally:
@@ -610,7 +613,7 @@ class InferenceProxy:
             # A stream holds one admission slot for its whole life.
             if not self.admission.try_enter():
                 priority = self._cache.priorities.resolve(request_keys(metadata)[1])
-                await self.admission.wait(priority, timeout)
+                await self.admission.wait(priority, timeout, len(first))
             admitted = True
             if self._picker is None:
                 chosen, hit = await self._table_pick(name, version, md, context)

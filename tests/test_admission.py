@@ -215,6 +215,36 @@ async def test_newcomer_displaces_the_lowest_sheddable_waiter() -> None:
 
 
 @pytest.mark.asyncio
+async def test_queued_bytes_are_bounded() -> None:
+    admission = Admission(1, 10, retry_after_ms=100, max_queued_bytes=1000)
+    assert admission.try_enter()
+    small = [asyncio.create_task(admission.wait(LOW, None, 300)) for _ in range(3)]
+    await _settle()
+    assert admission.queued == 3 and admission.queued_bytes == 900
+    # Another low one would pass the byte budget: shed, though the count has room.
+    with pytest.raises(ShedError):
+        await admission.wait(LOW, None, 200)
+    # A request bigger than the whole budget never queues.
+    with pytest.raises(ShedError):
+        await admission.wait(HIGH, None, 1001)
+    # A high one of 500 bytes displaces as few low ones as make room: two (the latest).
+    big = asyncio.create_task(admission.wait(HIGH, None, 500))
+    await _settle()
+    assert [t.done() for t in small] == [False, True, True]
+    for task in small[1:]:
+        with pytest.raises(ShedError):
+            await task
+    assert admission.queued == 2 and admission.queued_bytes == 800
+    admission.leave()
+    await big  # the high one first
+    assert admission.queued_bytes == 300
+    admission.leave()
+    await small[0]
+    admission.leave()
+    assert admission.queued_bytes == 0 and admission.in_flight == 0
+
+
+@pytest.mark.asyncio
 async def test_unclassed_is_never_displaced() -> None:
     admission = _admission(max_in_flight=1, max_queued=1)
     assert admission.try_enter()
@@ -262,6 +292,7 @@ async def test_cancelled_waiter_leaves_the_queue_and_passes_a_granted_slot_on() 
     [
         ("max_in_flight", 0),
         ("max_queued", -1),
+        ("max_queued_bytes", -5),
         ("max_in_flight", True),
         ("shed_retry_after_ms", 1.5),
         ("idempotency_ttl_s", -1),
