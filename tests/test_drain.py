@@ -367,3 +367,53 @@ def test_sidecar_drain_finishes_in_flight_work_and_refuses_new(drain_fleet: Drai
     for log in drain_fleet.run_dir.glob("*.log"):
         if log.name != "t0.log":
             assert PROMPT.decode() not in log.read_text(errors="replace"), log.name
+
+
+def test_draining_health_ends_watch_streams_after_not_serving() -> None:
+    """In-process: Check and Watch see NOT_SERVING, then every Watch stream ends (OK)."""
+    from loop_thread import LoopThread
+
+    from pointsman.drain import DrainingHealthServicer
+
+    loop = LoopThread()
+    health = DrainingHealthServicer()
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await health.set("svc", SERVING)
+        return server, port
+
+    server, port = loop.run(start())
+    try:
+        watches = [HealthWatch(f"127.0.0.1:{port}") for _ in range(2)]
+        for watch in watches:
+            assert watch.next_status() == SERVING
+        loop.run(health.set("", NOT_SERVING))
+        for watch in watches:
+            assert watch.next_status() == NOT_SERVING
+        loop.run(health.set("", SERVING))
+        for watch in watches:
+            assert watch.next_status() == SERVING
+        assert not any(w.ended.is_set() for w in watches)
+
+        loop.run(health.enter_graceful_shutdown())
+        for watch in watches:
+            assert watch.next_status() == NOT_SERVING
+            assert watch.ended.wait(5)
+            assert watch.ended_with == grpc.StatusCode.OK
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "svc"):
+                checked = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert checked.status == NOT_SERVING
+        # Nothing in flight any more, so the stop does not wait for its grace.
+        started = time.monotonic()
+        loop.run(server.stop(20))
+        assert time.monotonic() - started < 10
+        for watch in watches:
+            watch.close()
+    finally:
+        loop.close()
