@@ -390,6 +390,7 @@ class InferenceProxy:
     async def model_infer(self, request: bytes, context: Context) -> bytes:
         # The hot path: one peek, one dict lookup, one pick, one upstream await, and the
         # metrics of one pre-resolved series. With tracing off, `span` is None throughout.
+        # Requests without an id skip idempotency; admission is a counter while not full.
         started = perf_counter()
         metadata = context.invocation_metadata()
         span = None if self._tracer is None else self._tracer.server_span("ModelInfer", metadata)
