@@ -227,7 +227,9 @@ class SidecarConfig:
                 )
         if self.outlier_max_ejection_s < self.outlier_base_ejection_s:
             raise ConfigError(
-                "sidecar config field 'outlier_max_ejection_s': must be >= outlier_base_ejection_s"
+                "sidecar config field 'outlier_base_ejection_s': must be <= "
+                f"outlier_max_ejection_s ({self.outlier_max_ejection_s}), "
+                f"got {self.outlier_base_ejection_s!r}"
             )
         check_listening(self.tls)
         check_calling(self.router_tls)
