@@ -8,9 +8,14 @@ itself is the pure function `authorize`:
                                              anything else                    -> UNAUTHENTICATED
     caller's verified client cert (mTLS)     CN or a SAN on admin_identities  -> allowed
                                              not on the list                  -> PERMISSION_DENIED
-    neither token nor identities configured  caller on loopback (same host)   -> allowed
-                                             caller elsewhere                 -> PERMISSION_DENIED
+    neither token nor identities configured  server bound to loopback only,
+                                             and the caller on loopback       -> allowed
+                                             otherwise                        -> PERMISSION_DENIED
     credentials configured, caller brings none                                -> UNAUTHENTICATED
+
+Without credentials the server's own binding is required to be loopback, not only the caller's
+address: behind a local proxy (a service mesh's sidecar, a port-forward) remote callers arrive
+from 127.0.0.x too, while a server bound to loopback can only be reached from its own host.
 
 Tokens are compared with `hmac.compare_digest` and never logged or put in an error message.
 """
@@ -40,6 +45,7 @@ __all__ = [
     "AdminAuthInterceptor",
     "authorize",
     "bearer_metadata",
+    "is_loopback_host",
     "is_loopback_peer",
     "load_admin_token",
     "peer_identities",
@@ -55,12 +61,15 @@ _BEARER = "bearer "
 
 @dataclass(frozen=True)
 class AdminAuth:
-    """What admits an admin call. Empty token and identities: loopback callers only."""
+    """What admits an admin call. Empty token and identities: nobody, unless the server
+    is bound to loopback only (then callers on this host)."""
 
     # The shared secret; repr=False keeps it out of logs and tracebacks.
     token: str = field(default="", repr=False)
     # Client-certificate names (CN or SAN) admitted without a token; needs mutual TLS.
     identities: frozenset[str] = frozenset()
+    # True when the server listens on a loopback address only (see `is_loopback_host`).
+    loopback_listener: bool = False
 
     @property
     def open_on_loopback(self) -> bool:
@@ -107,6 +116,12 @@ def peer_identities(auth_context: Mapping[str, Sequence[bytes]]) -> frozenset[st
     return frozenset(n.decode(errors="replace") for n in names)
 
 
+def is_loopback_host(listen: str) -> bool:
+    """Whether a listen address (host:port) binds loopback only: 127.x.x.x, localhost, ::1."""
+    host = listen.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def is_loopback_peer(peer: str) -> bool:
     """gRPC's peer string: ipv4:127.x.x.x:port, ipv6:[::1]:port or unix:path."""
     return peer.startswith(("ipv4:127.", "ipv6:[::1]", "unix:"))
@@ -129,11 +144,11 @@ def authorize(
     if identities & auth.identities:
         return None
     if auth.open_on_loopback:
-        if is_loopback_peer(peer):
+        if auth.loopback_listener and is_loopback_peer(peer):
             return None
         return PermissionDeniedError(
             f"{method} is an admin RPC: with no admin token or identities configured it is "
-            "only accepted from this host"
+            "only accepted on a server bound to loopback, from this host"
         )
     if identities and auth.identities:
         return PermissionDeniedError(

@@ -81,7 +81,7 @@ class RouterConfig:
     # Admin RPCs (ReloadPolicy) need `authorization: Bearer <token>` with the token in this
     # file (else in $POINTSMAN_ADMIN_TOKEN), or a verified client certificate whose CN or a
     # SAN is in admin_identities (needs tls.require_client_cert). With neither configured
-    # they are accepted from loopback callers only (pointsman/auth.py).
+    # they are accepted only when `listen` is loopback, from this host (pointsman/auth.py).
     admin_token_file: Path | None = None
     admin_identities: tuple[str, ...] = ()
     # Seconds in-flight RPCs get on SIGTERM (WatchRoutes streams end at once).

@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help=f"admin RPCs need this bearer token (default: ${ADMIN_TOKEN_ENV}; with neither "
-        "token nor --admin-identity, admin RPCs are accepted from this host only)",
+        "token nor --admin-identity, admin RPCs are accepted only when listening on loopback)",
     )
     parser.add_argument(
         "--admin-identity",

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
-from pointsman.auth import AdminAuth, AdminAuthInterceptor, load_admin_token
+from pointsman.auth import AdminAuth, AdminAuthInterceptor, is_loopback_host, load_admin_token
 from pointsman.clock import Clock, monotonic
 from pointsman.drain import DrainingHealthServicer
 from pointsman.telemetry import MetricsEndpoint, Tracing, serve_metrics
@@ -45,6 +45,7 @@ def admin_auth_from_config(config: RouterConfig) -> AdminAuth:
     return AdminAuth(
         token=load_admin_token(config.admin_token_file, where="admin_token_file"),
         identities=frozenset(config.admin_identities),
+        loopback_listener=is_loopback_host(config.listen),
     )
 
 

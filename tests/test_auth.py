@@ -16,6 +16,7 @@ from pointsman.auth import (
     AdminAuth,
     authorize,
     bearer_metadata,
+    is_loopback_host,
     is_loopback_peer,
     load_admin_token,
     peer_identities,
@@ -34,7 +35,8 @@ TOKEN = "t0ken"
 WITH_TOKEN = AdminAuth(token=TOKEN)
 WITH_IDS = AdminAuth(identities=frozenset({"ops-admin"}))
 BOTH = AdminAuth(token=TOKEN, identities=frozenset({"ops-admin"}))
-OPEN = AdminAuth()
+OPEN = AdminAuth(loopback_listener=True)
+WIDE_OPEN = AdminAuth()  # no credentials, server bound beyond loopback
 
 
 @pytest.mark.parametrize(
@@ -61,6 +63,9 @@ OPEN = AdminAuth()
         (OPEN, (), frozenset(), "unix:/run/router.sock", None),
         (OPEN, (), frozenset(), REMOTE, PermissionDeniedError),
         (OPEN, bearer_metadata("anything"), frozenset(), REMOTE, PermissionDeniedError),
+        # ... and only on a server bound to loopback (a local proxy makes remote calls local).
+        (WIDE_OPEN, (), frozenset(), LOCAL, PermissionDeniedError),
+        (WIDE_OPEN, (), frozenset(), REMOTE, PermissionDeniedError),
     ],
 )
 def test_authorize(
@@ -97,6 +102,23 @@ def test_the_token_never_shows_in_repr() -> None:
 )
 def test_is_loopback_peer(peer: str, loopback: bool) -> None:
     assert is_loopback_peer(peer) is loopback
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("127.0.0.1:8101", True),
+        ("127.0.0.2:0", True),
+        ("localhost:8101", True),
+        ("[::1]:8101", True),
+        ("0.0.0.0:8101", False),
+        ("[::]:8101", False),
+        ("10.0.0.5:8101", False),
+        ("router.internal:8101", False),
+    ],
+)
+def test_is_loopback_host(listen: str, loopback: bool) -> None:
+    assert is_loopback_host(listen) is loopback
 
 
 def test_peer_identities_are_cn_and_sans() -> None:
