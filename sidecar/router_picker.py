@@ -48,7 +48,9 @@ class RouterPicker:
             raise ValueError("RouterPicker needs at least one router address")
         self._addresses = tuple(addresses)
         self._timeout = timeout_s
-        self._options = tuple(channel_options)
+        # These channels live on: cap grpc's reconnect backoff (default up to two minutes)
+        # so a router that comes back is asked again within about a second.
+        self._options = (*channel_options, ("grpc.max_reconnect_backoff_ms", 1000))
         self._tls = tls  # None or empty: plaintext
         self._stubs: dict[str, router_pb2_grpc.RouterServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []

@@ -372,7 +372,11 @@ class RouterWatch:
         self._max = max_backoff_s
         self._idle_timeout = idle_timeout_s
         self._rng = rng or random.Random()
-        self._options = tuple(channel_options)
+        # Each attempt gets a channel with its own subchannel: in grpc's shared pool the
+        # subchannel of a router that was down keeps its own reconnect backoff (up to two
+        # minutes), and a new channel would fail at once until it ends, long after the router
+        # is back. The sidecar's own backoff (above) paces the attempts instead.
+        self._options = (*channel_options, ("grpc.use_local_subchannel_pool", 1))
         self._sleep = sleep
         self._tls = tls  # None or empty: plaintext
         # For tests and status: how many streams have been opened and have delivered.
