@@ -12,7 +12,10 @@ uses the shared session fleet.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
 import threading
 import time
 import urllib.request
@@ -285,9 +288,30 @@ def test_model_unloading_on_one_instance_is_retried_elsewhere(fleet: Fleet) -> N
     assert retries == not_found
 
 
+def python_stubs_of(server_pid: int) -> list[int]:
+    """Pids of the Python backend stubs that the Triton server `server_pid` started (a stub's
+    argv names its server's pid after the two shared-memory sizes)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        stub = argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 5
+        if stub and argv[5] == str(server_pid).encode():
+            pids.append(int(entry.name))
+    return pids
+
+
 def test_kill_9_under_load_fails_no_request(fleet: Fleet) -> None:
     dead_address, _ = triton(fleet, "triton-2")
     dead = next(p for p in fleet.processes if p.name == "triton-2")
+    assert dead.pid is not None
+    # A server killed with -9 cannot stop its model stubs; the test stops them itself.
+    stubs = python_stubs_of(dead.pid)
+    assert stubs, "no Python backend stub found for triton-2"
     stop = threading.Event()
     failures: list[str] = []
     sent = [0]
@@ -325,6 +349,9 @@ def test_kill_9_under_load_fails_no_request(fleet: Fleet) -> None:
         stop.set()
         for thread in threads:
             thread.join(15)
+        for pid in stubs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     after = scrape(fleet.sidecar_metrics_url)
 
     def moved(name: str, **labels: str) -> float:
