@@ -104,6 +104,22 @@ class FleetSnapshot:
     instances: tuple[InstanceSnapshot, ...] = ()
     # Models present in some instance's model repository, loaded or not.
     known_models: frozenset[str] = frozenset()
+    # model -> the instances listing it (ready or loading), in `instances` order; built once
+    # per snapshot so a decision on a large fleet starts from a model's holders, not them all.
+    _holders: Mapping[str, tuple[InstanceSnapshot, ...]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        holders: dict[str, list[InstanceSnapshot]] = {}
+        for inst in self.instances:
+            for name in inst.models:
+                holders.setdefault(name, []).append(inst)
+        object.__setattr__(self, "_holders", {k: tuple(v) for k, v in holders.items()})
+
+    def holders(self, model_name: str) -> tuple[InstanceSnapshot, ...]:
+        """The instances where `model_name` is ready or loading."""
+        return self._holders.get(model_name, ())
 
     def instance(self, instance_id: str) -> InstanceSnapshot | None:
         for inst in self.instances:
@@ -153,7 +169,13 @@ class SchedulingCycle:
 
 @runtime_checkable
 class Filter(Protocol):
-    """Removes candidates that must not serve the request. Pure, synchronous."""
+    """Removes candidates that must not serve the request. Pure, synchronous.
+
+    A filter may declare `KEEPS_ONLY_HOLDERS = True` (a class attribute) when every candidate
+    it keeps has the requested model ready or loading. The engine then starts a cycle from the
+    model's holders alone (`FleetSnapshot.holders`), which is only sound because every filter
+    judges each candidate on its own, never relative to the others: keep it that way.
+    """
 
     @property
     def name(self) -> str: ...

@@ -94,14 +94,19 @@ def candidates_for(
     assumed: AssumedLoad | None,
     now: float,
     draining: Set[tuple[str, str]] = frozenset(),
+    *,
+    only_holders: bool = False,
 ) -> list[Candidate]:
-    """Every instance as a candidate for `model_name`, except those draining it."""
+    """Every instance as a candidate for `model_name`, except those draining it; with
+    `only_holders`, only the instances where the model is ready or loading (what the
+    scheduler's `only_model_holders` allows)."""
+    instances = snapshot.holders(model_name) if only_holders else snapshot.instances
     return [
         Candidate(
             instance=inst,
             assumed_inflight=assumed.count(inst.instance_id, model_name, now) if assumed else 0,
         )
-        for inst in snapshot.instances
+        for inst in instances
         if (model_name, inst.instance_id) not in draining
     ]
 
@@ -128,7 +133,14 @@ class RouteBook:
 
     def build(self, snapshot: FleetSnapshot, model_name: str, now: float) -> list[RouteEntry]:
         cycle = SchedulingCycle(request=RoutingRequest(model_name=model_name), now=now)
-        candidates = candidates_for(snapshot, model_name, None, now, self.draining)
+        candidates = candidates_for(
+            snapshot,
+            model_name,
+            None,
+            now,
+            self.draining,
+            only_holders=self.scheduler.only_model_holders,
+        )
         ranked = self.scheduler.rank(cycle, candidates)
         ranked = [s for s in ranked if (m := s.candidate.instance.model(model_name)) and m.is_ready]
         if not ranked:

@@ -70,6 +70,10 @@ class Scheduler:
 
     def __init__(self, profile: SchedulingProfile) -> None:
         self.profile = profile
+        # True when some filter keeps only the model's holders: candidates may start there.
+        self.only_model_holders = any(
+            getattr(f, "KEEPS_ONLY_HOLDERS", False) for f in profile.filters
+        )
 
     def rank(
         self, cycle: SchedulingCycle, candidates: Sequence[Candidate]

@@ -251,10 +251,22 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             ),
             now=now,
         )
+        scheduler = self._book.scheduler
         candidates = candidates_for(
-            snapshot, request.model_name, self._assumed, now, self._book.draining
+            snapshot,
+            request.model_name,
+            self._assumed,
+            now,
+            self._book.draining,
+            only_holders=scheduler.only_model_holders,
         )
-        ranked, filter_trace = self._book.scheduler.rank_with_trace(cycle, candidates)
+        ranked, filter_trace = scheduler.rank_with_trace(cycle, candidates)
+        if not ranked and scheduler.only_model_holders:
+            # The slow path, for a message: every instance, so the trace says why each failed.
+            everyone = candidates_for(
+                snapshot, request.model_name, self._assumed, now, self._book.draining
+            )
+            filter_trace = scheduler.rank_with_trace(cycle, everyone)[1]
         ordered = self._book.scheduler.profile.picker.pick(ranked, self._rng) if ranked else []
         self._metrics.observe_pick(self._metrics.timer() - started)
         if span is not None:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from router.contracts import FleetSnapshot, InstanceSnapshot, ModelOnInstance
+from router.contracts import (
+    FleetSnapshot,
+    InstanceSnapshot,
+    ModelOnInstance,
+    RoutingRequest,
+    SchedulingCycle,
+)
 from router.plugins.registry import default_profile
-from router.routes import WEIGHT_STEP, AssumedLoad, RouteBook
+from router.routes import WEIGHT_STEP, AssumedLoad, RouteBook, candidates_for
 from router.scheduling import Scheduler
 
 NOW = 100.0
@@ -114,3 +120,30 @@ def test_assumed_load_counts_recent_picks_only() -> None:
     assert assumed.count("i1", "codegen", 10.45) == 2
     assert assumed.count("i1", "codegen", 10.8) == 1
     assert assumed.count("i2", "codegen", 10.8) == 0
+
+
+def test_holders_index_and_candidates_from_holders_only() -> None:
+    a = _instance("t0", {"m": ("1",), "n": ("1",)})
+    b = _instance("t1", {"n": ("1",)})
+    c = _instance("t2", {"m": ("2",)})
+    snapshot = _snapshot(a, b, c, known=("cold",))
+    assert [i.instance_id for i in snapshot.holders("m")] == ["t0", "t2"]
+    assert [i.instance_id for i in snapshot.holders("n")] == ["t0", "t1"]
+    assert snapshot.holders("cold") == ()
+    every = candidates_for(snapshot, "m", None, NOW)
+    held = candidates_for(snapshot, "m", None, NOW, {("m", "t2")}, only_holders=True)
+    assert [x.instance_id for x in every] == ["t0", "t1", "t2"]
+    assert [x.instance_id for x in held] == ["t0"]  # t2 drains m
+
+
+def test_starting_from_holders_ranks_as_starting_from_everyone() -> None:
+    scheduler = Scheduler(default_profile())
+    assert scheduler.only_model_holders  # the default profile has model-ready
+    instances = [_instance(f"t{i}", {"m": ("1",)} if i % 3 else {}, pending=i) for i in range(9)]
+    snapshot = _snapshot(*instances)
+    cycle = SchedulingCycle(request=RoutingRequest(model_name="m"), now=NOW)
+    full = scheduler.rank(cycle, candidates_for(snapshot, "m", None, NOW))
+    held = scheduler.rank(cycle, candidates_for(snapshot, "m", None, NOW, only_holders=True))
+    assert [(s.candidate.instance_id, s.total) for s in full] == [
+        (s.candidate.instance_id, s.total) for s in held
+    ]

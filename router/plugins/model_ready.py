@@ -25,6 +25,8 @@ __all__ = ["ModelReadyFilter"]
 @dataclass(frozen=True, slots=True)
 class ModelReadyFilter:
     TYPE_NAME: ClassVar[str] = "model-ready"
+    # What it keeps has the model ready or loading (see router.contracts.Filter).
+    KEEPS_ONLY_HOLDERS: ClassVar[bool] = True
 
     name: str = TYPE_NAME
 

@@ -141,7 +141,9 @@ def time_decisions(
     for model in chosen:
         started = clock()
         cycle = SchedulingCycle(request=RoutingRequest(model_name=model), now=now)
-        candidates = candidates_for(snapshot, model, assumed, now)
+        candidates = candidates_for(
+            snapshot, model, assumed, now, only_holders=scheduler.only_model_holders
+        )
         ranked, _trace = scheduler.rank_with_trace(cycle, candidates)
         ordered = scheduler.profile.picker.pick(ranked, rng) if ranked else []
         if ordered:
@@ -311,7 +313,7 @@ def run_scale(
         ),
         targets=_targets(measured),
         notes=(
-            "A decision is what PickTarget runs: candidates_for (every instance), the default "
+            "A decision is what PickTarget runs: candidates_for (the model's holders), the default "
             "profile's filters and weighted scorers, the weighted-random picker, the assumed-"
             "load bookkeeping. Sidecars route from streamed tables, so most requests need none.",
             "Collector cost is the CPU to parse one instance's Triton /metrics page (its "
