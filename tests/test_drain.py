@@ -48,7 +48,7 @@ pytestmark = pytest.mark.timeout(240)
 
 GRACE_S = 30.0
 LONG_TOKENS = 2500  # a few seconds of decoding on a small CPU
-STREAM_TOKENS = 1200
+STREAM_TOKENS = 2500
 MAX_TOKENS = 8192
 POLICY = "placement: {enabled: false}\n"
 PROMPT = b"def drain_with_secret_prompt():"
@@ -284,6 +284,7 @@ class StreamCollector:
         self.errors: list[str] = []
         self.first = threading.Event()
         self.done = threading.Event()
+        self.finished_at = 0.0
         self._client = grpcclient.InferenceServerClient(address)
         self._client.start_stream(callback=self._on_response)
         self._client.async_stream_infer("codegen_stream", _codegen_inputs(tokens))
@@ -296,6 +297,7 @@ class StreamCollector:
         self.responses += 1
         self.first.set()
         if self.responses >= self.tokens:
+            self.finished_at = time.monotonic()
             self.done.set()
 
     def finish(self, timeout_s: float) -> None:
@@ -359,6 +361,7 @@ def test_sidecar_drain_finishes_in_flight_work_and_refuses_new(drain_fleet: Drai
     assert isinstance(finished_at, float) and finished_at > stopped_at
     assert stream.errors == []
     assert stream.responses == STREAM_TOKENS
+    assert stream.finished_at > stopped_at  # in flight at SIGTERM, completed in the drain
     code, _ = _wait_exit(drain_fleet.sidecar, GRACE_S)
     assert code == 0, drain_fleet.sidecar.log_tail()
     assert time.monotonic() - stopped_at < GRACE_S
