@@ -337,6 +337,7 @@ class Fleet:
             code = proc.exited()
             if code is not None and not proc.stopping and proc.name not in self._reported:
                 self._reported.add(proc.name)
+                proc.kill_leftovers()  # e.g. a dead Triton's Python backend stubs
                 deaths.append(f"{proc.name} (pid {proc.pid}) exited with code {code}")
         return deaths
 

@@ -8,6 +8,7 @@ then stops the children in order.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -101,6 +102,15 @@ class ManagedProcess:
         if self._popen is not None and self._popen.poll() is None:
             self._popen.kill()
 
+    def kill_leftovers(self) -> None:
+        """SIGKILL what is left of the child's process group once the child has ended: a
+        Triton killed with -9 leaves its Python backend stubs running, and they are in its
+        group (each child leads its own, see `_die_with_parent`)."""
+        if self._popen is None or self._popen.poll() is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left
+            os.killpg(self._popen.pid, signal.SIGKILL)
+
     def wait(self, timeout: float) -> int | None:
         if self._popen is None:
             return None
@@ -130,4 +140,5 @@ def stop_all(processes: Sequence[ManagedProcess], grace_s: float = 10.0) -> None
         if proc.wait(max(0.0, deadline - time.monotonic())) is None:
             proc.kill()
             proc.wait(5.0)
+        proc.kill_leftovers()
         proc.close()
