@@ -1,9 +1,10 @@
 """Fuzzing (hypothesis) against the session fleet's real sidecar, router and Tritons.
 
 Arbitrary bytes and structured-but-mangled ModelInferRequests to every unary method of the
-sidecar, mangled message sequences on ModelStreamInfer, and the router's RPCs with random field
-values (and raw bytes). Every call must end with a gRPC status within its deadline, never an
-uncaught exception's INTERNAL "internal error: ..." or UNKNOWN, and the processes must stay up.
+sidecar, random values of the headers it reads, mangled message sequences on ModelStreamInfer,
+and the router's RPCs with random field values (and raw bytes). Every call must end with a gRPC
+status within its deadline, never an uncaught exception's INTERNAL "internal error: ..." or
+UNKNOWN, and the processes must stay up.
 
 Examples are derandomized (a fixed seed per test, no example database) and few, so the file
 runs in well under a minute and the same inputs are tried on every CI run.
@@ -146,6 +147,45 @@ def test_sidecar_unary_methods_answer_any_bytes_with_a_status(
     sidecar_channel: grpc.Channel, method: str, request: bytes
 ) -> None:
     _raw_unary(sidecar_channel, SIDECAR_SERVICE + method, request)
+
+
+# Headers the sidecar reads (version pin, priority class, request id, trace context) and one
+# it does not; values are printable ASCII, as grpc requires of non-binary metadata.
+HEADER_KEYS = ("x-model-version", "x-priority", "x-request-id", "traceparent", "x-canary", "x-a")
+HEADER_VALUES = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+
+
+# A request codegen runs (one token: cheap), so header handling past the routing is reached.
+VALID_CODEGEN = pb.ModelInferRequest(
+    model_name="codegen",
+    inputs=[
+        pb.ModelInferRequest.InferInputTensor(name="PROMPT", datatype="BYTES", shape=[1, 1]),
+        pb.ModelInferRequest.InferInputTensor(name="MAX_TOKENS", datatype="INT32", shape=[1, 1]),
+    ],
+    raw_input_contents=[
+        len(b"def f():").to_bytes(4, "little") + b"def f():",
+        (1).to_bytes(4, "little"),
+    ],
+).SerializeToString()
+
+
+@settings(FUZZ, max_examples=40)
+@given(
+    metadata=st.lists(st.tuples(st.sampled_from(HEADER_KEYS), HEADER_VALUES), max_size=4),
+    request=st.just(VALID_CODEGEN) | infer_requests(),
+)
+def test_sidecar_infer_answers_any_headers_with_a_status(
+    sidecar_channel: grpc.Channel, metadata: list[tuple[str, str]], request: bytes
+) -> None:
+    call = sidecar_channel.unary_unary(
+        SIDECAR_SERVICE + "ModelInfer", request_serializer=None, response_deserializer=None
+    )
+    try:
+        call(request, timeout=CALL_TIMEOUT_S, metadata=metadata)
+    except grpc.RpcError as error:
+        assert_status(error, (metadata, request[:80]))
+        # The well-formed request without headers must be served (else this fuzzes nothing).
+        assert request != VALID_CODEGEN or metadata, error
 
 
 @FUZZ
