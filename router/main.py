@@ -17,7 +17,6 @@ from pointsman.auth import ADMIN_TOKEN_ENV
 from pointsman.errors import ConfigError
 from pointsman.telemetry import Tracing, setup_tracing
 from pointsman.tls import add_tls_arguments, tls_from_args
-from router.autoscale import DesiredReplicasView, measure_router
 from router.config import RouterConfig, load_router_config, parse_router_config
 from router.discovery import ManagedDiscovery, discovery_for
 from router.policy import PolicyStore
@@ -159,10 +158,6 @@ async def _serve(
     # The process-wide registry: it also carries the process_* and python_* collectors.
     router = await start_router(
         config, discovery=discovery, registry=REGISTRY, tracing=tracing, policy_store=policy
-    )
-    # The autoscaling signal (router/autoscale.py), computed at each scrape.
-    router.metrics.registry.register(
-        DesiredReplicasView(lambda: measure_router(router, policy, config.discovery.pool))
     )
     host = config.listen.rpartition(":")[0]
     security = (

@@ -19,6 +19,7 @@ from pointsman.clock import Clock, monotonic
 from pointsman.drain import DrainingHealthServicer
 from pointsman.telemetry import MetricsEndpoint, Tracing, serve_metrics
 from pointsman.tls import add_port
+from router.autoscale import DesiredReplicasView, measure_router
 from router.config import RouterConfig
 from router.contracts import FleetSnapshot
 from router.datalayer.collector import FleetCollector
@@ -187,6 +188,10 @@ async def start_router(
         metrics=metrics,
     )
     metrics.registry.register(FleetView(lambda: router.snapshot, book, clock))
+    # The autoscaling signal (router/autoscale.py), computed at each scrape.
+    metrics.registry.register(
+        DesiredReplicasView(lambda: measure_router(router, policy, config.discovery.pool))
+    )
     servicer = RouterServicer(
         book=book,
         snapshot=lambda: router.snapshot,
