@@ -345,3 +345,55 @@ def test_fresh_router_holds_routes_until_it_has_read_the_fleet(routers: Routers)
             loop.run(router.stop(0))
         loop.close()
         silent.close()
+
+
+def _loaded_anywhere(routers: Routers, model: str) -> bool:
+    for instance in yaml.safe_load(routers.config_text)["instances"]:
+        with grpc.insecure_channel(instance["grpc"]) as channel:
+            index = channel.unary_unary(
+                "/inference.GRPCInferenceService/RepositoryIndex",
+                request_serializer=pb.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=pb.RepositoryIndexResponse.FromString,
+            )(pb.RepositoryIndexRequest(), timeout=5)
+        if any(m.name == model and m.state in ("READY", "LOADING") for m in index.models):
+            return True
+    return False
+
+
+def test_only_the_placement_writer_loads_models(routers: Routers, tmp_path: Path) -> None:
+    """A policy asks for a copy of codegen, loaded nowhere: a replica with placement_writer
+    false leaves it alone for several placement intervals; the writer loads it."""
+    from router.config import parse_router_config
+    from router.server import start_router
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        POLICY + "  codegen: {min_copies: 1}\nplacement: {interval_s: 0.2, churn_guard_s: 0}\n"
+    )
+    instances = [
+        {**i, "memory_budget_bytes": 2 * 1024**3}
+        for i in yaml.safe_load(routers.config_text)["instances"]
+    ]
+    assert not _loaded_anywhere(routers, "codegen")
+    loop = LoopThread()
+    try:
+        for writer in (False, True):
+            config = parse_router_config(
+                {
+                    "listen": "127.0.0.1:0",
+                    "instances": instances,
+                    "policy_file": str(policy),
+                    "placement_writer": writer,
+                }
+            )
+            router = loop.run(start_router(config, registry=CollectorRegistry()))
+            try:
+                if writer:
+                    _wait(lambda: _loaded_anywhere(routers, "codegen"), 30, "writer loaded none")
+                else:
+                    time.sleep(2.0)  # ten placement intervals
+                    assert not _loaded_anywhere(routers, "codegen")
+            finally:
+                loop.run(router.stop(0))
+    finally:
+        loop.close()
