@@ -183,6 +183,8 @@ async def _serve(
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
+    # httpx logs every request at INFO: one line per instance per metrics scrape, 4 a second.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = config_from_args(args)
         check_credentials(config)
