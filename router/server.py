@@ -92,8 +92,9 @@ async def _keep_routes(router: RouterServer, refresh_interval_s: float, clock: C
     """Rebuilds route tables on every change, and at least every refresh interval (staleness)."""
     collector, book, metrics = router.collector, router.book, router.metrics
     while True:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(collector.changed.wait(), refresh_interval_s)
+        with contextlib.suppress(TimeoutError):  # asyncio.timeout: see PlacementController.run
+            async with asyncio.timeout(refresh_interval_s):
+                await collector.changed.wait()
         collector.changed.clear()
         router.snapshot = collector.snapshot()
         started = metrics.timer()

@@ -358,8 +358,9 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         unsubscribe = self._policy.subscribe(wake)
         try:
             while not self._stopping.is_set():
-                try:
-                    update = await asyncio.wait_for(queue.get(), self._heartbeat_interval_s)
+                try:  # asyncio.timeout: wait_for can swallow a racing cancel on 3.11
+                    async with asyncio.timeout(self._heartbeat_interval_s):
+                        update = await queue.get()
                 except TimeoutError:
                     message = pb.WatchRoutesResponse(
                         generation=self._book.generation, router_id=self._router_id

@@ -419,7 +419,9 @@ class RouterWatch:
             call = stub.WatchRoutes(self._request)
             try:
                 while True:
-                    message = await asyncio.wait_for(call.read(), self._idle_timeout)
+                    # asyncio.timeout: wait_for can swallow a racing cancel on 3.11.
+                    async with asyncio.timeout(self._idle_timeout):
+                        message = await call.read()
                     if message is grpc.aio.EOF:
                         return delivered
                     cache.apply(message)

@@ -217,8 +217,11 @@ class PlacementController:
         Both arguments may be callables, read each round, so a policy reload applies."""
         while True:
             wait_s = interval_s() if callable(interval_s) else interval_s
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+            # races its inner wait, and the loop would then outlive its own shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait_s)
+                async with asyncio.timeout(wait_s):
+                    await self._wake.wait()
             self._wake.clear()
             if not enabled():
                 continue
