@@ -57,6 +57,7 @@ from sidecar.resilience import (
 )
 from sidecar.router_picker import ROUTER_SERVICE, RouterPicker, RouterUnreachableError
 from sidecar.routes import NoRouteTablesError, RouteCache
+from sidecar.stream_feed import StreamFeed
 from sidecar.tracing import ATTEMPT, ATTEMPTS, INSTANCE, MODEL, MODEL_VERSION, RpcTracer
 from sidecar.upstream import SERVICE, Upstream, UpstreamPool
 from sidecar.wire import peek_model, peek_request, with_model_version, with_uint64_parameter
@@ -585,7 +586,10 @@ class InferenceProxy:
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: Context) -> None:
         """Forwards a bidirectional stream, bound to the instance chosen for its first message.
 
-        Counted as one request (its duration the stream's) and one upstream attempt."""
+        Counted as one request (its duration the stream's). Until its first response reaches
+        the caller a stream fails over as ModelInfer does (`_failover`): the messages sent so
+        far are replayed on the next instance (`StreamFeed`); each try is one upstream attempt.
+        """
         started = perf_counter()
         metadata = context.invocation_metadata()
         span = (
@@ -598,6 +602,8 @@ class InferenceProxy:
         upstream: Upstream | None = None
         call: grpc.aio.StreamStreamCall[bytes, bytes] | None = None
         pump: asyncio.Task[None] | None = None
+        feed: StreamFeed | None = None
+        tried: list[Upstream] = []
         admitted = False
         try:
             try:
@@ -616,10 +622,11 @@ class InferenceProxy:
                 priority = self._cache.priorities.resolve(request_keys(metadata)[1])
                 await self.admission.wait(priority, timeout, len(first))
             admitted = True
+            targets: list[Upstream] | None = None
             if self._picker is None:
                 chosen, hit = await self._table_pick(name, version, md, context)
             else:
-                chosen, _, hit, picked = await self._router_targets(
+                chosen, targets, hit, picked = await self._router_targets(
                     name, version, md, timeout, span
                 )
                 if picked and not version:
@@ -627,24 +634,46 @@ class InferenceProxy:
             series.routed.inc()
             if hit:
                 series.hits.inc()
-            if span is not None:
-                assert self._tracer is not None
-                client, ctx = self._tracer.client_span(
-                    span,
-                    "ModelStreamInfer upstream",
-                    SERVICE,
-                    "ModelStreamInfer",
-                    {INSTANCE: chosen.address, ATTEMPT: 1},
-                    address=chosen.address,
-                )
-                md = self._tracer.propagate(md, ctx)
-            call = chosen.open_stream(timeout=timeout, metadata=md)
-            upstream = chosen
-            upstream.in_flight += 1
-            pump = asyncio.create_task(_pump_requests(first, requests, call))
-            async for response in call:
-                await context.write(response)
-            # The upstream ended with OK (an error raises out of the loop above).
+            self._budget.record_request()
+            feed = StreamFeed(first, requests, self._config.max_message_bytes)
+            while True:
+                upstream, attempt_md = chosen, md
+                upstream.in_flight += 1
+                tried.append(upstream)
+                if span is not None:
+                    assert self._tracer is not None
+                    client, ctx = self._tracer.client_span(
+                        span,
+                        "ModelStreamInfer upstream",
+                        SERVICE,
+                        "ModelStreamInfer",
+                        {INSTANCE: upstream.address, ATTEMPT: len(tried)},
+                        address=upstream.address,
+                    )
+                    attempt_md = self._tracer.propagate(md, ctx)
+                call = upstream.open_stream(timeout=_remaining(context), metadata=attempt_md)
+                pump = asyncio.create_task(feed.pump_to(call))
+                try:
+                    async for response in call:
+                        feed.commit()
+                        await context.write(response)
+                    break  # the upstream ended with OK
+                except grpc.aio.AioRpcError as error:
+                    following = (
+                        self._failover(name, version, error, tried, targets)
+                        if feed.replayable
+                        else None
+                    )
+                    if following is None:
+                        raise
+                    # Nothing reached the caller yet: this attempt ends, the next replays.
+                    failed = error.code()
+                    if counts_against_instance(failed, error.details() or ""):
+                        self._instance_failed(upstream.address)
+                    self._end_stream_attempt(upstream, call, pump, client, failed, error)
+                    upstream = call = pump = client = None
+                    chosen = following
+                    series.retries.inc()
         except asyncio.CancelledError:
             code = _CANCELLED
             raise
@@ -654,19 +683,35 @@ class InferenceProxy:
         finally:
             if admitted:
                 self.admission.leave()
-            if pump is not None:
-                pump.cancel()
-            if call is not None:
-                call.cancel()  # a no-op once it has ended; stops Triton if the caller left
+            if feed is not None:
+                feed.close()
             if upstream is not None:
-                upstream.in_flight -= 1
                 # The stream's status, whichever side ended it.
-                self._metrics.attempt(upstream.address, code)
-            if client is not None:
-                RpcTracer.end(client, code, message)
+                self._end_stream_attempt(upstream, call, pump, client, code, message)
             (series or self._metrics.series("", "", STREAM)).done(code, perf_counter() - started)
             if span is not None:
-                _end_server_span(span, name, version, code, message, upstream)
+                _end_server_span(span, name, version, code, message, upstream, len(tried))
+
+    def _end_stream_attempt(
+        self,
+        upstream: Upstream,
+        call: grpc.aio.StreamStreamCall[bytes, bytes] | None,
+        pump: asyncio.Task[None] | None,
+        client: Span | None,
+        code: grpc.StatusCode,
+        error: grpc.aio.AioRpcError | str,
+    ) -> None:
+        if pump is not None:
+            pump.cancel()
+        if call is not None:
+            call.cancel()  # a no-op once it has ended; stops Triton if the caller left
+        upstream.in_flight -= 1
+        self._metrics.attempt(upstream.address, code)
+        if code is _OK:
+            self._outliers.success(upstream.address)
+        if client is not None:
+            detail = error if isinstance(error, str) else error.details() or ""
+            RpcTracer.end(client, code, detail)
 
     # -- RPCs answered for the fleet -----------------------------------------------------------
 
@@ -787,22 +832,6 @@ def _state_rank(state: str) -> int:
     return _REPOSITORY_STATE_RANK.get(state, len(_REPOSITORY_STATE_RANK))
 
 
-async def _pump_requests(
-    first: bytes, requests: AsyncIterator[bytes], call: grpc.aio.StreamStreamCall[bytes, bytes]
-) -> None:
-    """Caller -> Triton half of a stream; the caller's half-close becomes Triton's."""
-    try:
-        await call.write(first)
-        async for request in requests:
-            await call.write(request)
-        await call.done_writing()
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        # Writing fails once Triton has ended the stream; the read side carries its status.
-        pass
-
-
 def _remaining(context: Context) -> float | None:
     """The caller's remaining time; never send a request whose deadline has passed, since
     Triton would run it anyway."""
@@ -827,9 +856,10 @@ def _end_server_span(
     code: grpc.StatusCode,
     message: str,
     stream_upstream: Upstream | None = None,
+    stream_attempts: int = 1,
 ) -> None:
     attributes: dict[str, str | int] = {MODEL: name, MODEL_VERSION: version}
     if stream_upstream is not None:  # ModelInfer's `_infer` sets these itself
         attributes[INSTANCE] = stream_upstream.address
-        attributes[ATTEMPTS] = 1
+        attributes[ATTEMPTS] = stream_attempts
     RpcTracer.end(span, code, message, attributes)
