@@ -26,6 +26,7 @@ Every error names the field, e.g. "instances[1].grpc: must be host:port".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from pointsman.tls import (
     tls_from_mapping,
 )
 from router.discovery_config import DiscoveryConfig, DiscoveryKind, parse_discovery_config
+from router.election import LeaseSettings
 
 __all__ = ["InstanceConfig", "RouterConfig", "load_router_config", "parse_router_config"]
 
@@ -95,6 +97,10 @@ class RouterConfig:
     # shrink a model by one copy at once (different copies: it can drop to none) and each
     # drain a copy only from their own route tables.
     placement_writer: bool = True
+    # With Kubernetes discovery: every replica runs for this Lease (router/election.py) and
+    # only its holder places models, so all replicas can keep placement_writer true. None:
+    # no election (placement_writer alone decides).
+    placement_lease: LeaseSettings | None = None
 
 
 def _address(value: Any, where: str) -> str:
@@ -153,6 +159,7 @@ _TOP_LEVEL = {
     "shutdown_grace_s",
     "max_message_bytes",
     "discovery",
+    "placement_lease",
 }
 
 
@@ -212,6 +219,7 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
     placement_writer = data.get("placement_writer", True)
     if not isinstance(placement_writer, bool):
         raise ConfigError(f"placement_writer: must be true or false, got {placement_writer!r}")
+    placement_lease = _placement_lease(data.get("placement_lease"), discovery)
     return RouterConfig(
         instances=instances,
         listen=_address(data.get("listen", DEFAULT_LISTEN), "listen"),
@@ -232,7 +240,51 @@ def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
         max_message_bytes=max_message_bytes,
         discovery=discovery,
         placement_writer=placement_writer,
+        placement_lease=placement_lease,
     )
+
+
+_LEASE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def _placement_lease(raw: Any, discovery: DiscoveryConfig) -> LeaseSettings | None:
+    """`placement_lease: {name, namespace, duration_s, renew_deadline_s, retry_period_s}` (or
+    just a name; the namespace defaults to discovery's); it needs Kubernetes discovery, whose
+    API server holds the Lease."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"placement_lease: must be a Lease name or a mapping, got {raw!r}")
+    fields = ("name", "namespace", "duration_s", "renew_deadline_s", "retry_period_s")
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"placement_lease.{unknown[0]}: unknown field")
+    if discovery.kind is not DiscoveryKind.KUBERNETES:
+        raise ConfigError(
+            "placement_lease: needs discovery.kind kubernetes (the Lease's API server)"
+        )
+    name = raw.get("name")
+    if not isinstance(name, str) or not _LEASE_NAME.fullmatch(name):
+        raise ConfigError(f"placement_lease.name: must be a Kubernetes object name, got {name!r}")
+    namespace = raw.get("namespace", discovery.namespace)
+    if not isinstance(namespace, str) or not _LEASE_NAME.fullmatch(namespace):
+        raise ConfigError(
+            "placement_lease.namespace: a namespace is needed (here or as discovery.namespace), "
+            f"got {namespace!r}"
+        )
+    timing: dict[str, int] = {}
+    for key in fields[2:]:
+        if key in raw:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"placement_lease.{key}: must be a whole number of seconds >= 1")
+            timing[key] = value
+    try:
+        return LeaseSettings(name, namespace, **timing)
+    except ValueError as exc:
+        raise ConfigError(f"placement_lease: {exc}") from None
 
 
 def load_router_config(path: Path) -> RouterConfig:

@@ -32,7 +32,7 @@ from pointsman.errors import ConfigError
 from router.config import InstanceConfig
 from router.discovery_config import DiscoveryConfig
 
-__all__ = ["KubernetesDiscovery", "instances_from_slices"]
+__all__ = ["KubernetesDiscovery", "api_client_for", "instances_from_slices"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _slice_key(slice_obj: Mapping[str, Any]) -> str:
     return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
 
 
-def _api_client(config: DiscoveryConfig) -> Any:
+def api_client_for(config: DiscoveryConfig) -> Any:
     """A client configured from the kubeconfig, the pod's service account, or `api_server`."""
     from kubernetes import client
     from kubernetes import config as kube_config
@@ -146,7 +146,7 @@ class KubernetesDiscovery:
 
         if self._api_client is None:
             try:
-                self._api_client = _api_client(self._config)
+                self._api_client = api_client_for(self._config)
             except (kube_config.ConfigException, OSError) as exc:
                 raise ConfigError(
                     "discovery: no Kubernetes API credentials (in-cluster service account, "

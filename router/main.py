@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -141,7 +142,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         "discovery": base.discovery,
         "placement_writer": base.placement_writer and not getattr(args, "no_placement", False),
     }
-    return parse_router_config(data)
+    # The Lease was checked against the file's discovery, which the flags leave as it is.
+    return dataclasses.replace(parse_router_config(data), placement_lease=base.placement_lease)
 
 
 async def _serve(

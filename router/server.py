@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import uuid
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from router.config import RouterConfig
 from router.contracts import FleetSnapshot
 from router.datalayer.collector import FleetCollector
 from router.discovery import Discovery, StaticDiscovery
+from router.election import LeaseElection
 from router.metrics import FleetView, RouterMetrics
 from router.placement.control import TritonModelControl
 from router.placement.controller import ControllerSettings, PlacementController
@@ -69,6 +71,18 @@ class RouterServer:
     _control: TritonModelControl | None = None
     _metrics_endpoint: MetricsEndpoint | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # The config's placement_writer, and the placement Lease this replica runs for (None
+    # without an election).
+    placement_writer: bool = True
+    election: LeaseElection | None = None
+
+    def places_models(self) -> bool:
+        """Whether this replica's controller loads and unloads now (config and Lease)."""
+        return (
+            self.placement_writer
+            and self.placement is not None
+            and (self.election is None or self.election.is_leader())
+        )
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -79,6 +93,8 @@ class RouterServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.election is not None:
+            await asyncio.to_thread(self.election.stop)
         if self.placement is not None:
             await self.placement.stop()
         if self._control is not None:
@@ -207,6 +223,7 @@ async def start_router(
         # A replica that does not place has no cold path: PickTarget answers at once.
         placement=controller if config.placement_writer else None,
         tracing=tracing,
+        placement_active=lambda: router.places_models(),
     )
     # Parses requests itself: bytes that do not parse get INVALID_ARGUMENT, not UNKNOWN.
     add_router_service(servicer, server)
@@ -236,11 +253,21 @@ async def start_router(
     policy.subscribe(apply_policy)
     router.placement = controller
     router._control = control
+    router.placement_writer = config.placement_writer
+    if config.placement_lease is not None and config.placement_writer:
+        from router.discovery_kubernetes import api_client_for
+
+        # In a pod the hostname is the pod's name: `kubectl get lease` shows who places.
+        identity = f"{socket.gethostname()}-{router.router_id}"
+        router.election = LeaseElection(
+            config.placement_lease, identity, api_client_for(config.discovery)
+        )
+        router.election.start()
     router._tasks.append(
         asyncio.create_task(
             controller.run(
                 lambda: policy.current.placement_interval_s,
-                enabled=lambda: config.placement_writer and policy.current.placement_enabled,
+                enabled=lambda: router.places_models() and policy.current.placement_enabled,
             )
         )
     )

@@ -135,10 +135,13 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         policy: PolicyStore,
         placement: PlacementController | None = None,
         tracing: Tracing | None = None,
+        placement_active: Callable[[], bool] = lambda: True,
     ) -> None:
         self._book = book
         self._policy = policy
         self._placement = placement
+        # False while another replica holds the placement Lease: no cold path here.
+        self._placement_active = placement_active
         self._snapshot = snapshot
         # Until the fleet has been read once, routes are held and unknown models UNAVAILABLE.
         self._first_view = FirstView(snapshot)
@@ -209,7 +212,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         try:
             return self._pick(request, span)
         except errors.NoReadyInstanceError:
-            if not request.wait_for_load_ms or self._placement is None:
+            if (
+                not request.wait_for_load_ms
+                or self._placement is None
+                or not self._placement_active()
+            ):
                 raise
         if span is not None:
             span.add_event("cold start: waiting for a load")

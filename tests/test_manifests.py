@@ -102,19 +102,25 @@ def test_router_is_replicated_disrupted_gently_and_probed_on_grpc_health() -> No
     assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
 
 
-def test_router_rbac_only_reads_endpointslices_and_pods() -> None:
+def test_router_rbac_reads_endpointslices_and_pods_and_writes_only_its_lease() -> None:
     role = named("base", "Role", "pointsman-router")
     granted = {
-        (group, resource, verb)
+        (group, resource, verb, name)
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
+        for name in rule.get("resourceNames", ["*"])
     }
+    lease = "pointsman-placement"
     assert granted == {
-        (group, resource, verb)
+        (group, resource, verb, "*")
         for group, resource in (("discovery.k8s.io", "endpointslices"), ("", "pods"))
         for verb in ("get", "list", "watch")
+    } | {
+        ("coordination.k8s.io", "leases", "get", lease),
+        ("coordination.k8s.io", "leases", "update", lease),
+        ("coordination.k8s.io", "leases", "create", "*"),
     }
     assert not any(d["kind"].startswith("Cluster") for d in render(DEPLOY / "base"))
 
