@@ -44,7 +44,6 @@ __all__ = [
     "ShedError",
     "priority_classes_from_proto",
     "request_keys",
-    "sets_parameter",
 ]
 
 PRIORITY_HEADER = "x-priority"
@@ -106,57 +105,6 @@ def request_keys(metadata: Sequence[tuple[str, Any]] | None) -> tuple[str, str]:
         elif key == PRIORITY_HEADER and isinstance(value, str):
             priority = value
     return request_id, priority
-
-
-# ModelInferRequest.parameters is field 4 (LEN): a map entry whose key is its field 1.
-_PARAMETERS_TAG = 4 << 3 | 2
-
-
-def sets_parameter(data: bytes, key: str) -> bool:
-    """Whether the serialized ModelInferRequest `data` has `parameters[key]`.
-
-    Walks the top-level fields only (tensor contents are skipped by length). Every protobuf
-    serializer writes a map entry's key first, which is all this looks at. `data` has already
-    passed `wire.peek_model`; anything it cannot read answers False.
-    """
-    wanted = b"\x0a" + bytes([len(key)]) + key.encode() if len(key) < 0x80 else None
-    n = len(data)
-    i = 0
-    try:
-        while i < n:
-            tag, i = _varint(data, i)
-            wire_type = tag & 7
-            if wire_type == 2:
-                length, i = _varint(data, i)
-                if (
-                    tag == _PARAMETERS_TAG
-                    and wanted is not None
-                    and data.startswith(wanted, i, i + length)
-                ):
-                    return True
-                i += length
-            elif wire_type == 0:
-                _, i = _varint(data, i)
-            elif wire_type == 1:
-                i += 8
-            elif wire_type == 5:
-                i += 4
-            else:
-                return False
-    except IndexError:
-        return False
-    return False
-
-
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = data[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
 
 
 class ShedError(OverloadedError):

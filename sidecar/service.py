@@ -40,7 +40,6 @@ from sidecar.admission import (
     PriorityClass,
     ShedError,
     request_keys,
-    sets_parameter,
 )
 from sidecar.balancer import CandidateSet, pick, pick_avoiding
 from sidecar.config import SidecarConfig
@@ -60,7 +59,13 @@ from sidecar.routes import NoRouteTablesError, RouteCache
 from sidecar.stream_feed import StreamFeed
 from sidecar.tracing import ATTEMPT, ATTEMPTS, INSTANCE, MODEL, MODEL_VERSION, RpcTracer
 from sidecar.upstream import SERVICE, Upstream, UpstreamPool
-from sidecar.wire import peek_model, peek_request, with_model_version, with_uint64_parameter
+from sidecar.wire import (
+    peek_model,
+    peek_request,
+    sets_parameter,
+    with_model_version,
+    with_uint64_parameter,
+)
 
 __all__ = ["InferenceProxy", "forward_metadata"]
 

@@ -23,12 +23,11 @@ from sidecar.admission import (
     ShedError,
     priority_classes_from_proto,
     request_keys,
-    sets_parameter,
 )
 from sidecar.config import config_from_mapping
 from sidecar.routes import RouteCache
 from sidecar.upstream import UpstreamPool
-from sidecar.wire import with_uint64_parameter
+from sidecar.wire import sets_parameter, with_uint64_parameter
 
 HIGH = PriorityClass("high", 1)
 LOW = PriorityClass("low", 2, sheddable=True)
