@@ -46,6 +46,7 @@ __all__ = [
     "parse_placement",
     "tracing_environment",
     "triton_trace_args",
+    "wait_for_health",
 ]
 
 DEFAULT_MODELS = ("codegen", "codegen_stream")
@@ -264,7 +265,7 @@ class Fleet:
                 *cfg.router_args,
             ],
         )
-        _wait_for_health(self.router_address, router, cfg.ready_timeout_s)
+        wait_for_health(self.router_address, router, cfg.ready_timeout_s)
 
         sidecar_port = cfg.sidecar_port or free_port()
         self.sidecar_address = f"{HOST}:{sidecar_port}"
@@ -348,7 +349,9 @@ class Fleet:
         stop_all([p for p in self.processes if p not in ordered], grace_s)
 
 
-def _wait_for_health(address: str, proc: ManagedProcess, timeout_s: float) -> None:
+def wait_for_health(address: str, proc: ManagedProcess, timeout_s: float = 60.0) -> None:
+    """Until `proc` serves SERVING on grpc.health.v1 at `address`; raises if it exits or the
+    time passes."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s

@@ -33,6 +33,7 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from pointsman.fleet import wait_for_health
 from pointsman.processes import ManagedProcess, ProcessSpec, free_port, stop_all
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
@@ -99,22 +100,6 @@ def _python_part(name: str, argv: list[str], run_dir: Path) -> ManagedProcess:
     return process
 
 
-def _wait_serving(address: str, proc: ManagedProcess, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            proc.raise_if_exited()
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{proc.name} never served health")
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def drain_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DrainFleet]:
     run_dir = tmp_path_factory.mktemp("drain")
@@ -157,7 +142,7 @@ def drain_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DrainFleet
         processes.append(sidecar)
         wait_until_ready(triton.grpc_address, ["codegen", "codegen_stream"], 90, triton_proc)
         for router, address in zip(routers, (router_a_address, router_b_address), strict=True):
-            _wait_serving(address, router)
+            wait_for_health(address, router)
         wait_until_ready(
             sidecar_address, ["codegen", "codegen_stream"], 60, sidecar, server_ready=True
         )

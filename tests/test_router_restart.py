@@ -26,6 +26,7 @@ from loop_thread import LoopThread
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2 as pb
 
+from pointsman.fleet import wait_for_health
 from pointsman.processes import ManagedProcess, ProcessSpec, free_port, stop_all
 from pointsman.triton import TritonSpec, prepare_installation, triton_process, wait_until_ready
 from sidecar.config import PickMode, SidecarConfig
@@ -74,7 +75,7 @@ class Routers:
         )
         proc.start()
         self.processes[name] = proc
-        _wait_serving(self.address(name), proc)
+        wait_for_health(self.address(name), proc)
 
     def kill(self, name: str) -> None:
         proc = self.processes.pop(name)
@@ -85,23 +86,6 @@ class Routers:
     def stop(self) -> None:
         stop_all(list(self.processes.values()), grace_s=5)
         self.processes.clear()
-
-
-def _wait_serving(address: str, proc: ManagedProcess, timeout_s: float = 60) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            proc.raise_if_exited()
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, f"{proc.name} not serving:\n{proc.log_tail()}"
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
