@@ -192,6 +192,13 @@ class Fleet:
         proc.start()
         return proc
 
+    def __enter__(self) -> Fleet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def start(self) -> None:
         """Starts every part and waits until the sidecar routes; stops all on failure."""
         try:

@@ -35,8 +35,5 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             sidecar_args=("--cold-start-wait", "0"),
         )
     )
-    fleet.start()
-    try:
+    with fleet:
         yield fleet
-    finally:
-        fleet.stop()

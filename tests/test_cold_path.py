@@ -31,11 +31,8 @@ def cold_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             run_dir=run_dir,
         )
     )
-    fleet.start()
-    try:
+    with fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def _echo(client: grpcclient.InferenceServerClient) -> np.ndarray:

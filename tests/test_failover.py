@@ -73,11 +73,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             sidecar_args=("--cold-start-wait", "0"),
         )
     )
-    fleet.start()
-    try:
+    with fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def scrape(url: str) -> Samples:

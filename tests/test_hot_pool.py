@@ -140,11 +140,8 @@ def hot_pool_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             run_dir=run_dir,
         )
     )
-    fleet.start()
-    try:
+    with fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def test_pointsman_has_no_cold_start_after_warm_up(hot_pool_fleet: Fleet) -> None:

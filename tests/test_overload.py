@@ -73,11 +73,8 @@ def overload_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             ),
         )
     )
-    fleet.start()
-    try:
+    with fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def _sidecar_pid(fleet: Fleet) -> int:

@@ -31,11 +31,8 @@ def small_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             run_dir=tmp_path_factory.mktemp("top-fleet"),
         )
     )
-    fleet.start()
-    try:
+    with fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def _top(*args: str) -> subprocess.CompletedProcess[str]:

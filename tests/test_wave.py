@@ -99,11 +99,8 @@ def wave_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             policy_file=policy,
         )
     )
-    fleet.start()
-    try:
+    with fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def summary_of(stub: pb_grpc.RouterServiceStub, model: str) -> pb.ModelSummary:
