@@ -33,6 +33,9 @@ from pathlib import Path
 
 from pointsman.fleet import Fleet, FleetConfig
 from pointsman.overload import (
+    PRIORITY_POLICY as POLICY,
+)
+from pointsman.overload import (
     RssSampler,
     codegen_request,
     figures,
@@ -43,14 +46,6 @@ from pointsman.overload import (
 from pointsman.processes import ManagedProcess, ProcessSpec, free_port, stop_all
 from pointsman.triton import wait_until_ready
 
-POLICY = """\
-models:
-  codegen: {min_copies: 1}
-priority_classes:
-  high: {triton_priority: 1}
-  low: {triton_priority: 2, sheddable: true}
-default_priority_class: low
-"""
 REQUEST = codegen_request("def quicksort(items):", 16)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 __all__ = [
+    "PRIORITY_POLICY",
     "Answer",
     "ClassFigures",
     "RssSampler",
@@ -34,6 +35,16 @@ __all__ = [
 ]
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+# The router policy both the overload test and bench/overload.py run: codegen always placed,
+# two classes, low the default and sheddable.
+PRIORITY_POLICY = """\
+models:
+  codegen: {min_copies: 1}
+priority_classes:
+  high: {triton_priority: 1}
+  low: {triton_priority: 2, sheddable: true}
+default_priority_class: low
+"""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,18 +30,13 @@ from pointsman.overload import (
     run_closed,
     run_open_loop,
 )
+from pointsman.overload import (
+    PRIORITY_POLICY as POLICY,
+)
 from pointsman.router.v1 import router_pb2, router_pb2_grpc
 from sidecar.config import SidecarConfig
 from sidecar.server import start_sidecar
 
-POLICY = """\
-models:
-  codegen: {min_copies: 1}
-priority_classes:
-  high: {triton_priority: 1}
-  low: {triton_priority: 2, sheddable: true}
-default_priority_class: low
-"""
 BULK = """\
   bulk: {triton_priority: 2, sheddable: true}
 default_priority_class: bulk
