@@ -157,46 +157,24 @@ class DemandTracker:
         self._clock = clock
         self._started_at = clock()
         self._series: dict[str, dict[str, _Series]] = {}
-        self._configure(bucket_s, span_s, short_window_s, long_window_s, fit_window_s)
-        self._horizon_s = DemandWindows(horizon_s=horizon_s).horizon_s  # validated there
-
-    def _configure(
-        self,
-        bucket_s: float,
-        span_s: float,
-        short_window_s: float,
-        long_window_s: float,
-        fit_window_s: float,
-    ) -> None:
-        if not (math.isfinite(bucket_s) and bucket_s > 0):
-            raise ValueError("bucket_s must be finite and > 0")
-        if not (math.isfinite(span_s) and span_s >= 2 * bucket_s):
-            raise ValueError("span_s must be finite and at least two buckets")
-        self._bucket_s = bucket_s
-        self._slots = math.ceil(span_s / bucket_s - 1e-9)
-        self._span_s = self._slots * bucket_s
-        for name, window in (
-            ("short_window_s", short_window_s),
-            ("long_window_s", long_window_s),
-            ("fit_window_s", fit_window_s),
-        ):
-            self._check_window(name, window)
-        self._short_window_s = short_window_s
-        self._long_window_s = long_window_s
-        self._fit_window_s = fit_window_s
-        self._pruned_at_bucket = self._bucket(self._clock())
-
-    @classmethod
-    def with_windows(cls, clock: Clock, windows: DemandWindows) -> DemandTracker:
-        return cls(
-            clock,
-            bucket_s=windows.bucket_s,
-            span_s=windows.span_s,
-            short_window_s=windows.short_window_s,
-            long_window_s=windows.long_window_s,
-            fit_window_s=windows.fit_window_s,
-            horizon_s=windows.horizon_s,
+        self._configure(
+            DemandWindows(
+                bucket_s=bucket_s,
+                span_s=span_s,
+                short_window_s=short_window_s,
+                long_window_s=long_window_s,
+                fit_window_s=fit_window_s,
+                horizon_s=horizon_s,
+            )
         )
+
+    def _configure(self, windows: DemandWindows) -> None:
+        """Measures with `windows` (validated by DemandWindows) from now on."""
+        self._windows = windows
+        self._bucket_s = windows.bucket_s
+        self._slots = math.ceil(windows.span_s / windows.bucket_s - 1e-9)
+        self._span_s = self._slots * windows.bucket_s  # the span the ring holds: whole buckets
+        self._pruned_at_bucket = self._bucket(self._clock())
 
     def reconfigure(self, windows: DemandWindows) -> bool:
         """Measures with `windows` from now on (a policy reload); True if anything changed.
@@ -204,17 +182,10 @@ class DemandTracker:
         The history is kept: with the same bucket length and span the rings stay as they
         are, otherwise each old bucket's count is re-recorded at its midpoint in new rings.
         """
-        if windows == self.windows:
+        if windows == self._windows:
             return False
-        self._horizon_s = windows.horizon_s
         old_series, old_bucket_s, old_slots = self._series, self._bucket_s, self._slots
-        self._configure(
-            windows.bucket_s,
-            windows.span_s,
-            windows.short_window_s,
-            windows.long_window_s,
-            windows.fit_window_s,
-        )
+        self._configure(windows)
         if self._bucket_s == old_bucket_s and self._slots == old_slots:
             return True
         self._series = {}
@@ -231,14 +202,7 @@ class DemandTracker:
     @property
     def windows(self) -> DemandWindows:
         """The windows measured with, and the snapshot's default forecast horizon."""
-        return DemandWindows(
-            bucket_s=self._bucket_s,
-            span_s=self._span_s,
-            short_window_s=self._short_window_s,
-            long_window_s=self._long_window_s,
-            fit_window_s=self._fit_window_s,
-            horizon_s=self._horizon_s,
-        )
+        return self._windows
 
     # --- feeding ---------------------------------------------------------------------------
 
@@ -291,7 +255,7 @@ class DemandTracker:
         fresh tracker) it is the window's plain rate."""
         if not (math.isfinite(horizon_s) and horizon_s >= 0):
             raise ValueError("horizon_s must be finite and >= 0")
-        window_s = self._fit_window_s if fit_window_s is None else fit_window_s
+        window_s = self._windows.fit_window_s if fit_window_s is None else fit_window_s
         self._check_window("fit_window_s", window_s)
         now = self._clock()
         now_bucket = self._bucket(now)
@@ -326,14 +290,14 @@ class DemandTracker:
         """Every tracked model's rates, forecast `horizon_s` ahead (default: the windows'
         horizon) and last request, frozen."""
         if horizon_s is None:
-            horizon_s = self._horizon_s
+            horizon_s = self._windows.horizon_s
         now = self._clock()
         self._prune(now)
         models: dict[str, ModelDemand] = {}
         for model in sorted(self._series):
             versions = sorted(self._series[model])
-            rate = self.rate(model, self._short_window_s)
-            long_rate = self.rate(model, self._long_window_s)
+            rate = self.rate(model, self._windows.short_window_s)
+            long_rate = self.rate(model, self._windows.long_window_s)
             models[model] = ModelDemand(
                 model=model,
                 rate_rps=rate,
@@ -346,13 +310,13 @@ class DemandTracker:
                 ),
                 last_seen=self.last_seen(model),
                 version_rates_rps={
-                    v: self.rate(model, self._short_window_s, version=v) for v in versions
+                    v: self.rate(model, self._windows.short_window_s, version=v) for v in versions
                 },
             )
         return DemandSnapshot(
             taken_at=now,
-            short_window_s=self._short_window_s,
-            long_window_s=self._long_window_s,
+            short_window_s=self._windows.short_window_s,
+            long_window_s=self._windows.long_window_s,
             horizon_s=horizon_s,
             models=models,
         )
