@@ -56,8 +56,9 @@ check-ops: install
 
 lint: install check-protos check-ops
 	$(VENV)/bin/buf lint
-	$(VENV)/bin/ruff check pointsman router sidecar tests bench triton_models ops
-	$(VENV)/bin/mypy pointsman router sidecar ops/check_names.py
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check pointsman router sidecar app bench tests triton_models ops
+	$(VENV)/bin/mypy pointsman router sidecar app bench ops/check_names.py
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

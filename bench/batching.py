@@ -29,6 +29,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import ModuleType  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -87,7 +88,7 @@ def print_steps(hidden: int, per_step: dict[int, float], tokens: int) -> None:
     print(f"* {tokens} tokens (the config's default), all requests of a batch finishing together")
 
 
-def _inputs(prompt: str) -> list:
+def _inputs(prompt: str) -> list[Any]:
     import tritonclient.grpc as grpcclient
 
     tensor = grpcclient.InferInput("PROMPT", [1, 1], "BYTES")
@@ -147,7 +148,7 @@ def bench_triton(concurrency: list[int], seconds: float) -> None:
     import tritonclient.grpc as grpcclient
 
     sys.path.insert(0, str(ROOT))
-    from pointsman.triton import TritonSpec, prepare_installation, triton_process, wait_until_ready
+    from app.triton import TritonSpec, prepare_installation, triton_process, wait_until_ready
 
     log = Path(tempfile.mkdtemp(prefix="pointsman-bench-")) / "triton.log"
     spec = TritonSpec.on_free_ports(

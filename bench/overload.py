@@ -31,11 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pointsman.fleet import Fleet, FleetConfig
-from pointsman.overload import (
+from app.fleet import Fleet, FleetConfig
+from app.processes import ManagedProcess, ProcessSpec, free_port, stop_all
+from app.triton import wait_until_ready
+from bench.priority_load import (
     PRIORITY_POLICY as POLICY,
 )
-from pointsman.overload import (
+from bench.priority_load import (
     RssSampler,
     codegen_request,
     figures,
@@ -43,8 +45,6 @@ from pointsman.overload import (
     run_closed,
     run_open_loop,
 )
-from pointsman.processes import ManagedProcess, ProcessSpec, free_port, stop_all
-from pointsman.triton import wait_until_ready
 
 REQUEST = codegen_request("def quicksort(items):", 16)
 
@@ -77,7 +77,7 @@ def _start_sidecar(
             argv=[
                 sys.executable,
                 "-m",
-                "pointsman",
+                "app",
                 "sidecar",
                 "--listen",
                 address,

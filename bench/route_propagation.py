@@ -19,7 +19,7 @@ import grpc
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 
-from pointsman.fleet import Fleet, FleetConfig
+from app.fleet import Fleet, FleetConfig
 
 
 def _echo_request() -> service_pb2.ModelInferRequest:

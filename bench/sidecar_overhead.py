@@ -39,8 +39,8 @@ from tritonclient.grpc import service_pb2 as pb
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pointsman.processes import ManagedProcess, ProcessSpec, free_port, stop_all  # noqa: E402
-from pointsman.triton import (  # noqa: E402
+from app.processes import ManagedProcess, ProcessSpec, free_port, stop_all  # noqa: E402
+from app.triton import (  # noqa: E402
     TritonSpec,
     prepare_installation,
     triton_process,

@@ -1,0 +1,353 @@
+"""The `pointsman` command: up, router, sidecar, demo, top, policy."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from pointsman import __version__
+
+__all__ = ["main"]
+
+
+class _Stop(Exception):
+    """Raised by the signal handler to unwind `up` and `demo` cleanly."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
+    from sidecar.config import PICK_MODES
+
+    parser.add_argument("--instances", type=int, default=3, help="Triton servers (default 3)")
+    parser.add_argument(
+        "--placement",
+        help="which models load where at start, e.g. "
+        "'0=codegen,codegen_stream;1=codegen;2=codegen_stream' "
+        "(default: each model on two instances, each instance lacking one)",
+    )
+    parser.add_argument("--models", default="codegen,codegen_stream", help="models to place")
+    parser.add_argument("--model-repository", type=Path, help="default: triton_models/")
+    parser.add_argument("--sidecar-port", type=int, default=8001, help="0 = any free port")
+    parser.add_argument("--router-port", type=int, default=8101, help="0 = any free port")
+    parser.add_argument(
+        "--sidecar-metrics-port", type=int, default=0, help="the sidecar's /metrics (0 = any free)"
+    )
+    parser.add_argument(
+        "--router-metrics-port", type=int, default=0, help="the router's /metrics (0 = any free)"
+    )
+    parser.add_argument("--memory-budget-bytes", type=int, default=2 * 1024**3, help="per instance")
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        help="the router's policy file, hot-reloaded (default: start-up copies as minimums)",
+    )
+    parser.add_argument("--run-dir", type=Path, help="logs and configs (default: a temp dir)")
+    parser.add_argument(
+        "--sidecar-pick-mode",
+        choices=PICK_MODES,
+        default="table",
+        help="table: the sidecar picks from streamed route tables (default); per-request: it "
+        "asks the router for every request, so the router's pick is in each request's trace",
+    )
+    parser.add_argument(
+        "--trace-otlp-endpoint",
+        type=_otlp_endpoint,
+        metavar="URL",
+        help="base URL of an OTLP/HTTP receiver, e.g. http://127.0.0.1:4318: every Triton "
+        "traces the requests that carry a traceparent to it, the router and the sidecar "
+        "export their spans to it (default: Triton does not trace; the router and the sidecar "
+        "follow the OTEL_* environment)",
+    )
+
+
+def _otlp_endpoint(text: str) -> str:
+    from app.fleet import parse_otlp_endpoint
+
+    try:
+        return parse_otlp_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fleet_config(args: argparse.Namespace) -> object:
+    from app.fleet import FleetConfig, parse_placement
+
+    models = tuple(m for m in args.models.split(",") if m)
+    kwargs: dict[str, object] = {}
+    if args.model_repository:
+        kwargs["model_repository"] = args.model_repository.resolve()
+    return FleetConfig(
+        instances=args.instances,
+        models=models,
+        placement=parse_placement(args.placement, args.instances) if args.placement else None,
+        sidecar_port=args.sidecar_port,
+        router_port=args.router_port,
+        sidecar_metrics_port=args.sidecar_metrics_port,
+        router_metrics_port=args.router_metrics_port,
+        memory_budget_bytes=args.memory_budget_bytes,
+        policy_file=args.policy,
+        run_dir=args.run_dir,
+        sidecar_pick_mode=args.sidecar_pick_mode,
+        trace_otlp_endpoint=args.trace_otlp_endpoint,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from app.fleet import Fleet, FleetConfig
+
+    config = _fleet_config(args)
+    assert isinstance(config, FleetConfig)
+    fleet = Fleet(config)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        started = time.monotonic()
+        fleet.start()
+        print(f"pointsman fleet ready in {time.monotonic() - started:.1f}s")
+        print(f"  sidecar  {fleet.sidecar_address}   (point Triton clients here)")
+        print(f"           metrics {fleet.sidecar_metrics_url}")
+        print(f"           pick mode {config.sidecar_pick_mode}")
+        print(f"  router   {fleet.router_address}")
+        print(f"           metrics {fleet.router_metrics_url}")
+        if config.trace_otlp_endpoint:
+            print(f"  tracing  OTLP/HTTP to {config.trace_otlp_endpoint}: Tritons, router, sidecar")
+        for spec in fleet.tritons:
+            print(
+                f"  {spec.instance_id}  grpc {spec.grpc_address}  metrics {spec.metrics_url}"
+                f"  models {', '.join(spec.load_models) or '-'}"
+            )
+        print(f"  logs     {fleet.run_dir}")
+        if args.ready_file:
+            fleet.write_ready_file(args.ready_file)
+        print("Ctrl-C to stop.", flush=True)
+        while True:
+            for death in fleet.check_children():
+                print(f"pointsman up: {death}", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+    except (KeyboardInterrupt, _Stop):
+        print("\nstopping the fleet ...", flush=True)
+        return 0
+    except (RuntimeError, TimeoutError, OSError, ValueError) as exc:
+        print(f"pointsman up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        fleet.stop()
+        if args.ready_file:
+            args.ready_file.unlink(missing_ok=True)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from app.demo import run_demo
+    from app.fleet import FleetConfig
+
+    config = _fleet_config(args)
+    assert isinstance(config, FleetConfig)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        return run_demo(config, duration_s=args.duration, concurrency=args.concurrency)
+    except (KeyboardInterrupt, _Stop):
+        print("\ndemo interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from app.top import run_top
+    from pointsman.errors import ConfigError
+    from pointsman.tls import TlsConfig, tls_from_args
+
+    try:
+        tls = tls_from_args(args, "tls", TlsConfig(where="--tls"))
+        return run_top(args.router, interval_s=args.interval, once=args.once, tls=tls)
+    except ConfigError as exc:
+        print(f"pointsman top: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from pointsman.errors import ConfigError
+    from router.policy import load_policy
+
+    try:
+        policy = load_policy(args.file)
+    except ConfigError as exc:
+        message = str(exc)
+        # File errors already start with the path; field errors get it in front.
+        prefix = "" if message.startswith(str(args.file)) else f"{args.file}: "
+        print(f"{prefix}{message}", file=sys.stderr)
+        return 2
+    print(f"ok {policy.version}")
+    return 0
+
+
+def _cmd_policy_rpc(args: argparse.Namespace) -> int:
+    """`policy reload` (ReloadPolicy) and `policy show` (GetPolicy): prints the answer.
+
+    0: answered; 2: the router refused the file (INVALID_ARGUMENT, naming the field);
+    1: the router did not answer.
+    """
+    import grpc
+
+    from pointsman.auth import bearer_metadata, load_admin_token
+    from pointsman.errors import ConfigError
+    from pointsman.router.v1 import router_pb2 as pb
+    from pointsman.router.v1 import router_pb2_grpc as pb_grpc
+    from pointsman.tls import TlsConfig, sync_channel, tls_from_args
+
+    rpc = args.policy_command
+    try:
+        token = load_admin_token(args.token_file, where="--token-file")
+        tls = tls_from_args(args, "tls", TlsConfig(where="--tls"))
+        channel = sync_channel(args.router, tls)
+    except ConfigError as exc:
+        print(f"pointsman policy {rpc}: {exc}", file=sys.stderr)
+        return 2
+    with channel:
+        stub = pb_grpc.RouterServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            if rpc == "reload":
+                reloaded = stub.ReloadPolicy(
+                    pb.ReloadPolicyRequest(), timeout=args.timeout, metadata=bearer_metadata(token)
+                )
+                state = "changed" if reloaded.changed else "unchanged"
+                print(f"policy {reloaded.policy_version} {state}")
+            else:
+                shown = stub.GetPolicy(pb.GetPolicyRequest(), timeout=args.timeout)
+                loaded = (
+                    time.strftime(
+                        "%Y-%m-%d %H:%M:%S %Z", time.localtime(shown.loaded_unix_ms / 1000)
+                    )
+                    if shown.loaded_unix_ms
+                    else "an unknown time"
+                )
+                print(f"# policy {shown.policy_version} from {shown.source}, active since {loaded}")
+                print(shown.policy_yaml, end="" if shown.policy_yaml.endswith("\n") else "\n")
+        except grpc.RpcError as exc:
+            code = exc.code() if callable(getattr(exc, "code", None)) else None
+            details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                print(f"policy refused, the running policy stays: {details}", file=sys.stderr)
+                return 2
+            name = code.name if code is not None else "error"
+            print(
+                f"pointsman policy {rpc}: router {args.router}: {name}: {details}", file=sys.stderr
+            )
+            return 1
+    return 0
+
+
+def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pointsman.tls import add_tls_arguments
+
+    policy = sub.add_parser("policy", help="check a policy file; show or reload the router's")
+    actions = policy.add_subparsers(dest="policy_command", required=True)
+    check = actions.add_parser(
+        "check", help="validate a policy file without applying it: 'ok VERSION' or the error"
+    )
+    check.add_argument("file", type=Path, metavar="FILE")
+    check.set_defaults(func=_cmd_policy_check)
+    for name, help_text in (
+        ("reload", "make the router read its policy file now; prints the version active"),
+        ("show", "print the router's active policy and its version"),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument(
+            "--router", default="127.0.0.1:8101", metavar="HOST:PORT", help="the router to ask"
+        )
+        action.add_argument(
+            "--timeout", type=_positive_seconds, default=5.0, help="seconds to wait for it"
+        )
+        action.add_argument(
+            "--token-file",
+            type=Path,
+            metavar="FILE",
+            help="admin bearer token to send (default: $POINTSMAN_ADMIN_TOKEN, if set)",
+        )
+        add_tls_arguments(action, "tls", "the channel to the router", listening=False)
+        action.set_defaults(func=_cmd_policy_rpc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pointsman.tls import add_tls_arguments
+    from router import main as router_main
+    from sidecar import main as sidecar_main
+
+    parser = argparse.ArgumentParser(
+        prog="pointsman", description="Model-aware gRPC routing for Triton Inference Server fleets"
+    )
+    parser.add_argument("--version", action="version", version=f"pointsman {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a local fleet: Triton servers, the router, a sidecar")
+    add_fleet_arguments(up)
+    up.add_argument("--ready-file", type=Path, help="write endpoints as JSON here once ready")
+    up.set_defaults(func=_cmd_up)
+
+    demo = sub.add_parser("demo", help="start a local fleet, drive a workload, print a summary")
+    add_fleet_arguments(demo)
+    demo.set_defaults(sidecar_port=0, router_port=0)
+    demo.add_argument("--duration", type=float, default=30.0, help="seconds of traffic")
+    demo.add_argument("--concurrency", type=int, default=8, help="concurrent clients")
+    demo.set_defaults(func=_cmd_demo)
+
+    router = sub.add_parser("router", help="run the router alone")
+    router_main.add_arguments(router)
+    router.set_defaults(func=router_main.run)
+
+    top = sub.add_parser("top", help="a live terminal view of the fleet, from the router")
+    top.add_argument(
+        "--router", default="127.0.0.1:8101", metavar="HOST:PORT", help="the router to ask"
+    )
+    top.add_argument(
+        "--interval", type=_positive_seconds, default=1.0, help="seconds between refreshes"
+    )
+    top.add_argument(
+        "--once", action="store_true", help="print one frame and exit (1 if the router is down)"
+    )
+    add_tls_arguments(top, "tls", "the channel to the router", listening=False)
+    top.set_defaults(func=_cmd_top)
+
+    sidecar = sub.add_parser("sidecar", help="run a sidecar alone")
+    sidecar_main.add_arguments(sidecar)
+    sidecar.set_defaults(func=sidecar_main.run)
+
+    from app import webhook
+
+    inject = sub.add_parser("webhook", help="serve the sidecar-injecting admission webhook (HTTPS)")
+    webhook.add_arguments(inject)
+    inject.set_defaults(func=webhook.run)
+
+    _add_policy_parser(sub)
+
+    from bench import command as bench_command
+
+    bench = sub.add_parser(
+        "bench", help="benchmarks: seed table, data-plane overhead, scale; JSON + markdown + PNG"
+    )
+    bench_command.add_arguments(bench)
+    bench.set_defaults(func=bench_command.run)
+    return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,3 +1,0 @@
-from pointsman.cli import main
-
-raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""One module per benchmark scenario; each returns a `pointsman.bench.report.ScenarioResult`."""

@@ -1,0 +1,323 @@
+"""`pointsman bench`: the load generator's statistics, the report files, the scale scenario in
+quick mode, and one quick end-to-end run of the overhead scenario against a real Triton."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import random
+import shutil
+import statistics
+from pathlib import Path
+
+import grpc
+import pytest
+
+from app.cli import main
+from app.processes import stop_all
+from app.triton import (
+    DEFAULT_MODEL_REPOSITORY,
+    TritonSpec,
+    prepare_installation,
+    triton_process,
+    wait_until_ready,
+)
+from app.workload import codegen_inputs
+from bench.loadgen import (
+    Call,
+    CallRecord,
+    LoadSummary,
+    infer_request_bytes,
+    poisson_arrivals,
+    run_closed_loop,
+    run_open_loop,
+    status_of,
+    stream_call,
+    summarize,
+)
+from bench.report import (
+    BarGroup,
+    BenchRun,
+    ScenarioResult,
+    Table,
+    TargetCheck,
+    format_cell,
+    machine_info,
+    write_report,
+)
+from bench.scenarios.overhead import grpc_frame, parse_h2load_log
+from bench.scenarios.scale import QUICK, run_scale
+from bench.scenarios.seed_table import average_batch, model_config, zipf_popularity
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def test_percentiles_come_from_the_full_record_of_successes() -> None:
+    records = [CallRecord(0.0, ms / 1e3, "OK") for ms in range(1, 101)]  # 1..100 ms
+    records += [CallRecord(0.0, 5.0, "UNAVAILABLE")] * 3 + [CallRecord(0.0, 0.0, "NOT_FOUND")]
+    summary = summarize(records, elapsed_s=4.0)
+    assert summary.requests == 104
+    assert summary.ok == 100
+    assert summary.errors == 4
+    assert summary.errors_by_status == {"NOT_FOUND": 1, "UNAVAILABLE": 3}
+    assert summary.throughput_rps == pytest.approx(25.0)
+    # Linear interpolation between ranks; the failed calls' 5 s never reach the percentiles.
+    assert summary.p50_ms == pytest.approx(50.5)
+    assert summary.p90_ms == pytest.approx(90.1)
+    assert summary.p99_ms == pytest.approx(99.01)
+    assert summary.max_ms == pytest.approx(100.0)
+    assert summary.mean_ms == pytest.approx(50.5)
+
+
+@pytest.mark.parametrize(
+    ("records", "ok", "p99_is_nan"),
+    [
+        ([], 0, True),
+        ([CallRecord(0.0, 0.002, "OK")], 1, False),
+        ([CallRecord(0.0, 0.002, "INTERNAL")], 0, True),
+    ],
+)
+def test_summary_of_empty_single_and_all_failed(
+    records: list[CallRecord], ok: int, p99_is_nan: bool
+) -> None:
+    summary = summarize(records, elapsed_s=1.0)
+    assert summary.ok == ok
+    assert math.isnan(summary.p99_ms) is p99_is_nan
+
+
+def test_poisson_arrivals_are_seeded_and_spaced_by_the_rate() -> None:
+    first = poisson_arrivals(1000.0, 20.0, random.Random(3))
+    assert first == poisson_arrivals(1000.0, 20.0, random.Random(3))
+    assert first != poisson_arrivals(1000.0, 20.0, random.Random(4))
+    assert all(0 <= t < 20.0 for t in first)
+    assert first == sorted(first)
+    gaps = [b - a for a, b in itertools.pairwise(first)]
+    assert statistics.fmean(gaps) == pytest.approx(1 / 1000, rel=0.03)
+    # Exponential gaps: the standard deviation equals the mean.
+    assert statistics.stdev(gaps) == pytest.approx(1 / 1000, rel=0.05)
+    with pytest.raises(ValueError, match="rate_rps"):
+        poisson_arrivals(0.0, 1.0, random.Random(1))
+
+
+def test_status_of_names_grpc_codes_and_other_failures() -> None:
+    metadata = grpc.aio.Metadata()
+    rpc_error = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, metadata, metadata)
+    assert status_of(rpc_error) == "RESOURCE_EXHAUSTED"
+    assert status_of(TimeoutError()) == "DEADLINE_EXCEEDED"
+    assert status_of(KeyError("x")) == "KeyError"
+
+
+class _Refused(Exception):
+    pass
+
+
+def test_closed_loop_counts_errors_by_status() -> None:
+    calls = 0
+
+    def make_call(_worker: int) -> Call:
+        async def call() -> None:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.002)
+            if calls % 4 == 0:
+                raise _Refused
+
+        return call
+
+    summary = asyncio.run(run_closed_loop(make_call, concurrency=3, duration_s=0.3))
+    assert summary.requests > 20
+    assert summary.errors_by_status == {"_Refused": summary.errors}
+    assert summary.errors == pytest.approx(summary.requests / 4, abs=3)
+    assert summary.p50_ms >= 2.0
+
+
+def test_open_loop_sends_every_scheduled_arrival_and_bounds_outstanding_calls() -> None:
+    def quick(_index: int) -> Call:
+        async def call() -> None:
+            await asyncio.sleep(0.001)
+
+        return call
+
+    summary = asyncio.run(run_open_loop(quick, rate_rps=200, duration_s=0.5, seed=11))
+    assert summary.requests == len(poisson_arrivals(200, 0.5, random.Random(11)))
+    assert summary.errors == 0
+
+    def stuck(_index: int) -> Call:
+        async def call() -> None:
+            await asyncio.sleep(0.5)
+
+        return call
+
+    summary = asyncio.run(
+        run_open_loop(stuck, rate_rps=200, duration_s=0.3, seed=11, max_outstanding=2)
+    )
+    assert summary.ok == 2
+    assert summary.errors_by_status == {"RESOURCE_EXHAUSTED": summary.requests - 2}
+
+
+# --- pure pieces of the scenarios ----------------------------------------------------------
+
+
+def test_h2load_log_is_read_as_latencies_and_http_statuses() -> None:
+    log = "1700000000000000\t200\t1500\n1700000000001000\t200\t2500\n1700000000002000\t503\t10\n"
+    summary = parse_h2load_log(log, duration_s=1.0)
+    assert (summary.ok, summary.errors_by_status) == (2, {"HTTP_503": 1})
+    assert summary.p50_ms == pytest.approx(2.0)
+
+
+def test_grpc_frame_is_length_prefixed() -> None:
+    assert grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+
+
+def test_zipf_popularity_is_skewed_and_sums_to_one() -> None:
+    shares = zipf_popularity(6, 1.2)
+    assert sum(shares) == pytest.approx(1.0)
+    assert shares == sorted(shares, reverse=True)
+    assert shares[0] > 2 * shares[1] > shares[2]
+
+
+def test_model_config_variants_rename_reseed_and_drop_only_the_batcher() -> None:
+    template = (DEFAULT_MODEL_REPOSITORY / "codegen" / "config.pbtxt").read_text()
+    off = model_config(template, "codegen_b", 99, batcher=False)
+    on = model_config(template, "codegen_b", 99, batcher=True)
+    for text in (off, on):
+        assert 'name: "codegen_b"' in text
+        assert 'key: "seed" value: { string_value: "99" }' in text
+        assert "version_policy" not in text
+        assert "max_batch_size: 8" in text
+        assert 'key: "pointsman.memory_bytes"' in text
+    assert "dynamic_batching" in on and "max_queue_delay_microseconds" in on
+    assert "dynamic_batching" not in off and "default_queue_policy" not in off
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        ({("i0", "m"): (10.0, 10.0)}, {("i0", "m"): (50.0, 20.0)}, 4.0),
+        ({}, {("i0", "m"): (12.0, 3.0)}, 4.0),  # a series that appeared counts from zero
+        ({("i0", "m"): (90.0, 30.0)}, {("i0", "m"): (6.0, 6.0)}, math.nan),  # reset by a reload
+        ({("i0", "m"): (1.0, 1.0)}, {}, math.nan),  # vanished: its model was unloaded
+        (
+            {("i0", "m"): (5.0, 5.0), ("i1", "m"): (0.0, 0.0)},
+            {("i0", "m"): (9.0, 7.0), ("i1", "m"): (8.0, 1.0)},
+            4.0,  # summed over instances: 12 inferences in 3 executions
+        ),
+    ],
+)
+def test_average_batch_over_the_window(
+    before: dict[tuple[str, str], tuple[float, float]],
+    after: dict[tuple[str, str], tuple[float, float]],
+    expected: float,
+) -> None:
+    got = average_batch(before, after)
+    assert math.isnan(got) if math.isnan(expected) else got == pytest.approx(expected)
+
+
+# --- the scale scenario and the report --------------------------------------------------------
+
+
+def test_scale_scenario_quick_mode_measures_every_shape() -> None:
+    result = run_scale(QUICK)
+    rows = result.tables[0].rows
+    assert [row[0] for row in rows] == [f"{s.instances} x {s.models}" for s in QUICK.shapes]
+    for row in rows:
+        p50, p99, per_core = float(str(row[2])), float(str(row[3])), float(str(row[4]))
+        assert 0 < p50 <= p99
+        assert per_core > 0
+    assert [t.met for t in result.targets] == [None]  # 1000 instances are not in quick mode
+
+
+def test_report_writes_json_markdown_and_png(tmp_path: Path) -> None:
+    result = ScenarioResult(
+        name="demo",
+        title="Demo scenario",
+        tables=(Table("figures", ("system", "p99 ms"), (("a|b", 1.5), ("c", math.nan))),),
+        bars=(BarGroup("p99", "ms", ("a", "c"), (1.5, math.nan)),),
+        targets=(TargetCheck("p99", "< 2 ms", "1.5 ms", True),),
+        notes=("a note",),
+        data={"p99": math.nan},
+    )
+    run = BenchRun(
+        "pointsman bench --scenario demo", "2026-01-01T00:00:00Z", machine_info(), (result,)
+    )
+    paths = write_report(run, tmp_path / "out")
+    assert [p.name for p in paths] == ["results.json", "results.md", "results.png"]
+    document = json.loads(paths[0].read_text())
+    assert document["machine"]["cores"] >= 1
+    assert document["scenarios"][0]["data"] == {"p99": None}  # NaN is not JSON
+    markdown = paths[1].read_text()
+    assert "| system | p99 ms |" in markdown
+    assert "| a/b | 1.50 |" in markdown and "| c | - |" in markdown
+    assert "| p99 | < 2 ms | 1.5 ms | yes |" in markdown
+    assert run.machine.cpu_model in markdown
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(1234.5, "1,234"), (12.34, "12.3"), (1.234, "1.23"), (0.01234, "0.0123"), (None, "-"),
+     (True, "yes"), (7, "7")],
+)  # fmt: skip
+def test_format_cell(value: object, text: str) -> None:
+    assert format_cell(value) == text
+
+
+# --- end to end, real Triton ----------------------------------------------------------------
+
+
+@pytest.mark.triton
+@pytest.mark.timeout(180)
+def test_overhead_quick_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    code = main(
+        ["bench", "--scenario", "overhead", "--quick", "--duration", "0.5", "--no-progress",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    document = json.loads((out / "results.json").read_text())
+    assert document["machine"]["triton_server"]
+    cells = document["scenarios"][0]["data"]["cells"]
+    paths = {c["path"] for c in cells}
+    assert {"direct", "sidecar"} <= paths
+    assert ("nghttpx" in paths) is (shutil.which("nghttpx") is not None)
+    drivers = {c["driver"] for c in cells}
+    assert ("h2load" in drivers) is (shutil.which("h2load") is not None)
+    for cell in cells:
+        assert cell["ok"] > 0, cell
+        assert cell["errors"] == 0, cell
+        assert 0 < cell["p50_ms"] <= cell["p99_ms"]
+    assert (out / "results.png").stat().st_size > 0
+    assert "Overhead" in (out / "results.md").read_text()
+
+
+@pytest.mark.triton
+@pytest.mark.timeout(120)
+def test_stream_calls_read_every_token_and_count_model_errors(tmp_path: Path) -> None:
+    """The generator's streaming call against codegen_stream on a real Triton."""
+    spec = TritonSpec.on_free_ports(
+        "bench-stream", load_models=("codegen_stream",), log_path=tmp_path / "triton.log"
+    )
+    process = triton_process(spec, prepare_installation())
+    process.start()
+    try:
+        wait_until_ready(spec.grpc_address, ["codegen_stream"], 60, process)
+        good = infer_request_bytes("codegen_stream", codegen_inputs("def f():", 4))
+        bad = infer_request_bytes("codegen_stream", codegen_inputs("def f():", 0))
+
+        async def run() -> tuple[LoadSummary, LoadSummary]:
+            async with grpc.aio.insecure_channel(spec.grpc_address) as channel:
+                tokens = stream_call(channel, good, responses=4, timeout_s=30)
+                refused = stream_call(channel, bad, responses=4, timeout_s=30)
+                ok = await run_closed_loop(
+                    lambda _w: tokens(), concurrency=2, duration_s=1.0, warmup_s=0.3
+                )
+                failed = await run_closed_loop(lambda _w: refused(), concurrency=1, duration_s=0.3)
+                return ok, failed
+
+        ok, failed = asyncio.run(run())
+    finally:
+        stop_all([process])
+    assert ok.ok > 0 and ok.errors == 0, ok
+    assert failed.ok == 0 and failed.errors_by_status == {"StreamError": failed.requests}
