@@ -57,7 +57,8 @@ from router.placement.controller import (
     ControllerSettings,
     PlacementController,
 )
-from router.placement.executor import ExecutorSettings, JobState, LoadFailures, PlacementExecutor
+from router.placement.executor import PlacementExecutor
+from router.placement.jobs import ExecutorSettings, JobState, LoadFailures
 from router.plugins.registry import default_profile
 from router.routes import RouteBook
 from router.scheduling import Scheduler
