@@ -48,6 +48,7 @@ from router.datalayer.collector import (
     request_increases,
 )
 from router.datalayer.triton_metrics import parse_triton_metrics
+from router.decision import DecisionPolicy
 from router.demand import DemandTracker
 from router.discovery import StaticDiscovery
 from router.metrics import RouterMetrics
@@ -60,7 +61,6 @@ from router.placement.controller import (
 from router.placement.executor import ExecutorSettings, JobState, LoadFailures, PlacementExecutor
 from router.plugins.registry import default_profile
 from router.routes import RouteBook
-from router.scheduling import Scheduler
 from tests.support.fakes import FakeClock
 
 MiB = 1 << 20
@@ -165,7 +165,7 @@ class FakeControl:
 
 
 def _book() -> RouteBook:
-    return RouteBook(Scheduler(default_profile()), ttl_ms=1000)
+    return RouteBook(DecisionPolicy(default_profile()), ttl_ms=1000)
 
 
 async def _until(
@@ -662,7 +662,7 @@ async def _harness(
         metrics_interval_s=0.25,
     )
     collector = FleetCollector(config, StaticDiscovery(config.instances), clock=monotonic)
-    book = RouteBook(Scheduler(default_profile()), ttl_ms=1000)
+    book = RouteBook(DecisionPolicy(default_profile()), ttl_ms=1000)
     control = RecordingControl(book, {s.grpc_address: iid for iid, s in tritons.specs.items()})
     registry = CollectorRegistry()
     controller = PlacementController(
