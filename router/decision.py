@@ -128,13 +128,13 @@ def decide(
     ranking = rank(request, snapshot, policy, now=now, assumed=assumed, draining=draining)
     if ranking.targets:
         ordered = policy.profile.picker.pick(ranking.targets, rng)
-        return replace(ranking, targets=tuple(ordered))
+        return Decision(request, tuple(ordered), ranking.filters)
     if not policy.profile.only_model_holders:
         return ranking
     # The slow path, for the message only: every instance, so the trace says why each failed.
     everyone = candidates_for(snapshot, request.model_name, assumed, now, draining)
     cycle = SchedulingCycle(request=request, now=now)
-    return replace(ranking, filters=run_filters(policy.profile, cycle, everyone)[1])
+    return Decision(request, (), run_filters(policy.profile, cycle, everyone)[1])
 
 
 def rank(
