@@ -125,16 +125,16 @@ def decide(
         version = choose_version(request, snapshot, policy, rng)
         if version:
             request = replace(request, model_version=version)
-    ranking = rank(request, snapshot, policy, now=now, assumed=assumed, draining=draining)
-    if ranking.targets:
-        ordered = policy.profile.picker.pick(ranking.targets, rng)
-        return Decision(request, tuple(ordered), ranking.filters)
-    if not policy.profile.only_model_holders:
-        return ranking
-    # The slow path, for the message only: every instance, so the trace says why each failed.
-    everyone = candidates_for(snapshot, request.model_name, assumed, now, draining)
     cycle = SchedulingCycle(request=request, now=now)
-    return Decision(request, (), run_filters(policy.profile, cycle, everyone)[1])
+    ranked, trace = _rank(cycle, snapshot, policy.profile, assumed, draining)
+    if ranked:
+        return Decision(request, tuple(policy.profile.picker.pick(ranked, rng)), trace)
+    if policy.profile.only_model_holders:
+        # The slow path, for the message only: every instance, so the trace says why each
+        # failed, not only the holders.
+        everyone = candidates_for(snapshot, request.model_name, assumed, now, draining)
+        trace = run_filters(policy.profile, cycle, everyone)[1]
+    return Decision(request, (), trace)
 
 
 def rank(
@@ -147,17 +147,28 @@ def rank(
     draining: Set[tuple[str, str]] = frozenset(),
 ) -> Decision:
     """Every candidate that survives the filters, by weighted total, best first (no pick)."""
-    profile = policy.profile
+    cycle = SchedulingCycle(request=request, now=now)
+    ranked, trace = _rank(cycle, snapshot, policy.profile, assumed, draining)
+    return Decision(request, tuple(ranked), trace)
+
+
+def _rank(
+    cycle: SchedulingCycle,
+    snapshot: FleetSnapshot,
+    profile: SchedulingProfile,
+    assumed: AssumedLoad | None,
+    draining: Set[tuple[str, str]],
+) -> tuple[list[ScoredCandidate], FilterTrace]:
+    """What `decide` and `rank` share: the candidates, filtered, scored and sorted."""
     candidates = candidates_for(
         snapshot,
-        request.model_name,
+        cycle.request.model_name,
         assumed,
-        now,
+        cycle.now,
         draining,
         only_holders=profile.only_model_holders,
     )
-    ranked, trace = rank_candidates(profile, SchedulingCycle(request=request, now=now), candidates)
-    return Decision(request=request, targets=tuple(ranked), filters=trace)
+    return rank_candidates(profile, cycle, candidates)
 
 
 def candidates_for(
