@@ -2,7 +2,10 @@
 
 The data layer produces `FleetSnapshot`s; scheduling reads them and never does I/O.
 A scheduling cycle is: filters narrow the candidates, each scorer scores all remaining
-candidates at once in [0, 1] (1 is best), the engine weights and sums, a picker chooses.
+candidates at once in [0, 1] (1 is best), the engine weights and sums, a picker chooses
+(router/decision.py runs it). Filters and scorers declare the snapshot fields they read
+(`CONSUMES`, a set of `SnapshotField`); the data layer declares which fields its collectors
+fill (router/datalayer/fields.py), so a plugin over a field nobody fills is refused at start.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import enum
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 __all__ = [
     "Candidate",
@@ -26,6 +29,7 @@ __all__ = [
     "SchedulingCycle",
     "ScoredCandidate",
     "Scorer",
+    "SnapshotField",
 ]
 
 
@@ -35,6 +39,28 @@ class MemorySource(enum.Enum):
     UNKNOWN = "unknown"
     GPU_METRICS = "gpu_metrics"  # nv_gpu_memory_used_bytes
     DECLARED = "declared"  # sum of loaded models' declared footprints
+
+
+class SnapshotField(enum.StrEnum):
+    """A field of the snapshot that a plugin may read, named by where it lives.
+
+    `instance.*` is an `InstanceSnapshot` attribute, `model.*` a `ModelOnInstance` attribute of
+    the requested model, `candidate.*` a `Candidate` attribute (the router's own bookkeeping).
+    """
+
+    HEALTHY = "instance.healthy"
+    REFRESHED_AT = "instance.refreshed_at"
+    MEMORY_USED = "instance.memory_used_bytes"
+    MEMORY_BUDGET = "instance.memory_budget_bytes"
+    INFERENCES_PER_SECOND = "instance.inferences_per_second"
+    PENDING_REQUESTS = "instance.pending_requests"
+    GPU_UTILIZATION = "instance.gpu_utilization"
+    READY_VERSIONS = "model.ready_versions"
+    LOADING_VERSIONS = "model.loading_versions"
+    MODEL_PENDING_REQUESTS = "model.pending_requests"
+    DECLARED_MEMORY = "model.declared_memory_bytes"
+    AVERAGE_BATCH_SIZE = "model.average_batch_size"
+    ASSUMED_INFLIGHT = "candidate.assumed_inflight"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +156,20 @@ class FleetSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class RoutingRequest:
-    """What scheduling knows of a request: the model, a pinned version, routing headers."""
+    """What scheduling knows of a request: the model, a pinned version, routing headers, and
+    a key for affinity plugins.
+
+    `headers` are lower-cased gRPC metadata (version rules read them; a session-affinity plugin
+    would read its header here). `affinity_key` is a value computed from the request for
+    plugins that send alike requests to one instance, e.g. a hash of the prompt's prefix; ""
+    when the request carries none.
+    """
 
     model_name: str
+    # "" = any ready version (decide() fills in the version an unpinned request gets).
     model_version: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
+    affinity_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +212,9 @@ class Filter(Protocol):
     judges each candidate on its own, never relative to the others: keep it that way.
     """
 
+    # The snapshot fields it reads; a policy using it is refused where no collector fills one.
+    CONSUMES: ClassVar[frozenset[SnapshotField]]
+
     @property
     def name(self) -> str: ...
 
@@ -193,6 +231,9 @@ class Scorer(Protocol):
     The engine applies the weight and clamps out-of-range values.
     """
 
+    # The snapshot fields it reads; a policy using it is refused where no collector fills one.
+    CONSUMES: ClassVar[frozenset[SnapshotField]]
+
     @property
     def name(self) -> str: ...
 
@@ -204,6 +245,7 @@ class Picker(Protocol):
     """Orders scored candidates: the first is the pick, the rest are fallbacks in order.
 
     Must not herd: choose at random among the best, using only the given random source.
+    A picker reads the totals only, never the snapshot, so it declares no inputs.
     """
 
     @property

@@ -194,10 +194,14 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pointsman router: {exc}")
         return 2
+    from router.datalayer.fields import collected_fields
+    from router.server import InputCheckedPolicyStore
+
     try:  # refuse a bad policy before starting anything; the router then serves this store
-        policy = PolicyStore(config.policy_file)
+        policy = InputCheckedPolicyStore(config.policy_file, collected_fields(config))
     except ConfigError as exc:
-        where = "" if str(exc).startswith(str(config.policy_file)) else f"{config.policy_file}: "
+        source = config.policy_file or "(built-in default)"
+        where = "" if str(exc).startswith(str(source)) else f"{source}: "
         print(f"pointsman router: policy {where}{exc}")
         tracing.shutdown()
         return 2

@@ -1,27 +1,27 @@
 """Route tables: per model, the instances that can serve it now and how to weigh them.
 
-`RouteBook.rebuild(snapshot)` runs the scheduler's filters and scorers for every known model
-and keeps the tables; a table that changed (different candidates, versions or quantised
+`RouteBook.rebuild(snapshot)` ranks the instances for every known model (`rank` in
+router/decision.py: the policy's filters and scorers, without the random pick) and keeps the
+tables; a table that changed (different candidates, versions or quantised
 weights) gets the next generation and goes to every watcher. Weights are quantised so that
 small metric wobbles do not flood sidecars with updates.
 
 `RouteBook.draining` holds (model, instance id) pairs the placement controller is about to
-unload: they are left out of route tables (and of PickTarget's candidates, through
-`candidates_for`), so that in-flight requests can finish before the unload.
+unload: they are left out of route tables (and of PickTarget's decisions), so that in-flight
+requests can finish before the unload. `RouteBook.policy` is the decision policy both use.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pointsman.versions import VersionRules
-from router.contracts import Candidate, FleetSnapshot, RoutingRequest, SchedulingCycle
-from router.scheduling import Scheduler
+from router.contracts import FleetSnapshot, RoutingRequest
+from router.decision import DecisionPolicy, rank
 
-__all__ = ["AssumedLoad", "ModelRoutes", "RouteBook", "RouteEntry", "RouteUpdate"]
+__all__ = ["ModelRoutes", "RouteBook", "RouteEntry", "RouteUpdate", "version_order"]
 
 # Weights move in steps of this size, and never below it (a listed candidate gets some traffic).
 WEIGHT_STEP = 0.05
@@ -57,7 +57,8 @@ class RouteUpdate:
     generation: int
 
 
-def _version_key(version: str) -> tuple[int, int | str]:
+def version_order(version: str) -> tuple[int, int | str]:
+    """Sort key of Triton version names: numbers by value, after any non-numeric name."""
     return (1, int(version)) if version.isdigit() else (0, version)
 
 
@@ -65,65 +66,12 @@ def _quantise(weight: float) -> float:
     return max(WEIGHT_STEP, round(round(weight / WEIGHT_STEP) * WEIGHT_STEP, 6))
 
 
-class AssumedLoad:
-    """Requests routed through PickTarget that Triton's metrics cannot show yet.
-
-    Each pick counts against its instance for `window_s` (about two metric scrapes), so a
-    burst of picks does not all land on the instance whose queue looked shortest.
-    """
-
-    def __init__(self, window_s: float) -> None:
-        self._window_s = window_s
-        self._picks: defaultdict[tuple[str, str], deque[float]] = defaultdict(deque)
-
-    def add(self, instance_id: str, model_name: str, now: float) -> None:
-        self._picks[(instance_id, model_name)].append(now)
-
-    def count(self, instance_id: str, model_name: str, now: float) -> int:
-        picks = self._picks.get((instance_id, model_name))
-        if not picks:
-            return 0
-        while picks and now - picks[0] > self._window_s:
-            picks.popleft()
-        return len(picks)
-
-
-def candidates_for(
-    snapshot: FleetSnapshot,
-    model_name: str,
-    assumed: AssumedLoad | None,
-    now: float,
-    draining: Set[tuple[str, str]] = frozenset(),
-    *,
-    only_holders: bool = False,
-) -> list[Candidate]:
-    """Every instance as a candidate for `model_name`, except those draining it; with
-    `only_holders`, only the instances where the model is ready or loading (what the
-    scheduler's `only_model_holders` allows)."""
-    instances = snapshot.holders(model_name) if only_holders else snapshot.instances
-    return [
-        Candidate(
-            instance=inst,
-            assumed_inflight=assumed.count(inst.instance_id, model_name, now) if assumed else 0,
-        )
-        for inst in instances
-        if (model_name, inst.instance_id) not in draining
-    ]
-
-
 class RouteBook:
     """The current route tables and the watchers that follow them."""
 
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        *,
-        ttl_ms: int,
-        rules_for: Callable[[str], VersionRules] = lambda _model: VersionRules(),
-    ) -> None:
-        self.scheduler = scheduler
-        # The policy's version rules per model; swapped with the policy on a reload.
-        self.rules_for = rules_for
+    def __init__(self, policy: DecisionPolicy, *, ttl_ms: int) -> None:
+        # Swapped whole on a policy reload; PickTarget decides with it too.
+        self.policy = policy
         self.ttl_ms = ttl_ms
         self.generation = 0
         self.tables: dict[str, ModelRoutes] = {}
@@ -132,17 +80,19 @@ class RouteBook:
         self._watchers: set[asyncio.Queue[RouteUpdate | None]] = set()
 
     def build(self, snapshot: FleetSnapshot, model_name: str, now: float) -> list[RouteEntry]:
-        cycle = SchedulingCycle(request=RoutingRequest(model_name=model_name), now=now)
-        candidates = candidates_for(
+        """The model's ready instances, weighted by total relative to the best."""
+        ranking = rank(
+            RoutingRequest(model_name=model_name),
             snapshot,
-            model_name,
-            None,
-            now,
-            self.draining,
-            only_holders=self.scheduler.only_model_holders,
+            self.policy,
+            now=now,
+            draining=self.draining,
         )
-        ranked = self.scheduler.rank(cycle, candidates)
-        ranked = [s for s in ranked if (m := s.candidate.instance.model(model_name)) and m.is_ready]
+        ranked = [
+            s
+            for s in ranking.targets
+            if (m := s.candidate.instance.model(model_name)) and m.is_ready
+        ]
         if not ranked:
             return []
         best = max(s.total for s in ranked) or 1.0
@@ -155,7 +105,7 @@ class RouteBook:
                 RouteEntry(
                     instance_id=inst.instance_id,
                     grpc_address=inst.grpc_address,
-                    ready_versions=tuple(sorted(model.ready_versions, key=_version_key)),
+                    ready_versions=tuple(sorted(model.ready_versions, key=version_order)),
                     weight=_quantise(scored.total / best if best > 0 else 1.0),
                 )
             )
@@ -167,7 +117,7 @@ class RouteBook:
         next_generation = self.generation + 1
         for model_name in sorted(snapshot.known_models):
             entries = tuple(self.build(snapshot, model_name, now))
-            rules = self.rules_for(model_name)
+            rules = self.policy.rules_for(model_name)
             old = self.tables.get(model_name)
             if old is not None and old.candidates == entries and old.version_rules == rules:
                 continue
@@ -175,7 +125,7 @@ class RouteBook:
             table = ModelRoutes(
                 model_name=model_name,
                 candidates=entries,
-                default_version=max(versions, key=_version_key) if versions else "",
+                default_version=max(versions, key=version_order) if versions else "",
                 generation=next_generation,
                 version_rules=rules,
             )

@@ -1,19 +1,26 @@
-"""The scheduling engine: filters -> weighted scorers -> one picker, over one snapshot.
+"""The scheduling engine: filters -> weighted scorers, over the candidates of one cycle.
 
-Pure and synchronous: every input arrives in the `SchedulingCycle` and the candidates, and the
-only randomness is the `random.Random` handed to `pick`. Plugins live in `router.plugins`.
+Pure and synchronous: every input arrives in the `SchedulingCycle` and the candidates. The
+picker and the candidates come from router/decision.py, which is the one place a decision is
+made; plugins live in `router.plugins`.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from router.contracts import Candidate, Filter, Picker, SchedulingCycle, ScoredCandidate, Scorer
 
-__all__ = ["FilterStep", "FilterTrace", "Scheduler", "SchedulingProfile"]
+__all__ = [
+    "FilterStep",
+    "FilterTrace",
+    "SchedulingProfile",
+    "rank_candidates",
+    "run_filters",
+    "run_scorers",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +31,9 @@ class SchedulingProfile:
     # (scorer, weight); the weight multiplies the scorer's clamped score into the total.
     scorers: tuple[tuple[Scorer, float], ...]
     picker: Picker
+    # True when some filter keeps only the model's holders (see `Filter`): a decision may
+    # then start from them alone rather than from every instance.
+    only_model_holders: bool = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         # Config data is validated with field names in `build_profile`; these guard direct use.
@@ -33,6 +43,8 @@ class SchedulingProfile:
         names = [scorer.name for scorer, _ in self.scorers]
         if len(set(names)) != len(names):
             raise ValueError(f"scorer names must be unique (scores are kept by name): {names}")
+        holders_only = any(getattr(f, "KEEPS_ONLY_HOLDERS", False) for f in self.filters)
+        object.__setattr__(self, "only_model_holders", holders_only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,83 +77,62 @@ class FilterTrace:
         return f"{self.considered} {noun}: " + ", ".join(parts)
 
 
-class Scheduler:
-    """Runs one `SchedulingProfile` over the candidates of a cycle."""
+def rank_candidates(
+    profile: SchedulingProfile, cycle: SchedulingCycle, candidates: Sequence[Candidate]
+) -> tuple[list[ScoredCandidate], FilterTrace]:
+    """Surviving candidates with totals and per-scorer scores, best total first (stable),
+    and the trace of what each filter removed."""
+    survivors, trace = run_filters(profile, cycle, candidates)
+    scored = run_scorers(profile, cycle, survivors)
+    scored.sort(key=_total, reverse=True)
+    return scored, trace
 
-    def __init__(self, profile: SchedulingProfile) -> None:
-        self.profile = profile
-        # True when some filter keeps only the model's holders: candidates may start there.
-        self.only_model_holders = any(
-            getattr(f, "KEEPS_ONLY_HOLDERS", False) for f in profile.filters
-        )
 
-    def rank(
-        self, cycle: SchedulingCycle, candidates: Sequence[Candidate]
-    ) -> list[ScoredCandidate]:
-        """Surviving candidates with totals and per-scorer scores, best total first (stable)."""
-        return self.rank_with_trace(cycle, candidates)[0]
-
-    def rank_with_trace(
-        self, cycle: SchedulingCycle, candidates: Sequence[Candidate]
-    ) -> tuple[list[ScoredCandidate], FilterTrace]:
-        survivors, trace = self._filter(cycle, candidates)
-        scored = self._score(cycle, survivors)
-        scored.sort(key=lambda item: item.total, reverse=True)
-        return scored, trace
-
-    def pick(
-        self, cycle: SchedulingCycle, candidates: Sequence[Candidate], rng: random.Random
-    ) -> list[ScoredCandidate]:
-        """The pick first, then fallbacks in order; empty when no candidate survives."""
-        return self.pick_with_trace(cycle, candidates, rng)[0]
-
-    def pick_with_trace(
-        self, cycle: SchedulingCycle, candidates: Sequence[Candidate], rng: random.Random
-    ) -> tuple[list[ScoredCandidate], FilterTrace]:
-        ranked, trace = self.rank_with_trace(cycle, candidates)
-        if not ranked:
-            return [], trace
-        return self.profile.picker.pick(ranked, rng), trace
-
-    def _filter(
-        self, cycle: SchedulingCycle, candidates: Sequence[Candidate]
-    ) -> tuple[list[Candidate], FilterTrace]:
-        survivors = list(candidates)
-        steps: list[FilterStep] = []
-        for candidate_filter in self.profile.filters:
-            kept = candidate_filter.filter(cycle, survivors)
+def run_filters(
+    profile: SchedulingProfile, cycle: SchedulingCycle, candidates: Sequence[Candidate]
+) -> tuple[list[Candidate], FilterTrace]:
+    """The candidates every filter kept, in their order, and what each filter removed."""
+    survivors = list(candidates)
+    steps: list[FilterStep] = []
+    for candidate_filter in profile.filters:
+        kept = candidate_filter.filter(cycle, survivors)
+        if len(kept) == len(survivors):  # filters only remove: nothing was
+            removed: tuple[str, ...] = ()
+        else:
             kept_ids = {candidate.instance_id for candidate in kept}
             removed = tuple(c.instance_id for c in survivors if c.instance_id not in kept_ids)
-            steps.append(FilterStep(candidate_filter.name, removed))
-            survivors = kept
-        return survivors, FilterTrace(considered=len(candidates), steps=tuple(steps))
+        steps.append(FilterStep(candidate_filter.name, removed))
+        survivors = kept
+    return survivors, FilterTrace(considered=len(candidates), steps=tuple(steps))
 
-    def _score(
-        self, cycle: SchedulingCycle, candidates: Sequence[Candidate]
-    ) -> list[ScoredCandidate]:
-        totals = [0.0] * len(candidates)
-        scores_by_candidate: list[dict[str, float]] = [{} for _ in candidates]
-        for scorer, weight in self.profile.scorers:
-            raw_scores = scorer.score(cycle, candidates)
-            if len(raw_scores) != len(candidates):
-                raise ValueError(
-                    f"scorer '{scorer.name}' returned {len(raw_scores)} scores "
-                    f"for {len(candidates)} candidates"
-                )
-            for index, raw in enumerate(raw_scores):
-                score = _clamp_unit(raw)
-                scores_by_candidate[index][scorer.name] = score
-                totals[index] += weight * score
-        return [
-            ScoredCandidate(candidate=candidate, total=total, scores=scores)
-            for candidate, total, scores in zip(
-                candidates, totals, scores_by_candidate, strict=True
+
+def run_scorers(
+    profile: SchedulingProfile, cycle: SchedulingCycle, candidates: Sequence[Candidate]
+) -> list[ScoredCandidate]:
+    """Each candidate with its clamped score per scorer and their weighted sum, in order."""
+    if not candidates:
+        return []
+    names: list[str] = []
+    columns: list[list[float]] = []
+    totals = [0.0] * len(candidates)
+    for scorer, weight in profile.scorers:
+        raw_scores = scorer.score(cycle, candidates)
+        if len(raw_scores) != len(candidates):
+            raise ValueError(
+                f"scorer '{scorer.name}' returned {len(raw_scores)} scores "
+                f"for {len(candidates)} candidates"
             )
-        ]
+        # Scores outside [0, 1] are a scorer's mistake; NaN fails `> 0` and so counts as 0.
+        column = [0.0 if not raw > 0.0 else 1.0 if raw > 1.0 else raw for raw in raw_scores]
+        names.append(scorer.name)
+        columns.append(column)
+        totals = [total + weight * score for total, score in zip(totals, column, strict=True)]
+    rows = zip(*columns, strict=True) if columns else ((),) * len(candidates)
+    return [
+        ScoredCandidate(candidate=candidate, total=total, scores=dict(zip(names, row, strict=True)))
+        for candidate, total, row in zip(candidates, totals, rows, strict=True)
+    ]
 
 
-def _clamp_unit(score: float) -> float:
-    """Scores outside [0, 1] are a scorer's mistake; NaN counts as the worst score."""
-    if math.isnan(score):
-        return 0.0
-    return min(1.0, max(0.0, score))
+def _total(scored: ScoredCandidate) -> float:
+    return scored.total

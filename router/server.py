@@ -9,6 +9,7 @@ import random
 import socket
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,24 +19,26 @@ from prometheus_client import CollectorRegistry
 from pointsman.auth import AdminAuth, AdminAuthInterceptor, is_loopback_host, load_admin_token
 from pointsman.clock import Clock, monotonic
 from pointsman.drain import DrainingHealthServicer
+from pointsman.errors import ConfigError
 from pointsman.telemetry import MetricsEndpoint, Tracing, serve_metrics
 from pointsman.tls import add_port
 from router.autoscale import DesiredReplicasView, measure_router
 from router.config import RouterConfig
 from router.contracts import FleetSnapshot
 from router.datalayer.collector import FleetCollector
+from router.datalayer.fields import CollectedFields, collected_fields
+from router.decision import AssumedLoad, DecisionPolicy, check_inputs
 from router.discovery import Discovery, StaticDiscovery
 from router.election import LeaseElection
 from router.metrics import FleetView, RouterMetrics
 from router.placement.control import TritonModelControl
 from router.placement.controller import ControllerSettings, PlacementController
 from router.policy import Policy, PolicyStore
-from router.routes import AssumedLoad, RouteBook
-from router.scheduling import Scheduler
+from router.routes import RouteBook
 from router.service import RouterServicer
 from router.strict_decoding import add_router_service
 
-__all__ = ["RouterServer", "start_router"]
+__all__ = ["InputCheckedPolicyStore", "RouterServer", "decision_policy", "start_router"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "pointsman.router.v1.RouterService"
@@ -50,6 +53,32 @@ def admin_auth_from_config(config: RouterConfig) -> AdminAuth:
         identities=frozenset(config.admin_identities),
         loopback_listener=is_loopback_host(config.listen),
     )
+
+
+def decision_policy(policy: Policy) -> DecisionPolicy:
+    """What routing decisions take from `policy`: its profile and its version rules."""
+    rules = {name: model.versions for name, model in policy.models.items()}
+    return DecisionPolicy(policy.profile, {name: r for name, r in rules.items() if not r.is_empty})
+
+
+class InputCheckedPolicyStore(PolicyStore):
+    """A PolicyStore that also refuses a policy whose filters or scorers read a snapshot
+    field that no running collector fills (router/datalayer/fields.py): at start, on
+    ReloadPolicy (INVALID_ARGUMENT naming the plugin and the field) and when the watched file
+    changes; the running policy keeps serving, as with any other refused file."""
+
+    def __init__(self, path: Path | None, collected: CollectedFields) -> None:
+        self._collected = collected
+        super().__init__(path)
+        check_inputs(self.current.profile, collected)
+
+    def _activate(self, policy: Policy) -> bool:
+        try:
+            check_inputs(policy.profile, self._collected)
+        except ConfigError as exc:
+            self._log_refusal(exc)
+            raise
+        return super()._activate(policy)
 
 
 @dataclass
@@ -141,12 +170,11 @@ async def start_router(
     HTTP when `config.metrics_listen` is set; spans go to `tracing` when it is enabled.
     `admin_auth` admits admin RPCs (default: from the config and $POINTSMAN_ADMIN_TOKEN)."""
     auth = admin_auth if admin_auth is not None else admin_auth_from_config(config)
-    policy = policy_store or PolicyStore(config.policy_file)
-    book = RouteBook(
-        Scheduler(policy.current.profile),
-        ttl_ms=config.route_ttl_ms,
-        rules_for=policy.current.version_rules,
-    )
+    collected = collected_fields(config)
+    policy = policy_store or InputCheckedPolicyStore(config.policy_file, collected)
+    # Before anything starts: a scorer over a field nobody fills would score blind for ever.
+    check_inputs(policy.current.profile, collected)
+    book = RouteBook(decision_policy(policy.current), ttl_ms=config.route_ttl_ms)
     metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
     controller: PlacementController | None = None
 
@@ -245,8 +273,7 @@ async def start_router(
 
     def apply_policy(new: Policy) -> None:
         # Swapped whole between cycles: a pick or rebuild sees either policy, never a mix.
-        book.scheduler = Scheduler(new.profile)
-        book.rules_for = new.version_rules
+        book.policy = decision_policy(new)
         collector.changed.set()  # republish tables (version rules) at once
         log.info("policy %s from %s is active", new.version, new.source)
 

@@ -1,4 +1,6 @@
-"""The gRPC RouterService: PickTarget, WatchRoutes, ListInstances, ListModels.
+"""The gRPC RouterService: PickTarget, WatchRoutes, ListInstances, ListModels, GetPolicy,
+ReloadPolicy. RPC handling only: a pick is decided by `decide` (router/decision.py), and every
+message is read or built in router/proto_convert.py.
 
 PickTarget is measured (`RouterMetrics`) and, when tracing is on, recorded as a SERVER span
 that continues the caller's `traceparent` and carries the decision: target, top scores,
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from opentelemetry import trace
@@ -19,44 +21,24 @@ from pointsman.clock import Clock
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
 from pointsman.telemetry import Tracing, extract_context
-from pointsman.versions import PIN_HEADER, rules_to_proto, select_version
-from router.contracts import (
-    FleetSnapshot,
-    MemorySource,
-    RoutingRequest,
-    SchedulingCycle,
-    ScoredCandidate,
-)
+from router.contracts import FleetSnapshot
+from router.decision import AssumedLoad, Decision, decide
 from router.first_view import FirstView
 from router.metrics import UNKNOWN_MODEL, RouterMetrics
 from router.placement.controller import PlacementController
 from router.policy import Policy, PolicyStore
-from router.routes import (
-    AssumedLoad,
-    ModelRoutes,
-    RouteBook,
-    RouteEntry,
-    RouteUpdate,
-    candidates_for,
+from router.proto_convert import (
+    instances_to_proto,
+    models_to_proto,
+    pick_to_proto,
+    policy_to_proto,
+    priority_policy_to_proto,
+    request_from_proto,
+    update_to_proto,
 )
-from router.scheduling import FilterTrace
+from router.routes import RouteBook, RouteUpdate
 
 __all__ = ["RouterServicer"]
-
-_MEMORY_SOURCE = {
-    MemorySource.UNKNOWN: pb.MEMORY_SOURCE_UNSPECIFIED,
-    MemorySource.GPU_METRICS: pb.MEMORY_SOURCE_GPU_METRICS,
-    MemorySource.DECLARED: pb.MEMORY_SOURCE_DECLARED,
-}
-
-
-def _target(entry: RouteEntry) -> pb.Target:
-    return pb.Target(
-        instance_id=entry.instance_id,
-        grpc_address=entry.grpc_address,
-        ready_versions=list(entry.ready_versions),
-    )
-
 
 # Scores of this many best candidates go into a pick's span.
 _TRACED_SCORES = 3
@@ -67,55 +49,23 @@ _RPC_ATTRIBUTES = {
 }
 
 
-def _describe_decision(
-    span: trace.Span,
-    ranked: Sequence[ScoredCandidate],
-    ordered: Sequence[ScoredCandidate],
-    filters: FilterTrace,
-) -> None:
+def _describe_decision(span: trace.Span, decision: Decision) -> None:
     """Puts what decided a pick on its span: e.g. pointsman.scores 'triton-0=5.80,...'."""
-    span.set_attribute("pointsman.candidates", filters.considered)
-    if not ordered:
-        span.set_attribute("pointsman.filter_trace", filters.summary())
+    span.set_attribute("pointsman.candidates", decision.filters.considered)
+    chosen = decision.pick
+    if chosen is None:
+        span.set_attribute("pointsman.filter_trace", decision.filters.summary())
         return
-    chosen = ordered[0]
     span.set_attribute("pointsman.target", chosen.candidate.instance_id)
     span.set_attribute("pointsman.target_address", chosen.candidate.instance.grpc_address)
-    span.set_attribute("pointsman.fallbacks", len(ordered) - 1)
+    span.set_attribute("pointsman.fallbacks", len(decision.targets) - 1)
     span.set_attribute(
         "pointsman.scores",
-        ",".join(f"{s.candidate.instance_id}={s.total:.2f}" for s in ranked[:_TRACED_SCORES]),
+        ",".join(f"{s.candidate.instance_id}={s.total:.2f}" for s in decision.best(_TRACED_SCORES)),
     )
     span.set_attribute(
         "pointsman.target_scores",
         ",".join(f"{name}={score:.2f}" for name, score in chosen.scores.items()),
-    )
-
-
-def priority_policy_to_proto(policy: Policy) -> pb.PriorityPolicy:
-    """The policy's priority classes as sidecars receive them on WatchRoutes."""
-    return pb.PriorityPolicy(
-        classes=[
-            pb.PriorityClass(
-                name=pc.name, triton_priority=pc.triton_priority, sheddable=pc.sheddable
-            )
-            for _, pc in sorted(policy.priority_classes.items())
-        ],
-        default_class=policy.default_priority_class,
-    )
-
-
-def table_to_proto(table: ModelRoutes, ttl_ms: int) -> pb.RouteTable:
-    rules = table.version_rules
-    return pb.RouteTable(
-        model_name=table.model_name,
-        candidates=[
-            pb.RouteCandidate(target=_target(e), weight=e.weight) for e in table.candidates
-        ],
-        ttl_ms=ttl_ms,
-        generation=table.generation,
-        default_version=table.default_version,
-        version_policy=None if rules.is_empty else rules_to_proto(rules),
     )
 
 
@@ -248,81 +198,29 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             raise errors.ModelNotFoundError(request.model_name)
         now = self._clock()
         started = self._metrics.timer()
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        version = request.model_version or self._choose_version(
-            snapshot, request.model_name, headers
-        )
-        cycle = SchedulingCycle(
-            request=RoutingRequest(
-                model_name=request.model_name, model_version=version, headers=headers
-            ),
-            now=now,
-        )
-        scheduler = self._book.scheduler
-        candidates = candidates_for(
+        decision = decide(
+            request_from_proto(request),
             snapshot,
-            request.model_name,
-            self._assumed,
-            now,
-            self._book.draining,
-            only_holders=scheduler.only_model_holders,
+            self._book.policy,
+            now=now,
+            rng=self._rng,
+            assumed=self._assumed,
+            draining=self._book.draining,
         )
-        ranked, filter_trace = scheduler.rank_with_trace(cycle, candidates)
-        if not ranked and scheduler.only_model_holders:
-            # The slow path, for a message: every instance, so the trace says why each failed.
-            everyone = candidates_for(
-                snapshot, request.model_name, self._assumed, now, self._book.draining
-            )
-            filter_trace = scheduler.rank_with_trace(cycle, everyone)[1]
-        ordered = self._book.scheduler.profile.picker.pick(ranked, self._rng) if ranked else []
         self._metrics.observe_pick(self._metrics.timer() - started)
         if span is not None:
-            _describe_decision(span, ranked, ordered, filter_trace)
-        if not ordered:
-            raise errors.NoReadyInstanceError(request.model_name, version, filter_trace.summary())
-        targets = []
-        for scored in ordered:
-            inst = scored.candidate.instance
-            model = inst.model(request.model_name)
-            targets.append(
-                pb.Target(
-                    instance_id=inst.instance_id,
-                    grpc_address=inst.grpc_address,
-                    ready_versions=sorted(model.ready_versions) if model else [],
-                )
+            _describe_decision(span, decision)
+        if decision.pick is None:
+            raise errors.NoReadyInstanceError(
+                request.model_name, decision.request.model_version, decision.filters.summary()
             )
-        self._assumed.add(targets[0].instance_id, request.model_name, now)
-        return pb.PickTargetResponse(
-            target=targets[0],
-            fallbacks=targets[1:],
-            generation=self._book.generation,
-            model_version=version,
-        )
-
-    def _choose_version(self, snapshot: FleetSnapshot, model: str, headers: dict[str, str]) -> str:
-        """The version an unpinned request gets: the x-model-version header, else the policy's
-        header rules and split over the versions ready somewhere, else "" (the highest)."""
-        pinned = headers.get(PIN_HEADER)
-        if pinned:
-            return pinned
-        rules = self._book.rules_for(model)
-        if rules.is_empty:
-            return ""
-        available = {
-            v for inst in snapshot.instances if (m := inst.model(model)) for v in m.ready_versions
-        }
-        return select_version(rules, headers, self._rng, available) or ""
+        self._assumed.add(decision.pick.candidate.instance_id, request.model_name, now)
+        return pick_to_proto(decision, self._book.generation)
 
     async def GetPolicy(
         self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetPolicyResponse:
-        policy = self._policy.current
-        return pb.GetPolicyResponse(
-            policy_version=policy.version,
-            source=policy.source,
-            policy_yaml=policy.yaml_text or policy.effective_yaml(),
-            loaded_unix_ms=self._policy.activated_unix_ms,
-        )
+        return policy_to_proto(self._policy.current, self._policy.activated_unix_ms)
 
     async def ReloadPolicy(
         self, request: pb.ReloadPolicyRequest, context: grpc.aio.ServicerContext
@@ -332,20 +230,6 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         except Exception as exc:  # an invalid file: INVALID_ARGUMENT naming the field
             await errors.abort(context, exc)
         return pb.ReloadPolicyResponse(policy_version=version, changed=changed)
-
-    def _message(self, update: RouteUpdate, models: frozenset[str]) -> pb.WatchRoutesResponse:
-        ttl = self._book.ttl_ms
-        return pb.WatchRoutesResponse(
-            full_snapshot=update.full,
-            tables=[
-                table_to_proto(t, ttl)
-                for t in update.tables
-                if not models or t.model_name in models
-            ],
-            removed_models=[m for m in update.removed if not models or m in models],
-            generation=update.generation,
-            router_id=self._router_id,
-        )
 
     async def WatchRoutes(
         self, request: pb.WatchRoutesRequest, context: grpc.aio.ServicerContext
@@ -375,7 +259,9 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 else:
                     if update is None:
                         return
-                    message = self._message(update, models)
+                    message = update_to_proto(
+                        update, models, ttl_ms=self._book.ttl_ms, router_id=self._router_id
+                    )
                 priorities = priority_policy_to_proto(self._policy.current)
                 if message.full_snapshot or priorities != sent_priorities:
                     message.priority_policy.CopyFrom(priorities)
@@ -388,74 +274,10 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     async def ListInstances(
         self, request: pb.ListInstancesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListInstancesResponse:
-        now = self._clock()
-        instances = []
-        for inst in self._snapshot().instances:
-            models = [
-                pb.LoadedModel(
-                    model_name=m.name,
-                    model_version=version,
-                    state=state,
-                    pending_requests=m.pending_requests,
-                    declared_memory_bytes=m.declared_memory_bytes,
-                )
-                for m in inst.models.values()
-                for versions, state in (
-                    (m.ready_versions, pb.MODEL_STATE_READY),
-                    (m.loading_versions, pb.MODEL_STATE_LOADING),
-                )
-                for version in sorted(versions)
-            ]
-            age_ms = int((now - inst.refreshed_at) * 1000) if inst.refreshed_at else 2**32 - 1
-            instances.append(
-                pb.Instance(
-                    instance_id=inst.instance_id,
-                    grpc_address=inst.grpc_address,
-                    metrics_url=inst.metrics_url,
-                    healthy=inst.healthy,
-                    data_age_ms=min(age_ms, 2**32 - 1),
-                    models=models,
-                    memory_used_bytes=inst.memory_used_bytes,
-                    memory_budget_bytes=inst.memory_budget_bytes,
-                    pending_requests=inst.pending_requests,
-                    inferences_per_second=inst.inferences_per_second,
-                    memory_source=_MEMORY_SOURCE[inst.memory_source],
-                    last_error=inst.last_error,
-                )
-            )
-        return pb.ListInstancesResponse(instances=instances)
+        return instances_to_proto(self._snapshot(), self._clock())
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        snapshot = self._snapshot()
-        summaries = []
-        for name in sorted(snapshot.known_models):
-            on = [(i.instance_id, i.model(name)) for i in snapshot.instances]
-            table = self._book.tables.get(name)
-            ready = [i for i, m in on if m and m.is_ready]
-            summary = pb.ModelSummary(
-                model_name=name,
-                ready_instances=ready,
-                loading_instances=[i for i, m in on if m and m.is_loading],
-                ready_versions=sorted({v for _, m in on if m for v in m.ready_versions}),
-                route_table=table_to_proto(table, self._book.ttl_ms) if table else None,
-                copies=len(ready),
-            )
-            if self._placement is not None:
-                placed = self._placement.model_placement(name)
-                summary.target_copies = placed.target_copies
-                summary.demand_rps = placed.demand_rps
-                summary.forecast_rps = placed.forecast_rps
-                if placed.last_decision is not None:
-                    d = placed.last_decision
-                    summary.last_decision.CopyFrom(
-                        pb.PlacementDecision(
-                            action=d.action,
-                            instance_id=d.instance_id,
-                            reason=d.reason,
-                            decided_unix_ms=d.decided_unix_ms,
-                        )
-                    )
-            summaries.append(summary)
-        return pb.ListModelsResponse(models=summaries)
+        placement = self._placement.model_placement if self._placement is not None else None
+        return models_to_proto(self._snapshot(), self._book.tables, self._book.ttl_ms, placement)

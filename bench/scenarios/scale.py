@@ -2,11 +2,11 @@
 
 For each fleet size (instances x models) a synthetic `FleetSnapshot` is built with the
 contracts' own types, and the router's code runs on it exactly as it does in `PickTarget`:
-`candidates_for` -> `Scheduler.rank_with_trace` (default profile: filters, weighted scorers)
--> the picker. Reported: decision latency p50/p99 and decisions per second per core (one
-thread, CPU time). The placement planner's round time on the same fleet, and the collector's
-parse of one instance's Triton metrics (one refresh) complete the picture of what grows with
-fleet size.
+`decide` (router/decision.py; default profile: filters, weighted scorers, the picker), then
+the assumed-load bookkeeping. Reported: decision latency p50/p99 and decisions per second per
+core (one thread, CPU time). The placement planner's round time on the same fleet, and the
+collector's parse of one instance's Triton metrics (one refresh) complete the picture of what
+grows with fleet size.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from router.contracts import (
     MemorySource,
     ModelOnInstance,
     RoutingRequest,
-    SchedulingCycle,
 )
 from router.datalayer.triton_metrics import parse_triton_metrics
+from router.decision import AssumedLoad, DecisionPolicy, decide
 from router.demand import DemandSnapshot, ModelDemand
 from router.placement.inputs import (
     InstanceState,
@@ -39,8 +39,6 @@ from router.placement.inputs import (
 )
 from router.placement.planner import ScaleDownState, plan_placement
 from router.plugins.registry import default_profile
-from router.routes import AssumedLoad, candidates_for
-from router.scheduling import Scheduler
 
 __all__ = ["FleetShape", "ScaleSettings", "run_scale", "synthetic_fleet", "triton_metrics_text"]
 
@@ -130,7 +128,7 @@ def time_decisions(
     snapshot: FleetSnapshot, decisions: int, rng: random.Random
 ) -> tuple[list[float], float]:
     """Per-decision wall seconds, and CPU seconds for them all, as PickTarget decides."""
-    scheduler = Scheduler(default_profile())
+    policy = DecisionPolicy(default_profile())
     assumed = AssumedLoad(window_s=0.5)
     names = sorted(snapshot.known_models)
     chosen = rng.choices(names, weights=_zipf_weights(len(names)), k=decisions)
@@ -140,14 +138,10 @@ def time_decisions(
     cpu_started = time.process_time()
     for model in chosen:
         started = clock()
-        cycle = SchedulingCycle(request=RoutingRequest(model_name=model), now=now)
-        candidates = candidates_for(
-            snapshot, model, assumed, now, only_holders=scheduler.only_model_holders
-        )
-        ranked, _trace = scheduler.rank_with_trace(cycle, candidates)
-        ordered = scheduler.profile.picker.pick(ranked, rng) if ranked else []
-        if ordered:
-            assumed.add(ordered[0].candidate.instance_id, model, now)
+        request = RoutingRequest(model_name=model)
+        decision = decide(request, snapshot, policy, now=now, rng=rng, assumed=assumed)
+        if decision.pick is not None:
+            assumed.add(decision.pick.candidate.instance_id, model, now)
         wall.append(clock() - started)
     return wall, time.process_time() - cpu_started
 
@@ -313,9 +307,10 @@ def run_scale(
         ),
         targets=_targets(measured),
         notes=(
-            "A decision is what PickTarget runs: candidates_for (the model's holders), the default "
-            "profile's filters and weighted scorers, the weighted-random picker, the assumed-"
-            "load bookkeeping. Sidecars route from streamed tables, so most requests need none.",
+            "A decision is what PickTarget runs: decide (the model's holders, the default "
+            "profile's filters and weighted scorers, the weighted-random picker), then the "
+            "assumed-load bookkeeping. Sidecars route from streamed tables, so most requests "
+            "need none.",
             "Collector cost is the CPU to parse one instance's Triton /metrics page (its "
             "models' series) per refresh; the fleet column multiplies by the instance count.",
         ),

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from router.contracts import Candidate, InstanceSnapshot, SchedulingCycle
+from router.contracts import Candidate, InstanceSnapshot, SchedulingCycle, SnapshotField
 from router.plugins.params import read_number, reject_unknown
 
 __all__ = ["HealthyFreshFilter"]
@@ -23,6 +23,9 @@ __all__ = ["HealthyFreshFilter"]
 @dataclass(frozen=True, slots=True)
 class HealthyFreshFilter:
     TYPE_NAME: ClassVar[str] = "healthy-fresh"
+    CONSUMES: ClassVar[frozenset[SnapshotField]] = frozenset(
+        {SnapshotField.HEALTHY, SnapshotField.REFRESHED_AT}
+    )
 
     name: str = TYPE_NAME
     stale_after_s: float = 1.0

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from router.contracts import Candidate, SchedulingCycle
+from router.contracts import Candidate, SchedulingCycle, SnapshotField
 from router.plugins.normalise import min_max
 from router.plugins.params import read_optional_number, reject_unknown
 
@@ -24,6 +24,7 @@ __all__ = ["LoadScorer"]
 @dataclass(frozen=True, slots=True)
 class LoadScorer:
     TYPE_NAME: ClassVar[str] = "load"
+    CONSUMES: ClassVar[frozenset[SnapshotField]] = frozenset({SnapshotField.INFERENCES_PER_SECOND})
 
     name: str = TYPE_NAME
     capacity_ips: float | None = None

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from router.contracts import Candidate, SchedulingCycle
+from router.contracts import Candidate, SchedulingCycle, SnapshotField
 from router.plugins.normalise import min_max
 from router.plugins.params import read_number, reject_unknown
 
@@ -27,6 +27,9 @@ UNKNOWN_BUDGET_SCORE = 0.5
 @dataclass(frozen=True, slots=True)
 class MemoryHeadroomScorer:
     TYPE_NAME: ClassVar[str] = "memory-headroom"
+    CONSUMES: ClassVar[frozenset[SnapshotField]] = frozenset(
+        {SnapshotField.MEMORY_USED, SnapshotField.MEMORY_BUDGET}
+    )
 
     name: str = TYPE_NAME
     buffer_bytes: float = 0.0

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from router.contracts import Candidate, RoutingRequest, SchedulingCycle
+from router.contracts import Candidate, RoutingRequest, SchedulingCycle, SnapshotField
 from router.plugins.model_state import model_loading_on, model_ready_on
 from router.plugins.params import read_number, reject_unknown
 
@@ -24,6 +24,9 @@ __all__ = ["ModelAffinityScorer"]
 @dataclass(frozen=True, slots=True)
 class ModelAffinityScorer:
     TYPE_NAME: ClassVar[str] = "model-affinity"
+    CONSUMES: ClassVar[frozenset[SnapshotField]] = frozenset(
+        {SnapshotField.READY_VERSIONS, SnapshotField.LOADING_VERSIONS}
+    )
 
     name: str = TYPE_NAME
     loading_score: float = 0.5

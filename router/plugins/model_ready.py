@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from router.contracts import Candidate, SchedulingCycle
+from router.contracts import Candidate, SchedulingCycle, SnapshotField
 from router.plugins.model_state import model_loading_on, model_ready_on
 from router.plugins.params import reject_unknown
 
@@ -25,6 +25,9 @@ __all__ = ["ModelReadyFilter"]
 @dataclass(frozen=True, slots=True)
 class ModelReadyFilter:
     TYPE_NAME: ClassVar[str] = "model-ready"
+    CONSUMES: ClassVar[frozenset[SnapshotField]] = frozenset(
+        {SnapshotField.READY_VERSIONS, SnapshotField.LOADING_VERSIONS}
+    )
     # What it keeps has the model ready or loading (see router.contracts.Filter).
     KEEPS_ONLY_HOLDERS: ClassVar[bool] = True
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from router.contracts import Candidate, SchedulingCycle
+from router.contracts import Candidate, SchedulingCycle, SnapshotField
 from router.plugins.normalise import min_max
 from router.plugins.params import read_optional_number, reject_unknown
 
@@ -25,6 +25,9 @@ __all__ = ["QueueDepthScorer"]
 @dataclass(frozen=True, slots=True)
 class QueueDepthScorer:
     TYPE_NAME: ClassVar[str] = "queue-depth"
+    CONSUMES: ClassVar[frozenset[SnapshotField]] = frozenset(
+        {SnapshotField.MODEL_PENDING_REQUESTS, SnapshotField.ASSUMED_INFLIGHT}
+    )
 
     name: str = TYPE_NAME
     saturation: float | None = None

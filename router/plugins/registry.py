@@ -1,6 +1,7 @@
 """From plugin type names to plugins, and from plain config data to a `SchedulingProfile`.
 
-Factories are registered explicitly in `default_registry`, never as an import side effect.
+Plugins are registered explicitly in `default_registry` (one line per built-in, in
+`BUILT_IN_PLUGINS`), never as an import side effect. How to add one: router/plugins/README.md.
 Profile data looks like:
 
     {"filters": [{"type": "healthy-fresh", "params": {"stale_after_s": 1.0}}, ...],
@@ -16,13 +17,14 @@ need a `weight` (a finite number >= 0). Bad data raises ConfigError naming the f
 from __future__ import annotations
 
 import enum
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from pointsman.errors import ConfigError
-from router.contracts import Filter, Picker, PluginFactory, Scorer
+from router.contracts import Filter, Picker, PluginFactory, Scorer, SnapshotField
 from router.plugins.healthy_fresh import HealthyFreshFilter
 from router.plugins.load import LoadScorer
 from router.plugins.max_score import MaxScorePicker
@@ -35,7 +37,10 @@ from router.plugins.weighted_random import WeightedRandomPicker
 from router.scheduling import SchedulingProfile
 
 __all__ = [
+    "BUILT_IN_PLUGINS",
     "DEFAULT_PROFILE_DATA",
+    "PluginClass",
+    "PluginInfo",
     "PluginKind",
     "PluginRegistry",
     "build_profile",
@@ -49,22 +54,74 @@ class PluginKind(enum.Enum):
     SCORER = "scorer"
     PICKER = "picker"
 
+    @property
+    def method(self) -> str:
+        """The method a plugin of this kind has (see router/contracts.py)."""
+        return {"filter": "filter", "scorer": "score", "picker": "pick"}[self.value]
+
+
+class PluginClass(Protocol):
+    """A plugin class as `register_plugin` takes it: a type name, a docstring giving its
+    formula, inputs and parameters, and a factory."""
+
+    TYPE_NAME: str
+
+    def from_params(self, name: str, params: Mapping[str, Any]) -> Filter | Scorer | Picker: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """One registered plugin type."""
+
+    type_name: str
+    kind: PluginKind
+    factory: PluginFactory
+    # What the catalogue in router/plugins/README.md shows (router/plugins/catalog.py).
+    doc: str = ""
+    consumes: frozenset[SnapshotField] = frozenset()
+
 
 class PluginRegistry:
     """Plugin factories by kind and type name."""
 
     def __init__(self) -> None:
-        self._factories: dict[PluginKind, dict[str, PluginFactory]] = {
-            kind: {} for kind in PluginKind
-        }
+        self._plugins: dict[PluginKind, dict[str, PluginInfo]] = {kind: {} for kind in PluginKind}
 
-    def register(self, type_name: str, kind: PluginKind, factory: PluginFactory) -> None:
-        if type_name in self._factories[kind]:
+    def register(
+        self,
+        type_name: str,
+        kind: PluginKind,
+        factory: PluginFactory,
+        *,
+        doc: str = "",
+        consumes: frozenset[SnapshotField] = frozenset(),
+    ) -> None:
+        if type_name in self._plugins[kind]:
             raise ValueError(f"{kind.value} type '{type_name}' is already registered")
-        self._factories[kind][type_name] = factory
+        self._plugins[kind][type_name] = PluginInfo(type_name, kind, factory, doc, consumes)
+
+    def register_plugin(self, plugin: PluginClass) -> None:
+        """Registers a plugin class under its TYPE_NAME, as the kind whose method it has
+        (`filter`, `score` or `pick`), built by its `from_params`."""
+        kinds = [kind for kind in PluginKind if callable(getattr(plugin, kind.method, None))]
+        if len(kinds) != 1:
+            raise TypeError(f"{plugin!r} must have exactly one of filter, score, pick")
+        consumes = getattr(plugin, "CONSUMES", None)
+        if consumes is None and kinds[0] is not PluginKind.PICKER:
+            raise TypeError(f"{plugin!r} must declare the snapshot fields it reads (CONSUMES)")
+        self.register(
+            plugin.TYPE_NAME,
+            kinds[0],
+            plugin.from_params,
+            doc=inspect.getdoc(inspect.getmodule(plugin)) or "",
+            consumes=consumes or frozenset(),
+        )
 
     def type_names(self, kind: PluginKind) -> list[str]:
-        return sorted(self._factories[kind])
+        return sorted(self._plugins[kind])
+
+    def info(self, kind: PluginKind, type_name: str) -> PluginInfo:
+        return self._plugins[kind][type_name]
 
     def create_filter(self, type_name: str, name: str, params: Mapping[str, Any]) -> Filter:
         plugin = self._create(PluginKind.FILTER, type_name, name, params)
@@ -87,29 +144,32 @@ class PluginRegistry:
     def _create(
         self, kind: PluginKind, type_name: str, name: str, params: Mapping[str, Any]
     ) -> Filter | Scorer | Picker:
-        factory = self._factories[kind].get(type_name)
-        if factory is None:
+        plugin = self._plugins[kind].get(type_name)
+        if plugin is None:
             known = ", ".join(self.type_names(kind))
             raise ConfigError(f"type: unknown {kind.value} type '{type_name}' (known: {known})")
-        return factory(name, params)
+        return plugin.factory(name, params)
+
+
+# Every built-in plugin, one line each; adding one here is what makes its type usable.
+BUILT_IN_PLUGINS: Final[tuple[PluginClass, ...]] = (
+    ModelReadyFilter,
+    HealthyFreshFilter,
+    ModelAffinityScorer,
+    MemoryHeadroomScorer,
+    QueueDepthScorer,
+    LoadScorer,
+    WeightedRandomPicker,
+    PowerOfTwoPicker,
+    MaxScorePicker,
+)
 
 
 def default_registry() -> PluginRegistry:
-    """Every built-in plugin, registered here and only here."""
-    built_ins: tuple[tuple[str, PluginKind, PluginFactory], ...] = (
-        (ModelReadyFilter.TYPE_NAME, PluginKind.FILTER, ModelReadyFilter.from_params),
-        (HealthyFreshFilter.TYPE_NAME, PluginKind.FILTER, HealthyFreshFilter.from_params),
-        (ModelAffinityScorer.TYPE_NAME, PluginKind.SCORER, ModelAffinityScorer.from_params),
-        (MemoryHeadroomScorer.TYPE_NAME, PluginKind.SCORER, MemoryHeadroomScorer.from_params),
-        (QueueDepthScorer.TYPE_NAME, PluginKind.SCORER, QueueDepthScorer.from_params),
-        (LoadScorer.TYPE_NAME, PluginKind.SCORER, LoadScorer.from_params),
-        (WeightedRandomPicker.TYPE_NAME, PluginKind.PICKER, WeightedRandomPicker.from_params),
-        (PowerOfTwoPicker.TYPE_NAME, PluginKind.PICKER, PowerOfTwoPicker.from_params),
-        (MaxScorePicker.TYPE_NAME, PluginKind.PICKER, MaxScorePicker.from_params),
-    )
+    """Every built-in plugin (`BUILT_IN_PLUGINS`), registered here and only here."""
     registry = PluginRegistry()
-    for type_name, kind, factory in built_ins:
-        registry.register(type_name, kind, factory)
+    for plugin in BUILT_IN_PLUGINS:
+        registry.register_plugin(plugin)
     return registry
 
 

@@ -11,13 +11,15 @@ from pointsman.errors import ConfigError
 from router.contracts import Candidate, InstanceSnapshot, Picker, ScoredCandidate
 from router.plugins.max_score import MaxScorePicker
 from router.plugins.power_of_two import PowerOfTwoPicker
+from router.plugins.registry import PluginKind, default_registry
 from router.plugins.weighted_random import WeightedRandomPicker
 
 PICKS = 3000
+_REGISTRY = default_registry()
+# Every registered picker with its default parameters: the properties below hold for all.
 ALL_PICKERS = [
-    pytest.param(WeightedRandomPicker(), id="weighted-random"),
-    pytest.param(PowerOfTwoPicker(), id="power-of-two"),
-    pytest.param(MaxScorePicker(), id="max-score"),
+    pytest.param(_REGISTRY.create_picker(type_name, type_name, {}), id=type_name)
+    for type_name in _REGISTRY.type_names(PluginKind.PICKER)
 ]
 
 

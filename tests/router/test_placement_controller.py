@@ -48,6 +48,7 @@ from router.datalayer.collector import (
     request_increases,
 )
 from router.datalayer.triton_metrics import parse_triton_metrics
+from router.decision import DecisionPolicy
 from router.demand import DemandTracker
 from router.discovery import StaticDiscovery
 from router.metrics import RouterMetrics
@@ -61,7 +62,6 @@ from router.placement.executor import PlacementExecutor
 from router.placement.jobs import ExecutorSettings, JobState, LoadFailures
 from router.plugins.registry import default_profile
 from router.routes import RouteBook
-from router.scheduling import Scheduler
 from tests.support.fakes import FakeClock
 
 MiB = 1 << 20
@@ -166,7 +166,7 @@ class FakeControl:
 
 
 def _book() -> RouteBook:
-    return RouteBook(Scheduler(default_profile()), ttl_ms=1000)
+    return RouteBook(DecisionPolicy(default_profile()), ttl_ms=1000)
 
 
 async def _until(
@@ -663,7 +663,7 @@ async def _harness(
         metrics_interval_s=0.25,
     )
     collector = FleetCollector(config, StaticDiscovery(config.instances), clock=monotonic)
-    book = RouteBook(Scheduler(default_profile()), ttl_ms=1000)
+    book = RouteBook(DecisionPolicy(default_profile()), ttl_ms=1000)
     control = RecordingControl(book, {s.grpc_address: iid for iid, s in tritons.specs.items()})
     registry = CollectorRegistry()
     controller = PlacementController(

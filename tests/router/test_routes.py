@@ -9,9 +9,10 @@ from router.contracts import (
     RoutingRequest,
     SchedulingCycle,
 )
+from router.decision import AssumedLoad, DecisionPolicy, candidates_for, rank
 from router.plugins.registry import default_profile
-from router.routes import WEIGHT_STEP, AssumedLoad, RouteBook, candidates_for
-from router.scheduling import Scheduler
+from router.routes import WEIGHT_STEP, RouteBook
+from router.scheduling import rank_candidates
 
 NOW = 100.0
 
@@ -38,7 +39,7 @@ def _snapshot(*instances: InstanceSnapshot, known: tuple[str, ...] = ()) -> Flee
 
 
 def _book() -> RouteBook:
-    return RouteBook(Scheduler(default_profile()), ttl_ms=1000)
+    return RouteBook(DecisionPolicy(default_profile()), ttl_ms=1000)
 
 
 def test_tables_list_only_ready_holders_with_their_versions() -> None:
@@ -137,13 +138,14 @@ def test_holders_index_and_candidates_from_holders_only() -> None:
 
 
 def test_starting_from_holders_ranks_as_starting_from_everyone() -> None:
-    scheduler = Scheduler(default_profile())
-    assert scheduler.only_model_holders  # the default profile has model-ready
+    profile = default_profile()
+    assert profile.only_model_holders  # the default profile has model-ready
     instances = [_instance(f"t{i}", {"m": ("1",)} if i % 3 else {}, pending=i) for i in range(9)]
     snapshot = _snapshot(*instances)
-    cycle = SchedulingCycle(request=RoutingRequest(model_name="m"), now=NOW)
-    full = scheduler.rank(cycle, candidates_for(snapshot, "m", None, NOW))
-    held = scheduler.rank(cycle, candidates_for(snapshot, "m", None, NOW, only_holders=True))
+    request = RoutingRequest(model_name="m")
+    held = rank(request, snapshot, DecisionPolicy(profile), now=NOW).targets
+    cycle = SchedulingCycle(request=request, now=NOW)
+    full, _ = rank_candidates(profile, cycle, candidates_for(snapshot, "m", None, NOW))
     assert [(s.candidate.instance_id, s.total) for s in full] == [
         (s.candidate.instance_id, s.total) for s in held
     ]

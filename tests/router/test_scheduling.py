@@ -1,4 +1,8 @@
-"""The engine (filters -> weighted scorers -> picker), the registry, and profiles from config."""
+"""The engine (filters -> weighted scorers), the registry, and profiles from config.
+
+Decisions over snapshots (version, pick, fallbacks, the slow-path trace) are in
+test_decision.py.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -19,8 +23,10 @@ from router.contracts import (
     RoutingRequest,
     SchedulingCycle,
     ScoredCandidate,
+    SnapshotField,
 )
 from router.plugins import (
+    BUILT_IN_PLUGINS,
     DEFAULT_PROFILE_DATA,
     PluginKind,
     PluginRegistry,
@@ -32,7 +38,7 @@ from router.plugins.healthy_fresh import HealthyFreshFilter
 from router.plugins.max_score import MaxScorePicker
 from router.plugins.model_ready import ModelReadyFilter
 from router.plugins.weighted_random import WeightedRandomPicker
-from router.scheduling import FilterStep, Scheduler, SchedulingProfile
+from router.scheduling import FilterStep, FilterTrace, SchedulingProfile, rank_candidates
 
 MODEL = "resnet"
 NOW = 50.0
@@ -53,6 +59,8 @@ def ids(items: Sequence[Candidate | ScoredCandidate]) -> list[str]:
 class FixedScorer:
     """Returns preset scores, whatever the candidates, and remembers what it was shown."""
 
+    CONSUMES: ClassVar[frozenset[SnapshotField]] = frozenset()
+
     name: str
     values: list[float]
     seen: list[list[str]] = field(default_factory=list)
@@ -64,6 +72,8 @@ class FixedScorer:
 
 @dataclass(frozen=True)
 class DropFilter:
+    CONSUMES: ClassVar[frozenset[SnapshotField]] = frozenset()
+
     name: str
     drop: frozenset[str]
 
@@ -71,10 +81,21 @@ class DropFilter:
         return [c for c in candidates if c.instance_id not in self.drop]
 
 
-def scheduler(
-    *scorers: tuple[FixedScorer, float], filters: tuple[DropFilter, ...] = ()
-) -> Scheduler:
-    return Scheduler(SchedulingProfile(filters, tuple(scorers), MaxScorePicker()))
+class Engine:
+    """One profile of fixed scorers and drop filters, ranking bare candidates."""
+
+    def __init__(
+        self, *scorers: tuple[FixedScorer, float], filters: tuple[DropFilter, ...] = ()
+    ) -> None:
+        self.profile = SchedulingProfile(filters, tuple(scorers), MaxScorePicker())
+
+    def rank(self, candidates: Sequence[Candidate]) -> list[ScoredCandidate]:
+        return self.rank_with_trace(candidates)[0]
+
+    def rank_with_trace(
+        self, candidates: Sequence[Candidate]
+    ) -> tuple[list[ScoredCandidate], FilterTrace]:
+        return rank_candidates(self.profile, CYCLE, candidates)
 
 
 # --- engine ---------------------------------------------------------------------------------
@@ -83,7 +104,7 @@ def scheduler(
 def test_weights_sum_and_sort_by_total() -> None:
     affinity = FixedScorer("affinity", [0.0, 1.0, 0.5])
     queue = FixedScorer("queue", [1.0, 0.0, 1.0])
-    ranked = scheduler((affinity, 3), (queue, 2)).rank(CYCLE, bare("a", "b", "c"))
+    ranked = Engine((affinity, 3), (queue, 2)).rank(bare("a", "b", "c"))
     assert ids(ranked) == ["c", "b", "a"]
     assert [r.total for r in ranked] == pytest.approx([3.5, 3.0, 2.0])
     assert ranked[0].scores == {"affinity": 0.5, "queue": 1.0}
@@ -91,19 +112,19 @@ def test_weights_sum_and_sort_by_total() -> None:
 
 def test_scores_clamped_and_nan_is_worst() -> None:
     odd = FixedScorer("odd", [1.5, -0.2, math.nan, math.inf])
-    ranked = scheduler((odd, 2)).rank(CYCLE, bare("a", "b", "c", "d"))
+    ranked = Engine((odd, 2)).rank(bare("a", "b", "c", "d"))
     by_id = {r.candidate.instance_id: (r.total, r.scores["odd"]) for r in ranked}
     assert by_id == {"a": (2.0, 1.0), "b": (0.0, 0.0), "c": (0.0, 0.0), "d": (2.0, 1.0)}
 
 
 def test_equal_totals_keep_candidate_order() -> None:
     flat = FixedScorer("flat", [1.0, 1.0, 1.0])
-    assert ids(scheduler((flat, 1)).rank(CYCLE, bare("x", "y", "z"))) == ["x", "y", "z"]
+    assert ids(Engine((flat, 1)).rank(bare("x", "y", "z"))) == ["x", "y", "z"]
 
 
 def test_zero_weight_records_score_but_adds_nothing() -> None:
     muted = FixedScorer("muted", [0.2, 0.9])
-    ranked = scheduler((muted, 0)).rank(CYCLE, bare("a", "b"))
+    ranked = Engine((muted, 0)).rank(bare("a", "b"))
     assert [r.total for r in ranked] == [0.0, 0.0]
     assert [r.scores["muted"] for r in ranked] == [0.2, 0.9]
 
@@ -111,19 +132,19 @@ def test_zero_weight_records_score_but_adds_nothing() -> None:
 def test_scorer_wrong_length_is_an_error() -> None:
     short = FixedScorer("short", [1.0])
     with pytest.raises(ValueError, match="scorer 'short' returned 1 scores for 2 candidates"):
-        scheduler((short, 1)).rank(CYCLE, bare("a", "b"))
+        Engine((short, 1)).rank(bare("a", "b"))
 
 
 def test_filters_in_order_then_each_scorer_once_over_survivors() -> None:
     scorer = FixedScorer("s", [1.0, 0.0])
-    engine = scheduler(
+    engine = Engine(
         (scorer, 1),
         filters=(
             DropFilter("first", frozenset({"a", "b"})),
             DropFilter("second", frozenset({"c"})),
         ),
     )
-    ranked, trace = engine.rank_with_trace(CYCLE, bare("a", "b", "c", "d", "e"))
+    ranked, trace = engine.rank_with_trace(bare("a", "b", "c", "d", "e"))
     assert scorer.seen == [["d", "e"]]
     assert ids(ranked) == ["d", "e"]
     assert trace.considered == 5
@@ -132,22 +153,29 @@ def test_filters_in_order_then_each_scorer_once_over_survivors() -> None:
 
 
 def test_trace_summary_when_nothing_filtered() -> None:
-    _, trace = scheduler(filters=(DropFilter("f", frozenset()),)).rank_with_trace(CYCLE, bare("a"))
+    _, trace = Engine(filters=(DropFilter("f", frozenset()),)).rank_with_trace(bare("a"))
     assert trace.summary() == "1 candidate, none filtered"
 
 
-def test_pick_empty_when_nothing_survives() -> None:
-    engine = scheduler(filters=(DropFilter("all", frozenset({"a", "b"})),))
-    picked, trace = engine.pick_with_trace(CYCLE, bare("a", "b"), random.Random(0))
-    assert picked == []
+def test_empty_when_nothing_survives() -> None:
+    engine = Engine(filters=(DropFilter("all", frozenset({"a", "b"})),))
+    ranked, trace = engine.rank_with_trace(bare("a", "b"))
+    assert ranked == []
     assert trace.summary() == "2 candidates: 2 filtered by all"
-    assert engine.pick(CYCLE, [], random.Random(0)) == []
+    assert engine.rank([]) == []
 
 
-def test_pick_puts_best_first_with_fallbacks() -> None:
-    scorer = FixedScorer("s", [0.1, 0.9, 0.5])
-    picked = scheduler((scorer, 1)).pick(CYCLE, bare("a", "b", "c"), random.Random(0))
-    assert ids(picked) == ["b", "c", "a"]
+def test_no_scorers_rank_every_survivor_equal_in_order() -> None:
+    ranked = Engine().rank(bare("a", "b"))
+    assert [(r.candidate.instance_id, r.total, r.scores) for r in ranked] == [
+        ("a", 0.0, {}),
+        ("b", 0.0, {}),
+    ]
+
+
+def test_profile_knows_when_candidates_may_start_from_holders() -> None:
+    assert default_profile().only_model_holders  # model-ready keeps only holders
+    assert not Engine(filters=(DropFilter("f", frozenset()),)).profile.only_model_holders
 
 
 @pytest.mark.parametrize("weight", [-1.0, math.nan, math.inf], ids=["negative", "nan", "inf"])
@@ -165,20 +193,55 @@ def test_profile_rejects_duplicate_scorer_names() -> None:
 # --- registry ---------------------------------------------------------------------------------
 
 
-def test_default_registry_lists_every_built_in() -> None:
+def test_default_registry_holds_every_built_in_as_its_kind() -> None:
     registry = default_registry()
-    assert registry.type_names(PluginKind.FILTER) == ["healthy-fresh", "model-ready"]
-    assert registry.type_names(PluginKind.SCORER) == [
-        "load",
-        "memory-headroom",
-        "model-affinity",
-        "queue-depth",
-    ]
-    assert registry.type_names(PluginKind.PICKER) == [
-        "max-score",
-        "power-of-two",
-        "weighted-random",
-    ]
+    for plugin in BUILT_IN_PLUGINS:
+        kinds = [k for k in PluginKind if plugin.TYPE_NAME in registry.type_names(k)]
+        assert len(kinds) == 1, plugin
+        built = registry.info(kinds[0], plugin.TYPE_NAME).factory(plugin.TYPE_NAME, {})
+        assert type(built) is plugin
+    assert sum(len(registry.type_names(k)) for k in PluginKind) == len(BUILT_IN_PLUGINS)
+
+
+def test_every_plugin_module_is_registered() -> None:
+    """A plugin class written here but left out of BUILT_IN_PLUGINS is a mistake."""
+    import importlib
+    import pkgutil
+
+    import router.plugins
+
+    registered = {plugin.TYPE_NAME for plugin in BUILT_IN_PLUGINS}
+    for module_info in pkgutil.iter_modules(router.plugins.__path__):
+        module = importlib.import_module(f"router.plugins.{module_info.name}")
+        for value in vars(module).values():
+            type_name = getattr(value, "TYPE_NAME", None)
+            if isinstance(value, type) and isinstance(type_name, str):
+                assert type_name in registered, f"{value.__name__} is not in BUILT_IN_PLUGINS"
+
+
+def test_filters_and_scorers_declare_what_they_read() -> None:
+    registry = default_registry()
+    for kind in (PluginKind.FILTER, PluginKind.SCORER):
+        for type_name in registry.type_names(kind):
+            consumes = registry.info(kind, type_name).consumes
+            assert consumes and all(isinstance(f, SnapshotField) for f in consumes), type_name
+
+
+def test_register_plugin_refuses_a_scorer_without_consumes() -> None:
+    @dataclass(frozen=True)
+    class Undeclared:
+        TYPE_NAME: ClassVar[str] = "undeclared"
+        name: str = "undeclared"
+
+        def score(self, cycle: SchedulingCycle, candidates: Sequence[Candidate]) -> list[float]:
+            return [1.0] * len(candidates)
+
+        @classmethod
+        def from_params(cls, name: str, params: Any) -> Undeclared:
+            return cls(name)
+
+    with pytest.raises(TypeError, match="must declare the snapshot fields it reads"):
+        PluginRegistry().register_plugin(Undeclared)
 
 
 def test_built_ins_take_the_given_name_and_default_to_their_type() -> None:
@@ -429,13 +492,13 @@ def test_default_profile_prefers_ready_idle_instance_and_explains_drops() -> Non
         instance("stale", refreshed_at=NOW - 5),
         instance("down", healthy=False),
     ]
-    engine = Scheduler(default_profile())
-    picked, trace = engine.pick_with_trace(CYCLE, candidates, random.Random(0))
-    assert ids(picked) == ["idle", "busy"]
+    profile = default_profile()
+    ranked, trace = rank_candidates(profile, CYCLE, candidates)
+    assert ids(profile.picker.pick(ranked, random.Random(0))) == ["idle", "busy"]
     assert trace.summary() == "6 candidates: 2 filtered by healthy-fresh, 2 by model-ready"
 
 
 def test_default_profile_routes_cold_request_to_loading_instance() -> None:
     candidates = [instance("cold", ready=False), instance("loading", ready=False, loading=True)]
-    picked = Scheduler(default_profile()).pick(CYCLE, candidates, random.Random(0))
-    assert ids(picked) == ["loading"]
+    ranked, _ = rank_candidates(default_profile(), CYCLE, candidates)
+    assert ids(ranked) == ["loading"]
