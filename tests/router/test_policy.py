@@ -928,6 +928,7 @@ def test_router_refuses_to_start_with_an_invalid_policy(tmp_path: Path) -> None:
     bad_file.write_text(BAD)
     started = _pointsman("router", "--policy", str(bad_file), "--listen", "127.0.0.1:0")
     assert started.returncode == 2
-    assert started.stdout.strip() == (
-        f"pointsman router: policy {bad_file}: models.codegen.min_copies: must be >= 0, got -1"
+    assert started.stderr.strip() == (
+        f"pointsman router: policy {bad_file}: models.codegen.min_copies: "
+        "must be an integer >= 0, got -1"
     )
