@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import functools
 import math
 import re
 import types
@@ -54,12 +53,14 @@ __all__ = [
     "flag_dest",
     "host_port",
     "http_url",
+    "keys_of",
     "load_yaml",
     "load_yaml_file",
     "non_empty",
     "or_empty",
     "read",
     "read_fields",
+    "read_value",
     "relative_files",
     "rule",
     "validate",
@@ -217,29 +218,35 @@ class _Field:
     factory: Any  # dataclasses.MISSING without a default_factory
 
 
-@functools.cache
+_FIELDS: dict[type, tuple[_Field, ...]] = {}
+
+
 def _fields(cls: type) -> tuple[_Field, ...]:
-    hints = typing.get_type_hints(cls)
-    return tuple(
-        _Field(
-            name=f.name,
-            key=(r := f.metadata.get(_METADATA_KEY, _PLAIN)).key or f.name,
-            type=hints[f.name],
-            rule=r,
-            default=f.default,
-            factory=f.default_factory,
+    """`cls`'s init fields with their resolved types and rules (read once per class)."""
+    known = _FIELDS.get(cls)
+    if known is None:
+        hints = typing.get_type_hints(cls)
+        known = _FIELDS[cls] = tuple(
+            _Field(
+                name=f.name,
+                key=(r := f.metadata.get(_METADATA_KEY, _PLAIN)).key or f.name,
+                type=hints[f.name],
+                rule=r,
+                default=f.default,
+                factory=f.default_factory,
+            )
+            for f in dataclasses.fields(cls)
+            if f.init
         )
-        for f in dataclasses.fields(cls)
-        if f.init
-    )
+    return known
 
 
-def _keys(cls: type) -> tuple[str, ...]:
+def keys_of(cls: type) -> tuple[str, ...]:
     """The keys a mapping read as `cls` may hold (flattened classes' keys included)."""
     keys: list[str] = []
     for f in _fields(cls):
         if f.rule.flatten:
-            keys.extend(_keys(f.type))
+            keys.extend(keys_of(f.type))
         elif not f.rule.skip:
             keys.append(f.key)
     return tuple(keys)
@@ -279,7 +286,7 @@ def read_fields(
     built into a `cls`: for a reader with a rule of its own to apply first. Fields with
     `rule(skip=True)` are left out."""
     mapping = _mapping({} if data is None else data, where or root)
-    allowed = _keys(cls)
+    allowed = keys_of(cls)
     for key in mapping:
         if key not in allowed:
             raise ConfigError(f"{_join(where, key)}: unknown field (allowed: {', '.join(allowed)})")
@@ -288,7 +295,7 @@ def read_fields(
         if f.rule.skip:
             continue
         if f.rule.flatten:
-            own = {key: mapping[key] for key in _keys(f.type) if key in mapping}
+            own = {key: mapping[key] for key in keys_of(f.type) if key in mapping}
             inner = None if base is None else getattr(base, f.name)
             values[f.name] = read(f.type, own, where, base=inner, text=text, hooks=hooks)
             continue
@@ -305,6 +312,12 @@ def read_fields(
         else:
             raise ConfigError(f"{path}: required")
     return values
+
+
+def read_value(tp: Any, value: Any, where: str, *, hooks: Hooks = _NO_HOOKS) -> Any:
+    """`value` read as any type the reader knows (`Mapping[str, Any]`, say), for a hook that
+    reads a section by its own shape."""
+    return _value(value, tp, _PLAIN, where, False, hooks)
 
 
 def validate(instance: object) -> None:
