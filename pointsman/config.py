@@ -329,8 +329,8 @@ def validate(instance: object) -> None:
             continue
         value = getattr(instance, f.name)
         declared = _without_none(f.type)
-        if isinstance(declared, type) and isinstance(value, declared) and f.rule.parse:
-            continue
+        if f.rule.parse and declared is not Any and isinstance(value, declared):
+            continue  # already what its parse hook makes
         normal = _read_field(f, value, f.key, False, _NO_HOOKS)
         if normal is not value:
             object.__setattr__(instance, f.name, normal)
