@@ -88,7 +88,7 @@ def _annotation(name: str, **checks: Any) -> dict[str, Rule]:
 @dataclass(frozen=True, slots=True)
 class InjectionSettings:
     """The webhook's defaults (from its flags); the pod's annotations, read by the one config
-    reader (pointsman/config.py) with each field's annotation as its key, override all but
+    reader (pointsman/config/) with each field's annotation as its key, override all but
     the image."""
 
     image: str = DEFAULT_IMAGE

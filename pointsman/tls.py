@@ -18,7 +18,7 @@ empty block (no file named) means plaintext, which is the default on every hop.
 
 Files are read when credentials are built (at start-up), so a missing or unreadable file is a
 ConfigError naming the field before anything listens. A block is read by the one config reader
-(pointsman/config.py); file paths written in a config file are relative to that file.
+(pointsman/config/); file paths written in a config file are relative to that file.
 """
 
 from __future__ import annotations

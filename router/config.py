@@ -12,7 +12,7 @@ A file looks like:
         grpc: 127.0.0.1:8001
         metrics_url: http://127.0.0.1:8002/metrics
         memory_budget_bytes: 2147483648
-    policy_file: policy.yaml      # scheduling, placement, versions (router/policy.py);
+    policy_file: policy.yaml      # scheduling, placement, versions (router/policy/);
                                   # relative to this file; hot-reloaded when it changes
     tls: {cert_file: server.pem, key_file: server.key}   # pointsman/tls.py; +ca_file and
                                   # require_client_cert: true for mutual TLS
@@ -21,7 +21,7 @@ A file looks like:
     admin_identities: [ops-admin] # client-cert CN/SAN allowed admin RPCs (with mTLS)
     shutdown_grace_s: 5           # SIGTERM: NOT_SERVING, streams end, RPCs get this long
 
-Read by the one config reader (pointsman/config.py): duplicate keys are refused, and every
+Read by the one config reader (pointsman/config/): duplicate keys are refused, and every
 error names the field, e.g. "instances[1].grpc: must be host:port". Command-line flags are
 laid over the file's data before it is read (router/main.py).
 """

@@ -21,7 +21,7 @@
       nameserver: ""              # host:port; "" = the system resolver (/etc/resolv.conf)
       interval_s: 5.0             # how often DNS is asked again
 
-Read by the one config reader (pointsman/config.py); every error names the field, e.g.
+Read by the one config reader (pointsman/config/); every error names the field, e.g.
 "discovery.kind: must be one of dns, kubernetes, static".
 """
 

@@ -2,7 +2,7 @@
 
 Every field can come from a YAML file (`load_config`), whose keys are the field names; the
 command line overrides the file (see `sidecar.main`). Read by the one config reader
-(pointsman/config.py): a duplicate key or a bad value raises ConfigError naming the field.
+(pointsman/config/): a duplicate key or a bad value raises ConfigError naming the field.
 
     listen: 127.0.0.1:8001
     routers: [router-0.router:50051, router-1.router:50051]

@@ -1,7 +1,7 @@
 """What the planner is given: instances, model specs, policy, backoffs, all frozen.
 
 Times are seconds on the router's injected clock. Memory is bytes. Every type validates what it
-can on its own; the policy file's reader (pointsman/config.py) checks each PlacementPolicy field
+can on its own; the policy file's reader (pointsman/config/) checks each PlacementPolicy field
 by its metadata, naming the field, before building one.
 """
 

@@ -39,7 +39,7 @@ ConfigError whose message starts with the field's path, e.g.
 `models.codegen.versions.split["2"]: weight must be > 0`.
 
     model.py   Policy, ModelPolicy (and the kernel's PriorityClass): the data model
-    parser.py  text or plain data -> Policy, through the one config reader (pointsman/config.py)
+    parser.py  text or plain data -> Policy, through the one config reader (pointsman/config/)
     store.py   PolicyStore: the running policy, reloaded on request and when the file changes
 """
 

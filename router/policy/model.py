@@ -1,7 +1,7 @@
 """The policy's data model: what a validated policy file says, typed and frozen.
 
 `Policy` is the whole file; `ModelPolicy` is one model's entry, and doubles as the schema the
-reader (pointsman/config.py) reads that entry by: its fields, types, defaults and bounds are the
+reader (pointsman/config/) reads that entry by: its fields, types, defaults and bounds are the
 file's. `PriorityClass` is the kernel's (pointsman/priority.py), shared with the sidecar.
 """
 

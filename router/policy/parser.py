@@ -1,6 +1,6 @@
 """The policy file's parser: YAML text or plain data -> a validated `Policy`.
 
-Each section is read by the one config reader (pointsman/config.py), from the dataclass that
+Each section is read by the one config reader (pointsman/config/), from the dataclass that
 describes it: `placement` from PlacementPolicy's fields plus `_PlacementSection`'s, each model
 from `ModelPolicy`, `demand` from DemandWindows, each priority class from PriorityClass. What no
 dataclass's shape says (a version split is a mapping of version to weight; a class's name is its

@@ -1,4 +1,4 @@
-"""The one config reader (pointsman/config.py): types, bounds, paths in every message,
+"""The one config reader (pointsman/config/): types, bounds, paths in every message,
 duplicate keys, flags laid over a file, file paths relative to the file."""
 
 from __future__ import annotations
