@@ -15,8 +15,9 @@ metadata (`rule`), so a config class is the whole description of what its file m
     read(Example, {"interval_s": 0.5})
 
 Every error is a ConfigError whose message starts with the field's path and says what the field
-must be: `instances[1].grpc: must be host:port, got 8001`, `refresh_interval_s: must be a finite
-number > 0, got nan`. Keys the class does not know are refused by name.
+must be: `instances[1].grpc: must be host:port, got 'triton-1'`,
+`refresh_interval_s: must be a finite number > 0, got nan`. Keys the class does not know are
+refused by name.
 
 Types: bool (true or false only), int (not a bool, not 1.5), float (finite; an int is taken),
 str, Path, Enum (by value), Literal, `X | None`, `tuple[X, ...]` (a lone scalar is a list of one),
