@@ -163,10 +163,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_top(args: argparse.Namespace) -> int:
     from app.top import run_top
     from pointsman.errors import ConfigError
-    from pointsman.tls import TlsConfig, tls_from_args
+    from pointsman.tls import tls_from_args
 
     try:
-        tls = tls_from_args(args, "tls", TlsConfig(where="--tls"))
+        tls = tls_from_args(args, "tls", where="--tls")
         return run_top(args.router, interval_s=args.interval, once=args.once, tls=tls)
     except ConfigError as exc:
         print(f"pointsman top: {exc}", file=sys.stderr)
@@ -201,12 +201,12 @@ def _cmd_policy_rpc(args: argparse.Namespace) -> int:
     from pointsman.errors import ConfigError
     from pointsman.router.v1 import router_pb2 as pb
     from pointsman.router.v1 import router_pb2_grpc as pb_grpc
-    from pointsman.tls import TlsConfig, sync_channel, tls_from_args
+    from pointsman.tls import sync_channel, tls_from_args
 
     rpc = args.policy_command
     try:
         token = load_admin_token(args.token_file, where="--token-file")
-        tls = tls_from_args(args, "tls", TlsConfig(where="--tls"))
+        tls = tls_from_args(args, "tls", where="--tls")
         channel = sync_channel(args.router, tls)
     except ConfigError as exc:
         print(f"pointsman policy {rpc}: {exc}", file=sys.stderr)

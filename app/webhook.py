@@ -33,16 +33,19 @@ import argparse
 import base64
 import json
 import logging
+import signal
 import ssl
+import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from pointsman.errors import InvalidRequestError
+from pointsman.config import Rule, host_port, keys_of, read, rule, validate
+from pointsman.errors import ConfigError, InvalidRequestError
 
 __all__ = [
     "ANNOTATION_PREFIX",
@@ -50,10 +53,11 @@ __all__ = [
     "InjectionSettings",
     "WebhookServer",
     "add_arguments",
+    "pod_settings",
     "review_response",
     "run",
+    "sidecar_container",
     "sidecar_patch",
-    "start_webhook",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,105 +72,84 @@ _MAX_BODY_BYTES = 4 * 1024 * 1024
 _HANDSHAKE_TIMEOUT_S = 10.0
 DEFAULT_IMAGE = "ghcr.io/pointsman/pointsman:0.1.0"
 DEFAULT_ROUTER = "pointsman-router.pointsman.svc:8101"
-_RESOURCE_KEYS = {
-    "cpu-request": ("requests", "cpu"),
-    "memory-request": ("requests", "memory"),
-    "cpu-limit": ("limits", "cpu"),
-    "memory-limit": ("limits", "memory"),
-}
+
+
+def _quantity(value: str) -> None:
+    """A Kubernetes quantity: digits, an optional fraction, an optional suffix (m, Mi, G...)."""
+    number = value.rstrip("EPTGMKkmunai")
+    if value and not (number and number.replace(".", "", 1).isdigit()):
+        raise ValueError("must be a quantity such as 100m or 128Mi")
+
+
+def _annotation(name: str, **checks: Any) -> dict[str, Rule]:
+    return rule(key=ANNOTATION_PREFIX + name, **checks)
 
 
 @dataclass(frozen=True, slots=True)
 class InjectionSettings:
-    """The webhook's defaults; pod annotations override all but the image."""
+    """The webhook's defaults (from its flags); the pod's annotations, read by the one config
+    reader (pointsman/config/) with each field's annotation as its key, override all but
+    the image."""
 
     image: str = DEFAULT_IMAGE
-    router: str = DEFAULT_ROUTER
-    port: int = 8001
-    metrics_port: int = 9464
-    cpu_request: str = "100m"
-    memory_request: str = "128Mi"
-    cpu_limit: str = ""
-    memory_limit: str = "512Mi"
-    native_sidecar: bool = True
+    router: str = field(default=DEFAULT_ROUTER, metadata=_annotation("router", check=host_port))
+    port: int = field(default=8001, metadata=_annotation("port", minimum=1, maximum=65535))
+    # 0: no /metrics.
+    metrics_port: int = field(
+        default=9464, metadata=_annotation("metrics-port", minimum=0, maximum=65535)
+    )
+    cpu_request: str = field(default="100m", metadata=_annotation("cpu-request", check=_quantity))
+    memory_request: str = field(
+        default="128Mi", metadata=_annotation("memory-request", check=_quantity)
+    )
+    # "": no limit.
+    cpu_limit: str = field(default="", metadata=_annotation("cpu-limit", check=_quantity))
+    memory_limit: str = field(
+        default="512Mi", metadata=_annotation("memory-limit", check=_quantity)
+    )
+    native_sidecar: bool = field(default=True, metadata=_annotation("native-sidecar"))
+
+    def __post_init__(self) -> None:
+        validate(self)  # the flags' values too, which no annotation may have replaced
 
 
-class AnnotationError(ValueError):
-    """A Pointsman annotation of the pod does not validate (the pod is refused)."""
-
-
-def _port(annotations: Mapping[str, str], name: str, default: int, *, allow_zero: bool) -> int:
-    text = annotations.get(ANNOTATION_PREFIX + name)
-    if text is None:
-        return default
-    low = 0 if allow_zero else 1
-    if not text.isdigit() or not low <= int(text) <= 65535:
-        raise AnnotationError(
-            f"{ANNOTATION_PREFIX}{name}: must be a port number in [{low}, 65535], got {text!r}"
-        )
-    return int(text)
-
-
-def _router(annotations: Mapping[str, str], default: str) -> str:
-    value = annotations.get(ANNOTATION_PREFIX + "router", default)
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise AnnotationError(f"{ANNOTATION_PREFIX}router: must be host:port, got {value!r}")
-    return value
-
-
-def _quantity(annotations: Mapping[str, str], name: str, default: str) -> str:
-    value = annotations.get(ANNOTATION_PREFIX + name, default)
-    # A Kubernetes quantity: digits, an optional fraction, an optional suffix (m, Mi, G...).
-    number = value.rstrip("EPTGMKkmunai")
-    if value and not (number and number.replace(".", "", 1).isdigit()):
-        raise AnnotationError(f"{ANNOTATION_PREFIX}{name}: not a quantity: {value!r}")
-    return value
-
-
-def _flag(annotations: Mapping[str, str], name: str, default: bool) -> bool:
-    text = annotations.get(ANNOTATION_PREFIX + name)
-    if text is None:
-        return default
-    if text not in ("true", "false"):
-        raise AnnotationError(f'{ANNOTATION_PREFIX}{name}: must be "true" or "false"')
-    return text == "true"
+def pod_settings(annotations: Mapping[str, str], defaults: InjectionSettings) -> InjectionSettings:
+    """`defaults` with the pod's Pointsman annotations over them; ConfigError naming the
+    annotation when one does not validate (the pod is then refused)."""
+    settable = {key for key in keys_of(InjectionSettings) if key.startswith(ANNOTATION_PREFIX)}
+    given = {key: value for key, value in annotations.items() if key in settable}
+    return read(InjectionSettings, given, root="annotations", base=defaults, text=True)
 
 
 def sidecar_container(
     annotations: Mapping[str, str], settings: InjectionSettings
 ) -> tuple[dict[str, Any], bool]:
     """The sidecar container the annotations ask for, and whether it is a native sidecar."""
-    port = _port(annotations, "port", settings.port, allow_zero=False)
-    metrics_port = _port(annotations, "metrics-port", settings.metrics_port, allow_zero=True)
-    router = _router(annotations, settings.router)
-    native = _flag(annotations, "native-sidecar", settings.native_sidecar)
-    defaults = {
-        "cpu-request": settings.cpu_request,
-        "memory-request": settings.memory_request,
-        "cpu-limit": settings.cpu_limit,
-        "memory-limit": settings.memory_limit,
-    }
+    pod = pod_settings(annotations, settings)
     resources: dict[str, dict[str, str]] = {}
-    for name, (section, key) in _RESOURCE_KEYS.items():
-        value = _quantity(annotations, name, defaults[name])
+    for section, key, value in (
+        ("requests", "cpu", pod.cpu_request),
+        ("requests", "memory", pod.memory_request),
+        ("limits", "cpu", pod.cpu_limit),
+        ("limits", "memory", pod.memory_limit),
+    ):
         if value:
             resources.setdefault(section, {})[key] = value
     # 0.0.0.0: the kubelet's gRPC probe dials the pod IP; the app still uses localhost.
-    args = ["sidecar", "--listen", f"0.0.0.0:{port}", "--router", router]
-    ports = [{"name": "pointsman-grpc", "containerPort": port, "protocol": "TCP"}]
-    if metrics_port:
-        args += ["--metrics-listen", f"0.0.0.0:{metrics_port}"]
-        ports.append({"name": "pointsman-metrics", "containerPort": metrics_port})
+    args = ["sidecar", "--listen", f"0.0.0.0:{pod.port}", "--router", pod.router]
+    ports = [{"name": "pointsman-grpc", "containerPort": pod.port, "protocol": "TCP"}]
+    if pod.metrics_port:
+        args += ["--metrics-listen", f"0.0.0.0:{pod.metrics_port}"]
+        ports.append({"name": "pointsman-metrics", "containerPort": pod.metrics_port})
     container: dict[str, Any] = {
         "name": SIDECAR_NAME,
-        "image": settings.image,
+        "image": pod.image,
         "args": args,
         "ports": ports,
         "resources": resources,
         # grpc.health.v1 on the sidecar's own port: SERVING once it has route tables.
-        "startupProbe": {"grpc": {"port": port}, "periodSeconds": 1, "failureThreshold": 60},
-        "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5},
+        "startupProbe": {"grpc": {"port": pod.port}, "periodSeconds": 1, "failureThreshold": 60},
+        "readinessProbe": {"grpc": {"port": pod.port}, "periodSeconds": 5},
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -174,9 +157,9 @@ def sidecar_container(
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    if native:
+    if pod.native_sidecar:
         container["restartPolicy"] = "Always"
-    return container, native
+    return container, pod.native_sidecar
 
 
 def _is_injected(pod: Mapping[str, Any]) -> bool:
@@ -193,7 +176,7 @@ def _is_injected(pod: Mapping[str, Any]) -> bool:
 
 def sidecar_patch(pod: Mapping[str, Any], settings: InjectionSettings) -> list[dict[str, Any]]:
     """The RFC 6902 JSONPatch that injects the sidecar into `pod`; [] when it is not asked for
-    or already there. Raises AnnotationError for invalid Pointsman annotations."""
+    or already there. Raises ConfigError for invalid Pointsman annotations."""
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     if annotations.get(INJECT) != "true" or _is_injected(pod):
         return []
@@ -236,7 +219,7 @@ def review_response(review: Any, settings: InjectionSettings) -> dict[str, Any]:
     response: dict[str, Any] = {"uid": uid, "allowed": True}
     try:
         patch = sidecar_patch(pod, settings)
-    except AnnotationError as exc:
+    except ConfigError as exc:
         response = {"uid": uid, "allowed": False, "status": {"code": 400, "message": str(exc)}}
         patch = []
     if patch:
@@ -279,13 +262,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             return
         response = answer["response"]
-        log.info(
-            "admission %s: %s",
-            response["uid"],
-            "injected"
-            if "patch" in response
-            else ("refused" if not response["allowed"] else "unchanged"),
-        )
+        changed = "injected" if "patch" in response else "unchanged"
+        log.info("admission %s: %s", response["uid"], changed if response["allowed"] else "refused")
         self._reply(HTTPStatus.OK, answer)
 
     def _body(self) -> bytes:
@@ -360,8 +338,7 @@ class WebhookServer(ThreadingHTTPServer):
             tls.close()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, name="pointsman-webhook")
-        self._thread.daemon = True
+        self._thread = threading.Thread(target=self.serve_forever, name="webhook", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -371,38 +348,23 @@ class WebhookServer(ThreadingHTTPServer):
             self._thread.join(5)
 
 
-def start_webhook(
-    listen: str, cert_file: Path, key_file: Path, settings: InjectionSettings
-) -> WebhookServer:
-    """Serves /mutate over HTTPS (TLS 1.2+) in a background thread."""
-    server = WebhookServer(listen, cert_file, key_file, settings)
-    server.start()
-    return server
-
-
 def run(args: argparse.Namespace) -> int:
     """`pointsman webhook`: serves until SIGTERM or Ctrl-C."""
-    import signal
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s webhook %(levelname)s %(message)s")
-    settings = InjectionSettings(
-        image=args.image,
-        router=args.router,
-        native_sidecar=args.native_sidecar,
-    )
     try:
+        settings = InjectionSettings(
+            image=args.image, router=args.router, native_sidecar=args.native_sidecar
+        )
         server = WebhookServer(args.listen, Path(args.cert), Path(args.key), settings)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        print(f"pointsman webhook: {exc}")
+    except (ConfigError, OSError, ssl.SSLError, ValueError) as exc:
+        print(f"pointsman webhook: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    print(
-        f"pointsman webhook listening on https://{args.listen.rpartition(':')[0]}:{server.port}/mutate",
-        flush=True,
-    )
+    host = args.listen.rpartition(":")[0]
+    print(f"pointsman webhook listening on https://{host}:{server.port}/mutate", flush=True)
     stop.wait()
     server.stop()
     return 0

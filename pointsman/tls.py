@@ -17,20 +17,22 @@ empty block (no file named) means plaintext, which is the default on every hop.
       server_name: triton.internal # check the server's cert for this name, not the address's
 
 Files are read when credentials are built (at start-up), so a missing or unreadable file is a
-ConfigError naming the field before anything listens.
+ConfigError naming the field before anything listens. A block is read by the one config reader
+(pointsman/config/); file paths written in a config file are relative to that file.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from pointsman.config import flag_dest, read_fields, rule, with_flags
 from pointsman.errors import ConfigError
 
 __all__ = [
@@ -41,13 +43,10 @@ __all__ = [
     "channel_options",
     "check_calling",
     "check_listening",
-    "resolved_against",
     "sync_channel",
     "tls_from_args",
     "tls_from_mapping",
 ]
-
-_FIELDS = ("cert_file", "key_file", "ca_file", "require_client_cert", "server_name")
 
 
 @dataclass(frozen=True)
@@ -55,25 +54,25 @@ class TlsConfig:
     """One side of one hop. `where` names the config block in error messages."""
 
     # PEM certificate chain presented to the peer (server cert, or client cert for mTLS).
-    cert_file: str = ""
+    cert_file: str = dataclasses.field(default="", metadata=rule(file=True))
     # PEM private key of cert_file.
-    key_file: str = ""
+    key_file: str = dataclasses.field(default="", metadata=rule(file=True))
     # PEM CA bundle that verifies the peer: on a server, the client certs (mTLS); on a
     # channel, the server cert (empty: the system's roots).
-    ca_file: str = ""
+    ca_file: str = dataclasses.field(default="", metadata=rule(file=True))
     # Listening side only: refuse callers without a client cert signed by ca_file.
     require_client_cert: bool = False
     # Calling side only: the name the server's cert must carry, when it is not the host
     # part of the address (e.g. dialling 127.0.0.1 a cert issued to triton.internal).
     server_name: str = ""
-    where: str = dataclasses.field(default="tls", compare=False)
+    where: str = dataclasses.field(default="tls", compare=False, metadata=rule(skip=True))
 
     def __post_init__(self) -> None:
         for name in ("cert_file", "key_file", "ca_file", "server_name"):
             if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{self.where}.{name}: expected a string")
+                raise ConfigError(f"{self.where}.{name}: must be a string")
         if not isinstance(self.require_client_cert, bool):
-            raise ConfigError(f"{self.where}.require_client_cert: expected true or false")
+            raise ConfigError(f"{self.where}.require_client_cert: must be true or false")
         if bool(self.cert_file) != bool(self.key_file):
             missing = "key_file" if self.cert_file else "cert_file"
             raise ConfigError(f"{self.where}.{missing}: cert_file and key_file go together")
@@ -159,19 +158,9 @@ def add_port(server: grpc.aio.Server, address: str, tls: TlsConfig | None) -> in
 
 def tls_from_mapping(data: object, where: str) -> TlsConfig:
     """A TlsConfig from parsed YAML (None: plaintext); errors name `where.field`."""
-    if data is None:
-        return TlsConfig(where=where)
     if isinstance(data, TlsConfig):
         return dataclasses.replace(data, where=where)
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of {', '.join(_FIELDS)}")
-    unknown = sorted(set(data) - set(_FIELDS))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown field")
-    values: dict[str, Any] = {
-        key: str(value) if isinstance(value, Path) else value for key, value in data.items()
-    }
-    return TlsConfig(**values, where=where)
+    return TlsConfig(**read_fields(TlsConfig, data, where), where=where)
 
 
 def check_listening(tls: TlsConfig) -> None:
@@ -199,13 +188,19 @@ def add_tls_arguments(
     parser: argparse.ArgumentParser, prefix: str, hop: str, *, listening: bool
 ) -> None:
     """Flags --PREFIX-cert/-key/-ca, plus --PREFIX-require-client-cert on a listening port
-    or --PREFIX-server-name on a channel; `hop` says which connection in the help text."""
+    or --PREFIX-server-name on a channel; `hop` says which connection in the help text. They
+    set the config block named like the prefix (--triton-tls-ca: `triton_tls.ca_file`), laid
+    over the config file by `pointsman.config.with_flags`."""
+    block = prefix.replace("-", "_")
     group = parser.add_argument_group(f"TLS of {hop}")
-    for suffix, _, metavar, text in _FLAG_FIELDS:
-        group.add_argument(f"--{prefix}-{suffix}", metavar=metavar, help=text)
+    for suffix, name, metavar, text in _FLAG_FIELDS:
+        group.add_argument(
+            f"--{prefix}-{suffix}", dest=flag_dest(f"{block}.{name}"), metavar=metavar, help=text
+        )
     if listening:
         group.add_argument(
             f"--{prefix}-require-client-cert",
+            dest=flag_dest(f"{block}.require_client_cert"),
             action="store_true",
             default=None,
             help="mutual TLS: refuse callers without a client certificate signed by the CA",
@@ -213,29 +208,14 @@ def add_tls_arguments(
     else:
         group.add_argument(
             f"--{prefix}-server-name",
+            dest=flag_dest(f"{block}.server_name"),
             metavar="NAME",
             help="name the server's certificate must carry, if not the address's host",
         )
 
 
-def tls_from_args(args: argparse.Namespace, prefix: str, base: TlsConfig) -> TlsConfig:
-    """`base` with the flags of `add_tls_arguments(prefix)` that were given on top."""
-    dest = prefix.replace("-", "_")
-    names = [(suffix, name) for suffix, name, _, _ in _FLAG_FIELDS]
-    names += [("require_client_cert", "require_client_cert"), ("server_name", "server_name")]
-    changes = {
-        name: getattr(args, f"{dest}_{suffix}")
-        for suffix, name in names
-        if getattr(args, f"{dest}_{suffix}", None) is not None
-    }
-    return dataclasses.replace(base, **changes) if changes else base
-
-
-def resolved_against(tls: TlsConfig, folder: Path) -> TlsConfig:
-    """`tls` with relative file paths taken relative to `folder` (a config file's folder)."""
-    changes: dict[str, Any] = {
-        name: str(folder / path)
-        for name in ("cert_file", "key_file", "ca_file")
-        if (path := getattr(tls, name)) and not Path(path).is_absolute()
-    }
-    return dataclasses.replace(tls, **changes) if changes else tls
+def tls_from_args(args: argparse.Namespace, prefix: str, where: str) -> TlsConfig:
+    """The block that the flags of `add_tls_arguments(prefix)` describe, for a command that
+    has no config file; errors name `where`."""
+    flags = with_flags({}, args)
+    return tls_from_mapping(flags.get(prefix.replace("-", "_")), where)

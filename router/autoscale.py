@@ -12,7 +12,7 @@ cap, so it can add the instances:
                      the largest copy count
 
 demand = max(short-window rate, forecast), as placement sizes copies; per-copy capacity and
-the floors come from the policy (router/policy.py). The budget is the smallest memory budget
+the floors come from the policy (router/policy/). The budget is the smallest memory budget
 among the healthy instances (0 = unknown: memory does not count).
 
 Exported as `pointsman_router_desired_replicas{pool}` and

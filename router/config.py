@@ -12,7 +12,7 @@ A file looks like:
         grpc: 127.0.0.1:8001
         metrics_url: http://127.0.0.1:8002/metrics
         memory_budget_bytes: 2147483648
-    policy_file: policy.yaml      # scheduling, placement, versions (router/policy.py);
+    policy_file: policy.yaml      # scheduling, placement, versions (router/policy/);
                                   # relative to this file; hot-reloaded when it changes
     tls: {cert_file: server.pem, key_file: server.key}   # pointsman/tls.py; +ca_file and
                                   # require_client_cert: true for mutual TLS
@@ -21,31 +21,33 @@ A file looks like:
     admin_identities: [ops-admin] # client-cert CN/SAN allowed admin RPCs (with mTLS)
     shutdown_grace_s: 5           # SIGTERM: NOT_SERVING, streams end, RPCs get this long
 
-Every error names the field, e.g. "instances[1].grpc: must be host:port".
+Read by the one config reader (pointsman/config/): duplicate keys are refused, and every
+error names the field, e.g. "instances[1].grpc: must be host:port". Command-line flags are
+laid over the file's data before it is read (router/main.py).
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pointsman.config import host_port, http_url, non_empty, or_empty, read, relative_files, rule
+from pointsman.config import load_yaml_file as _load_yaml_file
 from pointsman.errors import ConfigError
-from pointsman.tls import (
-    TlsConfig,
-    check_calling,
-    check_listening,
-    resolved_against,
-    tls_from_mapping,
-)
-from router.discovery_config import DiscoveryConfig, DiscoveryKind, parse_discovery_config
+from pointsman.tls import TlsConfig, check_calling, check_listening, tls_from_mapping
+from router.discovery_config import DiscoveryConfig, DiscoveryKind
 from router.election import LeaseSettings
 
-__all__ = ["InstanceConfig", "RouterConfig", "load_router_config", "parse_router_config"]
+__all__ = [
+    "InstanceConfig",
+    "RouterConfig",
+    "load_router_config",
+    "parse_router_config",
+    "router_config_data",
+]
 
 DEFAULT_LISTEN = "127.0.0.1:8101"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -55,41 +57,50 @@ _PLAINTEXT_TO_TRITON = TlsConfig(where="triton_tls")
 
 @dataclass(frozen=True, slots=True)
 class InstanceConfig:
-    instance_id: str
-    grpc_address: str
-    metrics_url: str = ""
+    instance_id: str = field(metadata=rule(key="id", check=non_empty))
+    grpc_address: str = field(metadata=rule(key="grpc", check=host_port))
+    metrics_url: str = field(default="", metadata=rule(check=or_empty(http_url)))
     # Memory the instance may give to models. 0 = unknown (GPU total when GPU metrics exist).
-    memory_budget_bytes: int = 0
+    memory_budget_bytes: int = field(default=0, metadata=rule(minimum=0))
+
+
+def _placement_lease(value: Any, where: str) -> LeaseSettings:
+    """`placement_lease: NAME` or `{name, namespace, duration_s, renew_deadline_s,
+    retry_period_s}`; the namespace defaults to discovery's (RouterConfig fills it in)."""
+    return read(LeaseSettings, {"name": value} if isinstance(value, str) else value, where)
 
 
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
-    instances: tuple[InstanceConfig, ...]
-    listen: str = DEFAULT_LISTEN
-    refresh_interval_s: float = 0.1
-    metrics_interval_s: float = 0.25
-    route_ttl_ms: int = 5000
-    heartbeat_interval_s: float = 1.0
+    instances: tuple[InstanceConfig, ...] = ()
+    listen: str = field(default=DEFAULT_LISTEN, metadata=rule(check=host_port))
+    refresh_interval_s: float = field(default=0.1, metadata=rule(above=0))
+    metrics_interval_s: float = field(default=0.25, metadata=rule(above=0))
+    # Sent to sidecars as a route table's ttl_ms, a uint32.
+    route_ttl_ms: int = field(default=5000, metadata=rule(above=0, maximum=2**32 - 1))
+    heartbeat_interval_s: float = field(default=1.0, metadata=rule(above=0))
     # Seed for the picker's random source; None seeds from the OS.
     seed: int | None = None
     # host:port serving Prometheus /metrics; empty = not served. Port 0 binds any free port.
-    metrics_listen: str = ""
+    metrics_listen: str = field(default="", metadata=rule(check=or_empty(host_port)))
     # The policy file (router.policy); None = the built-in default policy.
     policy_file: Path | None = None
     # TLS of the listening port and of the channels to Triton (pointsman/tls.py); empty
     # blocks: plaintext.
-    tls: TlsConfig = _PLAINTEXT
-    triton_tls: TlsConfig = _PLAINTEXT_TO_TRITON
+    tls: TlsConfig = field(default=_PLAINTEXT, metadata=rule(parse=tls_from_mapping))
+    triton_tls: TlsConfig = field(
+        default=_PLAINTEXT_TO_TRITON, metadata=rule(parse=tls_from_mapping)
+    )
     # Admin RPCs (ReloadPolicy) need `authorization: Bearer <token>` with the token in this
     # file (else in $POINTSMAN_ADMIN_TOKEN), or a verified client certificate whose CN or a
     # SAN is in admin_identities (needs tls.require_client_cert). With neither configured
     # they are accepted only when `listen` is loopback, from this host (pointsman/auth.py).
     admin_token_file: Path | None = None
-    admin_identities: tuple[str, ...] = ()
+    admin_identities: tuple[str, ...] = field(default=(), metadata=rule(check=non_empty))
     # Seconds in-flight RPCs get on SIGTERM (WatchRoutes streams end at once).
-    shutdown_grace_s: float = 5.0
+    shutdown_grace_s: float = field(default=5.0, metadata=rule(minimum=0))
     # Largest message received or sent, on the listening port and on channels to Triton.
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_message_bytes: int = field(default=DEFAULT_MAX_MESSAGE_BYTES, metadata=rule(above=0))
     # Where instances come from (router/discovery_config.py); static = `instances`.
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     # Whether this replica loads and unloads models. With several replicas over one fleet
@@ -99,207 +110,53 @@ class RouterConfig:
     placement_writer: bool = True
     # With Kubernetes discovery: every replica runs for this Lease (router/election.py) and
     # only its holder places models, so all replicas can keep placement_writer true. None:
-    # no election (placement_writer alone decides).
-    placement_lease: LeaseSettings | None = None
-
-
-def _address(value: Any, where: str) -> str:
-    if not isinstance(value, str) or ":" not in value or not value.rsplit(":", 1)[1].isdigit():
-        raise ConfigError(f"{where}: must be host:port, got {value!r}")
-    return value
-
-
-def _number(data: Mapping[str, Any], key: str, default: float, *, positive: bool = True) -> float:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{key}: must be a number, got {value!r}")
-    if positive and value <= 0:
-        raise ConfigError(f"{key}: must be > 0, got {value!r}")
-    return float(value)
-
-
-def _instance(item: Any, where: str) -> InstanceConfig:
-    if not isinstance(item, Mapping):
-        raise ConfigError(f"{where}: must be a mapping")
-    unknown = set(item) - {"id", "grpc", "metrics_url", "memory_budget_bytes"}
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
-    instance_id = item.get("id")
-    if not isinstance(instance_id, str) or not instance_id:
-        raise ConfigError(f"{where}.id: must be a non-empty string")
-    metrics_url = item.get("metrics_url", "")
-    if not isinstance(metrics_url, str) or (metrics_url and not metrics_url.startswith("http")):
-        raise ConfigError(f"{where}.metrics_url: must be an http(s) URL, got {metrics_url!r}")
-    budget = item.get("memory_budget_bytes", 0)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise ConfigError(f"{where}.memory_budget_bytes: must be an integer >= 0, got {budget!r}")
-    return InstanceConfig(
-        instance_id=instance_id,
-        grpc_address=_address(item.get("grpc"), f"{where}.grpc"),
-        metrics_url=metrics_url,
-        memory_budget_bytes=budget,
+    # no election (placement_writer alone decides). A name alone is a Lease in discovery's
+    # namespace.
+    placement_lease: LeaseSettings | None = field(
+        default=None, metadata=rule(parse=_placement_lease)
     )
 
-
-_TOP_LEVEL = {
-    "listen",
-    "instances",
-    "refresh_interval_s",
-    "metrics_interval_s",
-    "route_ttl_ms",
-    "heartbeat_interval_s",
-    "seed",
-    "metrics_listen",
-    "policy_file",
-    "tls",
-    "triton_tls",
-    "admin_token_file",
-    "admin_identities",
-    "placement_writer",
-    "shutdown_grace_s",
-    "max_message_bytes",
-    "discovery",
-    "placement_lease",
-}
-
-
-def parse_router_config(data: Mapping[str, Any]) -> RouterConfig:
-    """Validates plain data (from YAML or flags) into a RouterConfig."""
-    if not isinstance(data, Mapping):
-        raise ConfigError("router config: must be a mapping")
-    unknown = set(data) - _TOP_LEVEL
-    if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown field")
-    raw_instances = data.get("instances", [])
-    if not isinstance(raw_instances, list):
-        raise ConfigError("instances: must be a list")
-    instances = tuple(_instance(item, f"instances[{i}]") for i, item in enumerate(raw_instances))
-    ids = [inst.instance_id for inst in instances]
-    duplicate = next((i for i in ids if ids.count(i) > 1), None)
-    if duplicate:
-        raise ConfigError(f"instances: duplicate id {duplicate!r}")
-    metrics_listen = data.get("metrics_listen")
-    policy_file = data.get("policy_file")
-    if policy_file is not None and (
-        not isinstance(policy_file, str | Path) or not str(policy_file)
-    ):
-        raise ConfigError(f"policy_file: must be a file path, got {policy_file!r}")
-    discovery = parse_discovery_config(data.get("discovery"))
-    if discovery.kind is not DiscoveryKind.STATIC and instances:
-        raise ConfigError(f"instances: must be empty when discovery.kind is {discovery.kind.value}")
-    tls = tls_from_mapping(data.get("tls"), "tls")
-    check_listening(tls)
-    triton_tls = tls_from_mapping(data.get("triton_tls"), "triton_tls")
-    check_calling(triton_tls)
-    token_file = data.get("admin_token_file")
-    if token_file is not None and (not isinstance(token_file, str | Path) or not str(token_file)):
-        raise ConfigError(f"admin_token_file: must be a file path, got {token_file!r}")
-    identities = data.get("admin_identities", ())
-    if isinstance(identities, str):
-        identities = [identities]
-    if not isinstance(identities, list | tuple) or not all(
-        isinstance(i, str) and i for i in identities
-    ):
-        raise ConfigError(f"admin_identities: must be a list of names, got {identities!r}")
-    if identities and not tls.require_client_cert:
-        raise ConfigError("admin_identities: needs tls.require_client_cert (verified client certs)")
-    shutdown_grace_s = _number(data, "shutdown_grace_s", 5.0, positive=False)
-    if shutdown_grace_s < 0:
-        raise ConfigError(f"shutdown_grace_s: must be >= 0, got {shutdown_grace_s!r}")
-    max_message_bytes = data.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
-    if (
-        isinstance(max_message_bytes, bool)
-        or not isinstance(max_message_bytes, int)
-        or max_message_bytes <= 0
-    ):
-        raise ConfigError(f"max_message_bytes: must be an integer > 0, got {max_message_bytes!r}")
-    seed = data.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ConfigError(f"seed: must be an integer, got {seed!r}")
-    placement_writer = data.get("placement_writer", True)
-    if not isinstance(placement_writer, bool):
-        raise ConfigError(f"placement_writer: must be true or false, got {placement_writer!r}")
-    placement_lease = _placement_lease(data.get("placement_lease"), discovery)
-    return RouterConfig(
-        instances=instances,
-        listen=_address(data.get("listen", DEFAULT_LISTEN), "listen"),
-        refresh_interval_s=_number(data, "refresh_interval_s", 0.1),
-        metrics_interval_s=_number(data, "metrics_interval_s", 0.25),
-        route_ttl_ms=int(_number(data, "route_ttl_ms", 5000)),
-        heartbeat_interval_s=_number(data, "heartbeat_interval_s", 1.0),
-        seed=seed,
-        metrics_listen=(
-            "" if metrics_listen in (None, "") else _address(metrics_listen, "metrics_listen")
-        ),
-        policy_file=None if policy_file is None else Path(policy_file),
-        tls=tls,
-        triton_tls=triton_tls,
-        admin_token_file=None if token_file is None else Path(token_file),
-        admin_identities=tuple(identities),
-        shutdown_grace_s=shutdown_grace_s,
-        max_message_bytes=max_message_bytes,
-        discovery=discovery,
-        placement_writer=placement_writer,
-        placement_lease=placement_lease,
-    )
+    def __post_init__(self) -> None:
+        """The rules across fields; each field's own were checked when it was read."""
+        ids = [instance.instance_id for instance in self.instances]
+        duplicate = next((i for i in ids if ids.count(i) > 1), None)
+        if duplicate:
+            raise ConfigError(f"instances: duplicate id {duplicate!r}")
+        kind = self.discovery.kind
+        if kind is not DiscoveryKind.STATIC and self.instances:
+            raise ConfigError(f"instances: must be empty when discovery.kind is {kind.value}")
+        check_listening(self.tls)
+        check_calling(self.triton_tls)
+        if self.admin_identities and not self.tls.require_client_cert:
+            raise ConfigError(
+                "admin_identities: needs tls.require_client_cert (verified client certs)"
+            )
+        lease = self.placement_lease
+        if lease is not None:
+            if kind is not DiscoveryKind.KUBERNETES:
+                raise ConfigError(
+                    "placement_lease: needs discovery.kind kubernetes (the Lease's API server)"
+                )
+            if not lease.namespace:
+                if not self.discovery.namespace:
+                    raise ConfigError(
+                        "placement_lease.namespace: a namespace is needed (here or as "
+                        "discovery.namespace)"
+                    )
+                lease = dataclasses.replace(lease, namespace=self.discovery.namespace)
+                object.__setattr__(self, "placement_lease", lease)
 
 
-_LEASE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+def parse_router_config(data: Mapping[str, Any] | Any) -> RouterConfig:
+    """Validates plain data (from YAML, with flags laid over it) into a RouterConfig."""
+    return read(RouterConfig, data, root="router config")
 
 
-def _placement_lease(raw: Any, discovery: DiscoveryConfig) -> LeaseSettings | None:
-    """`placement_lease: {name, namespace, duration_s, renew_deadline_s, retry_period_s}` (or
-    just a name; the namespace defaults to discovery's); it needs Kubernetes discovery, whose
-    API server holds the Lease."""
-    if raw is None:
-        return None
-    if isinstance(raw, str):
-        raw = {"name": raw}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"placement_lease: must be a Lease name or a mapping, got {raw!r}")
-    fields = ("name", "namespace", "duration_s", "renew_deadline_s", "retry_period_s")
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"placement_lease.{unknown[0]}: unknown field")
-    if discovery.kind is not DiscoveryKind.KUBERNETES:
-        raise ConfigError(
-            "placement_lease: needs discovery.kind kubernetes (the Lease's API server)"
-        )
-    name = raw.get("name")
-    if not isinstance(name, str) or not _LEASE_NAME.fullmatch(name):
-        raise ConfigError(f"placement_lease.name: must be a Kubernetes object name, got {name!r}")
-    namespace = raw.get("namespace", discovery.namespace)
-    if not isinstance(namespace, str) or not _LEASE_NAME.fullmatch(namespace):
-        raise ConfigError(
-            "placement_lease.namespace: a namespace is needed (here or as discovery.namespace), "
-            f"got {namespace!r}"
-        )
-    timing: dict[str, int] = {}
-    for key in fields[2:]:
-        if key in raw:
-            value = raw[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"placement_lease.{key}: must be a whole number of seconds >= 1")
-            timing[key] = value
-    try:
-        return LeaseSettings(name, namespace, **timing)
-    except ValueError as exc:
-        raise ConfigError(f"placement_lease: {exc}") from None
+def router_config_data(path: Path) -> Any:
+    """The plain data of the file at `path`, with the file paths it names (policy, token,
+    certificates) taken relative to the file, not to wherever the router starts."""
+    return relative_files(RouterConfig, _load_yaml_file(path), path.parent)
 
 
 def load_router_config(path: Path) -> RouterConfig:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    config = parse_router_config(data)
-    if config.policy_file is not None and not config.policy_file.is_absolute():
-        # As written in the file: relative to the file, not to wherever the router starts.
-        config = replace(config, policy_file=path.parent / config.policy_file)
-    if config.admin_token_file is not None and not config.admin_token_file.is_absolute():
-        config = replace(config, admin_token_file=path.parent / config.admin_token_file)
-    return replace(
-        config,
-        tls=resolved_against(config.tls, path.parent),
-        triton_tls=resolved_against(config.triton_tls, path.parent),
-    )
+    return parse_router_config(router_config_data(path))

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pointsman.clock import Clock
+from pointsman.config import rule
 
 __all__ = ["DemandSnapshot", "DemandTracker", "DemandWindows", "ModelDemand"]
 
@@ -42,14 +43,15 @@ class DemandWindows:
     how far ahead the forecast looks. The policy file's `demand:` section sets them; the
     defaults suit production traffic (minutes), tests and demos shrink them to seconds."""
 
-    bucket_s: float = 1.0
+    bucket_s: float = field(default=1.0, metadata=rule(above=0))
     # How much history the tracker keeps; every window must fit in it.
-    span_s: float = 300.0
-    short_window_s: float = 60.0
-    long_window_s: float = 300.0
+    span_s: float = field(default=300.0, metadata=rule(above=0))
+    short_window_s: float = field(default=60.0, metadata=rule(above=0))
+    long_window_s: float = field(default=300.0, metadata=rule(above=0))
     # The trend behind the forecast is fitted over this window.
-    fit_window_s: float = 60.0
-    horizon_s: float = 30.0
+    fit_window_s: float = field(default=60.0, metadata=rule(above=0))
+    # A zero horizon forecasts the rate of now.
+    horizon_s: float = field(default=30.0, metadata=rule(minimum=0))
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.bucket_s) and self.bucket_s > 0):

@@ -15,27 +15,39 @@ its next API round raise, which ends the thread.
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from pointsman.config import or_empty, rule
 
 __all__ = ["LeaseElection", "LeaseSettings"]
 
 log = logging.getLogger(__name__)
 
 
+_KUBERNETES_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def kubernetes_name(value: str) -> None:
+    if not _KUBERNETES_NAME.fullmatch(value):
+        raise ValueError("must be a Kubernetes object name")
+
+
 @dataclass(frozen=True, slots=True)
 class LeaseSettings:
     """The Lease and its timing (client-go's defaults: 15 s, 10 s, 2 s)."""
 
-    name: str
-    namespace: str
+    name: str = field(metadata=rule(check=kubernetes_name))
+    # "" in the router's config: the discovery namespace.
+    namespace: str = field(default="", metadata=rule(check=or_empty(kubernetes_name)))
     # How long a Lease not renewed stays the holder's.
-    duration_s: int = 15
+    duration_s: int = field(default=15, metadata=rule(minimum=1))
     # A leader that fails to renew for this long stops leading.
-    renew_deadline_s: int = 10
+    renew_deadline_s: int = field(default=10, metadata=rule(minimum=1))
     # Between tries to acquire or renew.
-    retry_period_s: int = 2
+    retry_period_s: int = field(default=2, metadata=rule(minimum=1))
 
     def __post_init__(self) -> None:
         # The library's own rules (it would sys.exit on them).

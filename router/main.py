@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 from pointsman.auth import ADMIN_TOKEN_ENV
+from pointsman.config import flag_dest, with_flags
 from pointsman.errors import ConfigError
 from pointsman.telemetry import Tracing, setup_tracing
-from pointsman.tls import add_tls_arguments, tls_from_args
-from router.config import RouterConfig, load_router_config, parse_router_config
+from pointsman.tls import add_tls_arguments
+from router.config import RouterConfig, parse_router_config, router_config_data
 from router.discovery import ManagedDiscovery, discovery_for
 from router.policy import PolicyStore
 
@@ -26,10 +27,18 @@ __all__ = ["add_arguments", "config_from_args", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The router's flags. Each one that sets a config field names it (`flag_dest`) and is laid
+    over the config file's data before the one reader reads both (`config_from_args`)."""
     parser.add_argument("--config", type=Path, help="router YAML file (see router/config.py)")
-    parser.add_argument("--listen", help="host:port to serve on (default 127.0.0.1:8101)")
+    parser.add_argument(
+        "--listen",
+        dest=flag_dest("listen"),
+        metavar="HOST:PORT",
+        help="host:port to serve on (default 127.0.0.1:8101)",
+    )
     parser.add_argument(
         "--policy",
+        dest=flag_dest("policy_file"),
         type=Path,
         metavar="FILE",
         help="policy YAML (see examples/policy.yaml), reloaded when it changes; "
@@ -37,30 +46,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics-listen",
+        dest=flag_dest("metrics_listen"),
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 = any free port)",
     )
     parser.add_argument(
         "--instance",
+        dest=flag_dest("instances", append=True),
         action="append",
-        default=[],
+        type=_instance_flag,
         metavar="ID=GRPC[,METRICS_URL[,BUDGET_BYTES]]",
         help="a Triton instance (repeatable); adds to the file's list",
     )
-    parser.add_argument("--seed", type=int, help="seed of the picker's random source")
+    parser.add_argument(
+        "--seed",
+        dest=flag_dest("seed"),
+        type=int,
+        metavar="N",
+        help="seed of the picker's random source",
+    )
     parser.add_argument(
         "--no-placement",
-        action="store_true",
+        dest=flag_dest("placement_writer"),
+        action="store_const",
+        const=False,
         help="never load or unload models (placement_writer: false): for every router "
         "replica but one when several serve one fleet",
     )
     parser.add_argument(
         "--grace",
+        dest=flag_dest("shutdown_grace_s"),
         type=float,
+        metavar="SECONDS",
         help="seconds in-flight RPCs get on SIGTERM (default: the file's shutdown_grace_s, 5)",
     )
     parser.add_argument(
         "--admin-token-file",
+        dest=flag_dest("admin_token_file"),
         type=Path,
         metavar="FILE",
         help=f"admin RPCs need this bearer token (default: ${ADMIN_TOKEN_ENV}; with neither "
@@ -68,13 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--admin-identity",
+        dest=flag_dest("admin_identities", append=True),
         action="append",
-        default=[],
         metavar="NAME",
         help="a client-certificate CN or SAN allowed admin RPCs (mutual TLS); repeatable",
     )
     parser.add_argument(
         "--max-message-bytes",
+        dest=flag_dest("max_message_bytes"),
         type=int,
         metavar="N",
         help="largest message received or sent (default 16 MiB)",
@@ -84,9 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _instance_flag(value: str) -> dict[str, Any]:
+    """--instance ID=GRPC[,METRICS_URL[,BUDGET_BYTES]] as an `instances:` item of the file."""
     instance_id, sep, rest = value.partition("=")
     if not sep:
-        raise ConfigError(f"--instance {value!r}: expected ID=GRPC[,METRICS_URL[,BUDGET_BYTES]]")
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected ID=GRPC[,METRICS_URL[,BUDGET_BYTES]]"
+        )
     parts = rest.split(",")
     item: dict[str, Any] = {"id": instance_id, "grpc": parts[0]}
     if len(parts) > 1 and parts[1]:
@@ -94,8 +120,8 @@ def _instance_flag(value: str) -> dict[str, Any]:
     if len(parts) > 2:
         try:
             item["memory_budget_bytes"] = int(parts[2])
-        except ValueError as exc:
-            raise ConfigError(f"--instance {value!r}: budget must be an integer") from exc
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r}: budget must be an integer") from None
     return item
 
 
@@ -111,39 +137,9 @@ def check_credentials(config: RouterConfig) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
-    base = load_router_config(args.config) if args.config else parse_router_config({})
-    data: dict[str, Any] = {
-        "listen": args.listen or base.listen,
-        "instances": [
-            {
-                "id": i.instance_id,
-                "grpc": i.grpc_address,
-                "metrics_url": i.metrics_url,
-                "memory_budget_bytes": i.memory_budget_bytes,
-            }
-            for i in base.instances
-        ]
-        + [_instance_flag(v) for v in args.instance],
-        "refresh_interval_s": base.refresh_interval_s,
-        "metrics_interval_s": base.metrics_interval_s,
-        "route_ttl_ms": base.route_ttl_ms,
-        "heartbeat_interval_s": base.heartbeat_interval_s,
-        "seed": args.seed if args.seed is not None else base.seed,
-        "metrics_listen": args.metrics_listen or base.metrics_listen,
-        "policy_file": args.policy or base.policy_file,
-        "tls": tls_from_args(args, "tls", base.tls),
-        "triton_tls": tls_from_args(args, "triton-tls", base.triton_tls),
-        "admin_token_file": getattr(args, "admin_token_file", None) or base.admin_token_file,
-        "admin_identities": [*base.admin_identities, *getattr(args, "admin_identity", [])],
-        "shutdown_grace_s": (
-            args.grace if getattr(args, "grace", None) is not None else base.shutdown_grace_s
-        ),
-        "max_message_bytes": getattr(args, "max_message_bytes", None) or base.max_message_bytes,
-        "discovery": base.discovery,
-        "placement_writer": base.placement_writer and not getattr(args, "no_placement", False),
-    }
-    # The Lease was checked against the file's discovery, which the flags leave as it is.
-    return dataclasses.replace(parse_router_config(data), placement_lease=base.placement_lease)
+    """The config file's data with the flags laid over it, read once; raises ConfigError."""
+    data = router_config_data(args.config) if args.config else {}
+    return parse_router_config(with_flags(data, args))
 
 
 async def _serve(
@@ -192,24 +188,24 @@ def run(args: argparse.Namespace) -> int:
         check_credentials(config)
         tracing = setup_tracing("pointsman-router")
     except ConfigError as exc:
-        print(f"pointsman router: {exc}")
+        print(f"pointsman router: {exc}", file=sys.stderr)
         return 2
     from router.datalayer.fields import collected_fields
-    from router.server import InputCheckedPolicyStore
+    from router.server import inputs_check
 
     try:  # refuse a bad policy before starting anything; the router then serves this store
-        policy = InputCheckedPolicyStore(config.policy_file, collected_fields(config))
+        policy = PolicyStore(config.policy_file, check=inputs_check(collected_fields(config)))
     except ConfigError as exc:
         source = config.policy_file or "(built-in default)"
         where = "" if str(exc).startswith(str(source)) else f"{source}: "
-        print(f"pointsman router: policy {where}{exc}")
+        print(f"pointsman router: policy {where}{exc}", file=sys.stderr)
         tracing.shutdown()
         return 2
     discovery = discovery_for(config)
     try:  # no Kubernetes credentials, say, is refused before anything starts
         discovery.start()
     except ConfigError as exc:
-        print(f"pointsman router: {exc}")
+        print(f"pointsman router: {exc}", file=sys.stderr)
         tracing.shutdown()
         return 2
     import uvloop

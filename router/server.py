@@ -9,7 +9,6 @@ import random
 import socket
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,7 +18,6 @@ from prometheus_client import CollectorRegistry
 from pointsman.auth import AdminAuth, AdminAuthInterceptor, is_loopback_host, load_admin_token
 from pointsman.clock import Clock, monotonic
 from pointsman.drain import DrainingHealthServicer
-from pointsman.errors import ConfigError
 from pointsman.telemetry import MetricsEndpoint, Tracing, serve_metrics
 from pointsman.tls import add_port
 from router.autoscale import DesiredReplicasView, measure_router
@@ -33,12 +31,12 @@ from router.election import LeaseElection
 from router.metrics import FleetView, RouterMetrics
 from router.placement.control import TritonModelControl
 from router.placement.controller import ControllerSettings, PlacementController
-from router.policy import Policy, PolicyStore
+from router.policy import Policy, PolicyCheck, PolicyStore
 from router.routes import RouteBook
 from router.service import RouterServicer
 from router.strict_decoding import add_router_service
 
-__all__ = ["InputCheckedPolicyStore", "RouterServer", "decision_policy", "start_router"]
+__all__ = ["RouterServer", "decision_policy", "inputs_check", "start_router"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "pointsman.router.v1.RouterService"
@@ -61,24 +59,11 @@ def decision_policy(policy: Policy) -> DecisionPolicy:
     return DecisionPolicy(policy.profile, {name: r for name, r in rules.items() if not r.is_empty})
 
 
-class InputCheckedPolicyStore(PolicyStore):
-    """A PolicyStore that also refuses a policy whose filters or scorers read a snapshot
-    field that no running collector fills (router/datalayer/fields.py): at start, on
-    ReloadPolicy (INVALID_ARGUMENT naming the plugin and the field) and when the watched file
-    changes; the running policy keeps serving, as with any other refused file."""
-
-    def __init__(self, path: Path | None, collected: CollectedFields) -> None:
-        self._collected = collected
-        super().__init__(path)
-        check_inputs(self.current.profile, collected)
-
-    def _activate(self, policy: Policy) -> bool:
-        try:
-            check_inputs(policy.profile, self._collected)
-        except ConfigError as exc:
-            self._log_refusal(exc)
-            raise
-        return super()._activate(policy)
+def inputs_check(collected: CollectedFields) -> PolicyCheck:
+    """A policy check that refuses filters and scorers reading a snapshot field that no running
+    collector fills (router/datalayer/fields.py): at start, on ReloadPolicy (INVALID_ARGUMENT
+    naming the plugin and the field) and when the watched file changes."""
+    return lambda policy: check_inputs(policy.profile, collected)
 
 
 @dataclass
@@ -171,9 +156,8 @@ async def start_router(
     `admin_auth` admits admin RPCs (default: from the config and $POINTSMAN_ADMIN_TOKEN)."""
     auth = admin_auth if admin_auth is not None else admin_auth_from_config(config)
     collected = collected_fields(config)
-    policy = policy_store or InputCheckedPolicyStore(config.policy_file, collected)
     # Before anything starts: a scorer over a field nobody fills would score blind for ever.
-    check_inputs(policy.current.profile, collected)
+    policy = policy_store or PolicyStore(config.policy_file, check=inputs_check(collected))
     book = RouteBook(decision_policy(policy.current), ttl_ms=config.route_ttl_ms)
     metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
     controller: PlacementController | None = None

@@ -29,6 +29,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from pointsman.errors import DeadlineExpiredError, OverloadedError
+from pointsman.priority import PriorityClass, priority_class_from_proto
 from pointsman.router.v1 import router_pb2
 
 __all__ = [
@@ -52,15 +53,6 @@ REQUEST_ID_HEADER = "x-request-id"
 RETRY_AFTER_HEADER = "retry-after-ms"
 # Where gRPC carries a google.rpc.Status with details.
 STATUS_DETAILS_HEADER = "grpc-status-details-bin"
-
-
-@dataclass(frozen=True, slots=True)
-class PriorityClass:
-    """One class of the router's policy: Triton's level (1 is the highest) and sheddability."""
-
-    name: str
-    triton_priority: int
-    sheddable: bool = False
 
 
 # What a request is in while no policy has arrived (static routes only): below every real
@@ -88,11 +80,7 @@ NO_CLASSES = PriorityClasses()
 def priority_classes_from_proto(message: router_pb2.PriorityPolicy) -> PriorityClasses:
     """The classes a WatchRoutes message carries. A default naming no class leaves requests
     without a known class UNCLASSED rather than failing: the router validated the policy."""
-    classes = {
-        pc.name: PriorityClass(pc.name, pc.triton_priority, pc.sheddable)
-        for pc in message.classes
-        if pc.name
-    }
+    classes = {pc.name: priority_class_from_proto(pc) for pc in message.classes if pc.name}
     return PriorityClasses(MappingProxyType(classes), classes.get(message.default_class, UNCLASSED))
 
 

@@ -15,11 +15,12 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from pointsman.config import flag_dest, with_flags
 from pointsman.errors import ConfigError
-from pointsman.tls import add_tls_arguments, tls_from_args
-from sidecar.config import PICK_MODES, SidecarConfig, config_from_mapping, load_config
+from pointsman.tls import add_tls_arguments
+from sidecar.config import PICK_MODES, SidecarConfig, config_from_mapping, sidecar_config_data
 
 if TYPE_CHECKING:
     from pointsman.telemetry import Tracing
@@ -30,39 +31,46 @@ log = logging.getLogger("sidecar")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the sidecar's flags to `parser` (the `pointsman sidecar` subcommand)."""
+    """Adds the sidecar's flags to `parser` (the `pointsman sidecar` subcommand). Each one that
+    sets a config field names it (`flag_dest`); `build_config` lays them over the file."""
     parser.add_argument("--config", metavar="FILE", help="YAML file of SidecarConfig fields")
     parser.add_argument(
-        "--listen", metavar="HOST:PORT", help="where to serve Triton's API (default 127.0.0.1:8001)"
+        "--listen",
+        dest=flag_dest("listen"),
+        metavar="HOST:PORT",
+        help="where to serve Triton's API (default 127.0.0.1:8001)",
     )
     parser.add_argument(
         "--router",
+        dest=flag_dest("routers"),
         metavar="HOST:PORT",
         action="append",
-        dest="routers",
         help="a router replica to watch routes from; repeat for several (tried in order)",
     )
     parser.add_argument(
         "--fallback-instance",
+        dest=flag_dest("fallback_instances"),
         metavar="HOST:PORT",
         action="append",
-        dest="fallback_instances",
         help="a Triton instance to route any model to while no router table has arrived "
         "(fail-static start); repeat for several",
     )
     parser.add_argument(
         "--pick-mode",
+        dest=flag_dest("pick_mode"),
         choices=PICK_MODES,
         help="table: pick from streamed route tables; per-request: ask the router each time",
     )
     parser.add_argument(
         "--max-message-bytes",
+        dest=flag_dest("max_message_bytes"),
         type=int,
         metavar="N",
         help="largest request or response in bytes (default 64 MiB)",
     )
     parser.add_argument(
         "--cold-start-wait",
+        dest=flag_dest("cold_start_wait_s"),
         type=float,
         metavar="SECONDS",
         help="how long a request for a model loaded nowhere waits for the router to load it "
@@ -70,12 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-attempts",
+        dest=flag_dest("max_attempts"),
         type=int,
         metavar="N",
         help="attempts per request at most, on different instances (default 3; 1: no failover)",
     )
     parser.add_argument(
         "--retry-budget-ratio",
+        dest=flag_dest("retry_budget_ratio"),
         type=float,
         metavar="R",
         help="retries may be at most this share of requests over 10 s, plus a floor of 10 "
@@ -83,36 +93,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--outlier-failures",
+        dest=flag_dest("outlier_consecutive_failures"),
         type=int,
         metavar="N",
         help="connection failures in a row that eject an instance from picks (default 3)",
     )
     parser.add_argument(
         "--outlier-ejection",
+        dest=flag_dest("outlier_base_ejection_s"),
         type=float,
         metavar="SECONDS",
         help="first ejection's length; each further one doubles, up to 30 s (default 1)",
     )
     parser.add_argument(
         "--deadline-queue-timeout",
+        dest=flag_dest("deadline_queue_timeout"),
         action=argparse.BooleanOptionalAction,
         default=None,
         help="pass the caller's remaining deadline as Triton's queue timeout (default on)",
     )
     parser.add_argument(
         "--metrics-listen",
+        dest=flag_dest("metrics_listen"),
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, "
         "logged; default: not served)",
     )
     parser.add_argument(
         "--max-in-flight",
+        dest=flag_dest("max_in_flight"),
         type=int,
         metavar="N",
         help="inference calls and streams sent on at once; more wait (default 256)",
     )
     parser.add_argument(
         "--max-queued",
+        dest=flag_dest("max_queued"),
         type=int,
         metavar="N",
         help="calls waiting for a slot; beyond it the lowest priority is shed with "
@@ -120,12 +136,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--idempotency-ttl",
+        dest=flag_dest("idempotency_ttl_s"),
         type=float,
         metavar="SECONDS",
         help="replay the outcome of a request id this long (default 60; 0: no replay)",
     )
     parser.add_argument(
         "--cpus",
+        dest=flag_dest("cpus"),
+        type=_cpu_list,
         metavar="LIST",
         help="pin the sidecar to these CPUs, e.g. 1 or 0,1 (Linux; default: no pinning)",
     )
@@ -137,6 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shutdown-grace",
+        dest=flag_dest("shutdown_grace_s"),
         type=float,
         metavar="SECONDS",
         help="on SIGTERM, how long in-flight requests and streams may take to finish (default 5)",
@@ -146,52 +166,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_tls_arguments(parser, "triton-tls", "channels to Triton", listening=False)
 
 
+def _cpu_list(text: str) -> list[int]:
+    try:
+        return [int(cpu) for cpu in text.split(",") if cpu.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CPU numbers like 0,1, got {text!r}") from None
+
+
 def build_config(args: argparse.Namespace) -> SidecarConfig:
-    """The config from --config, with the other flags on top; raises ConfigError."""
-    base = load_config(args.config) if getattr(args, "config", None) else SidecarConfig()
-    overrides: dict[str, Any] = {}
-    if getattr(args, "listen", None):
-        overrides["listen"] = args.listen
-    if getattr(args, "routers", None):
-        overrides["routers"] = tuple(args.routers)
-    if getattr(args, "fallback_instances", None):
-        overrides["fallback_instances"] = tuple(args.fallback_instances)
-    if getattr(args, "pick_mode", None):
-        overrides["pick_mode"] = args.pick_mode
-    if getattr(args, "metrics_listen", None):
-        overrides["metrics_listen"] = args.metrics_listen
-    if getattr(args, "cold_start_wait", None) is not None:
-        overrides["cold_start_wait_s"] = args.cold_start_wait
-    for flag, key in (
-        ("max_attempts", "max_attempts"),
-        ("retry_budget_ratio", "retry_budget_ratio"),
-        ("outlier_failures", "outlier_consecutive_failures"),
-        ("outlier_ejection", "outlier_base_ejection_s"),
-        ("deadline_queue_timeout", "deadline_queue_timeout"),
-    ):
-        if getattr(args, flag, None) is not None:
-            overrides[key] = getattr(args, flag)
-    for flag, key in (
-        ("max_in_flight", "max_in_flight"),
-        ("max_queued", "max_queued"),
-        ("idempotency_ttl", "idempotency_ttl_s"),
-    ):
-        if getattr(args, flag, None) is not None:
-            overrides[key] = getattr(args, flag)
-    if getattr(args, "max_message_bytes", None) is not None:
-        overrides["max_message_bytes"] = args.max_message_bytes
-    if getattr(args, "shutdown_grace", None) is not None:
-        overrides["shutdown_grace_s"] = args.shutdown_grace
-    for prefix, key in (("tls", "tls"), ("router-tls", "router_tls"), ("triton-tls", "triton_tls")):
-        overrides[key] = tls_from_args(args, prefix, getattr(base, key))
-    if getattr(args, "cpus", None):
-        try:
-            overrides["cpus"] = tuple(int(c) for c in args.cpus.split(",") if c.strip())
-        except ValueError:
-            raise ConfigError(
-                f"sidecar config field 'cpus': expected numbers like 0,1, got {args.cpus!r}"
-            ) from None
-    return config_from_mapping(overrides, base)
+    """The --config file's data with the other flags laid over it, read once; raises
+    ConfigError naming the field."""
+    path = getattr(args, "config", None)
+    data = sidecar_config_data(path) if path else {}
+    return config_from_mapping(with_flags(data, args))
 
 
 def pin_to_cpus(cpus: tuple[int, ...]) -> None:
@@ -199,12 +186,12 @@ def pin_to_cpus(cpus: tuple[int, ...]) -> None:
     if not cpus:
         return
     if not hasattr(os, "sched_setaffinity"):
-        raise ConfigError("sidecar config field 'cpus': CPU pinning needs Linux")
+        raise ConfigError("cpus: CPU pinning needs Linux")
     try:
         for tid in os.listdir("/proc/self/task"):
             os.sched_setaffinity(int(tid), cpus)
     except OSError as error:
-        raise ConfigError(f"sidecar config field 'cpus': cannot pin to {cpus}: {error}") from None
+        raise ConfigError(f"cpus: cannot pin to {cpus}: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:

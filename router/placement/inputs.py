@@ -1,7 +1,8 @@
 """What the planner is given: instances, model specs, policy, backoffs, all frozen.
 
 Times are seconds on the router's injected clock. Memory is bytes. Every type validates what it
-can on its own; the policy file loader names fields in its own messages before building these.
+can on its own; the policy file's reader (pointsman/config/) checks each PlacementPolicy field
+by its metadata, naming the field, before building one.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pointsman.config import rule
 from router.demand import DemandSnapshot
 from router.placement.actions import Action
 
@@ -105,25 +107,25 @@ class PlacementPolicy:
 
     # A model with a request this recent keeps at least one copy, and its last copy is never
     # evicted. Keep it within the demand tracker's span, which forgets older requests.
-    keep_warm_s: float = 300.0
+    keep_warm_s: float = field(default=300.0, metadata=rule(minimum=0))
     # Never unload a copy loaded less than this ago: a load costs more than it frees at once.
-    churn_guard_s: float = 60.0
+    churn_guard_s: float = field(default=60.0, metadata=rule(minimum=0))
     # Shrink by one copy at most once per this long, and only after demand stayed below the
     # lower threshold for this long.
-    scale_down_cooldown_s: float = 300.0
+    scale_down_cooldown_s: float = field(default=300.0, metadata=rule(minimum=0))
     # Lower threshold: shrink from n copies only when demand <= (n - 1) x capacity x this, so
     # the copies that stay run at most this busy. Growth starts above n x capacity: the gap
     # between the two is the hysteresis band.
-    scale_down_utilisation: float = 0.8
+    scale_down_utilisation: float = field(default=0.8, metadata=rule(above=0, maximum=1))
     # Instances scoring within this fraction of the best are shortlisted; one is drawn at random.
-    shortlist_tolerance: float = 0.1
+    shortlist_tolerance: float = field(default=0.1, metadata=rule(minimum=0, maximum=1))
     # Free memory to keep after a load (activations, a load's transient peak). A load may eat
     # into it only when no instance has room for the copy with the buffer intact; evictions
     # come only after that, when no instance has room at all.
-    headroom_buffer_bytes: int = 0
+    headroom_buffer_bytes: int = field(default=0, metadata=rule(minimum=0))
     # Weights of the placement score: free memory after the load, and low load.
-    headroom_weight: float = 1.0
-    load_weight: float = 1.0
+    headroom_weight: float = field(default=1.0, metadata=rule(minimum=0))
+    load_weight: float = field(default=1.0, metadata=rule(minimum=0))
 
     def __post_init__(self) -> None:
         for name in ("keep_warm_s", "churn_guard_s", "scale_down_cooldown_s"):

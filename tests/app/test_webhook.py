@@ -21,7 +21,8 @@ import kubernetes_validate
 import pytest
 
 from app.processes import free_port
-from app.webhook import SIDECAR_NAME, InjectionSettings, sidecar_patch
+from app.webhook import SIDECAR_NAME, InjectionSettings, pod_settings, sidecar_patch
+from pointsman.errors import ConfigError
 from tests.support.certs import make_pki
 
 # Native sidecars (init containers with restartPolicy) are in the schemas from 1.28 on.
@@ -264,6 +265,34 @@ def test_invalid_annotation_refuses_the_pod_naming_it(
     assert response["allowed"] is False
     assert response["status"]["code"] == 400
     assert response["status"]["message"].startswith(annotation)
+
+
+def test_annotations_are_read_by_the_config_reader_as_text() -> None:
+    defaults = InjectionSettings(router="router.default:8101", native_sidecar=True)
+    settings = pod_settings(
+        {
+            "pointsman.io/inject": "true",
+            "pointsman.io/port": "9001",
+            "pointsman.io/native-sidecar": "false",
+            "pointsman.io/cpu-limit": "1",  # a quantity stays text
+            "image": "not-a-pointsman-annotation",
+            "example.com/port": "1",
+        },
+        defaults,
+    )
+    assert (settings.port, settings.native_sidecar, settings.cpu_limit) == (9001, False, "1")
+    assert (settings.router, settings.image) == ("router.default:8101", defaults.image)
+    for given, message in (
+        ({"pointsman.io/port": "1.5"}, "pointsman.io/port: must be an integer in [1, 65535]"),
+        ({"pointsman.io/metrics-port": "-1"}, "pointsman.io/metrics-port: must be an integer"),
+        ({"pointsman.io/native-sidecar": "yes"}, "pointsman.io/native-sidecar: must be true or"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            pod_settings(given, defaults)
+        assert str(info.value).startswith(message), str(info.value)
+    # The flags' defaults meet the same rules: a bad --router stops the webhook's start.
+    with pytest.raises(ConfigError, match=r"^pointsman\.io/router: must be host:port"):
+        InjectionSettings(router="no-port")
 
 
 @pytest.mark.parametrize(

@@ -515,4 +515,4 @@ def test_pointsman_router_without_credentials_exits_2_saying_why(tmp_path: Path)
         timeout=60,
     )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "discovery: no Kubernetes API credentials" in result.stdout
+    assert "discovery: no Kubernetes API credentials" in result.stderr

@@ -32,7 +32,8 @@ from router.datalayer.fields import (
 )
 from router.decision import check_inputs
 from router.plugins.registry import PluginRegistry, build_profile, default_registry
-from router.server import InputCheckedPolicyStore, start_router
+from router.policy import PolicyStore
+from router.server import inputs_check, start_router
 from tests.support.loop_thread import LoopThread
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,12 +195,12 @@ def test_store_refuses_at_start_and_at_reload_and_keeps_the_running_policy(
     path = tmp_path / "policy.yaml"
     path.write_text(WITH_QUEUE)
     with pytest.raises(ConfigError, match=r"^scheduling\.scorers\[2\] \(queue-depth\)"):
-        InputCheckedPolicyStore(path, NO_SCRAPE)
-    with pytest.raises(ConfigError, match=r"scorers\[1\] \(queue-depth\)"):
-        InputCheckedPolicyStore(None, NO_SCRAPE)  # the default policy has queue-depth too
+        PolicyStore(path, check=inputs_check(NO_SCRAPE))
+    # The built-in default runs anywhere: without metrics its load scorers score all alike.
+    assert PolicyStore(None, check=inputs_check(NO_SCRAPE)).current.source
 
     path.write_text(INDEX_ONLY)
-    store = InputCheckedPolicyStore(path, NO_SCRAPE)
+    store = PolicyStore(path, check=inputs_check(NO_SCRAPE))
     running = store.current.version
     path.write_text(WITH_QUEUE)
     with pytest.raises(ConfigError) as caught:
@@ -207,7 +208,7 @@ def test_store_refuses_at_start_and_at_reload_and_keeps_the_running_policy(
     assert str(caught.value) == QUEUE_REFUSED
     assert store.current.version == running
     # With metrics scraped, the same file is taken.
-    assert InputCheckedPolicyStore(path, EVERYTHING).current.version != running
+    assert PolicyStore(path, check=inputs_check(EVERYTHING)).current.version != running
 
 
 @pytest.mark.asyncio
@@ -216,7 +217,7 @@ async def test_watched_file_over_an_unfilled_field_is_refused(
 ) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(INDEX_ONLY)
-    store = InputCheckedPolicyStore(path, NO_SCRAPE)
+    store = PolicyStore(path, check=inputs_check(NO_SCRAPE))
     running = store.current.version
     watcher = asyncio.create_task(store.watch(interval_s=0.05))
     try:
@@ -233,12 +234,20 @@ async def test_watched_file_over_an_unfilled_field_is_refused(
 
 def test_router_refuses_to_start_before_binding(tmp_path: Path) -> None:
     port = free_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(WITH_QUEUE)
     loop = LoopThread()
     try:
-        with pytest.raises(ConfigError, match=r"scorers\[1\] \(queue-depth\)"):
+        with pytest.raises(ConfigError, match=r"scorers\[2\] \(queue-depth\)"):
             loop.run(
                 start_router(
-                    config({"listen": f"127.0.0.1:{port}", "instances": [NO_METRICS]}),
+                    config(
+                        {
+                            "listen": f"127.0.0.1:{port}",
+                            "instances": [NO_METRICS],
+                            "policy_file": str(policy),
+                        }
+                    ),
                     registry=CollectorRegistry(),
                 )
             )
@@ -273,9 +282,17 @@ def test_reload_policy_rpc_refuses_and_the_router_keeps_serving(tmp_path: Path) 
 
 
 def test_pointsman_router_exits_2_naming_plugin_and_field(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(WITH_QUEUE)
     router_file = tmp_path / "router.yaml"
     router_file.write_text(
-        yaml.safe_dump({"listen": f"127.0.0.1:{free_port()}", "instances": [NO_METRICS]})
+        yaml.safe_dump(
+            {
+                "listen": f"127.0.0.1:{free_port()}",
+                "instances": [NO_METRICS],
+                "policy_file": str(policy),
+            }
+        )
     )
     result = subprocess.run(
         [sys.executable, "-m", "app", "router", "--config", str(router_file)],
@@ -286,6 +303,6 @@ def test_pointsman_router_exits_2_naming_plugin_and_field(tmp_path: Path) -> Non
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert (
-        "pointsman router: policy (built-in default): scheduling.scorers[1] (queue-depth): "
-        "reads model.pending_requests" in result.stdout
+        f"pointsman router: policy {policy}: scheduling.scorers[2] (queue-depth): "
+        "reads model.pending_requests" in result.stderr
     )

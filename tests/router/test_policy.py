@@ -503,8 +503,8 @@ def test_split_weight_message_reads_as_documented() -> None:
         pytest.param("models: [unclosed", "f.yaml: not valid YAML", "", id="bad-yaml"),
         pytest.param(
             "models:\n  codegen: {}\n  codegen: {min_copies: 1}\n",
-            "f.yaml: not valid YAML",
-            "duplicate key 'codegen'",
+            "models.codegen: duplicate key",
+            "(lines 2 and 3)",
             id="duplicate-key",
         ),
         pytest.param("- 1\n- 2\n", "policy:", "", id="a-list"),
@@ -902,7 +902,7 @@ def test_policy_reload_and_show_against_a_router(
     path.write_text(BAD)
     assert cli.main(["policy", "reload", "--router", address]) == 2
     refused = capsys.readouterr()
-    assert "models.codegen.min_copies: must be >= 0" in refused.err
+    assert "models.codegen.min_copies: must be an integer >= 0" in refused.err
     assert store.current.version == second
 
     assert cli.main(["policy", "show", "--router", address]) == 0
@@ -928,6 +928,7 @@ def test_router_refuses_to_start_with_an_invalid_policy(tmp_path: Path) -> None:
     bad_file.write_text(BAD)
     started = _pointsman("router", "--policy", str(bad_file), "--listen", "127.0.0.1:0")
     assert started.returncode == 2
-    assert started.stdout.strip() == (
-        f"pointsman router: policy {bad_file}: models.codegen.min_copies: must be >= 0, got -1"
+    assert started.stderr.strip() == (
+        f"pointsman router: policy {bad_file}: models.codegen.min_copies: "
+        "must be an integer >= 0, got -1"
     )

@@ -249,8 +249,8 @@ def test_queue_timeout_us() -> None:
         ({"retry_budget_window_s": 0}, "retry_budget_window_s"),
         ({"outlier_consecutive_failures": 0}, "outlier_consecutive_failures"),
         ({"outlier_base_ejection_s": 0}, "outlier_base_ejection_s"),
-        ({"outlier_base_ejection_s": 60.0}, "'outlier_base_ejection_s': must be <="),
-        ({"outlier_max_ejection_s": 0.5}, "'outlier_base_ejection_s': must be <="),
+        ({"outlier_base_ejection_s": 60.0}, "^outlier_base_ejection_s: must be <="),
+        ({"outlier_max_ejection_s": 0.5}, "^outlier_base_ejection_s: must be <="),
         ({"deadline_queue_timeout": "yes"}, "deadline_queue_timeout"),
     ],
 )
