@@ -27,14 +27,13 @@ import timeit
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import tritonclient.grpc as grpcclient
-from tritonclient.grpc import _utils as triton_utils
 from tritonclient.grpc import service_pb2 as triton_pb
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.workload import codegen_inputs  # noqa: E402
+from bench.loadgen import infer_request_bytes  # noqa: E402
 from pointsman.prefix import PrefixBlocks  # noqa: E402
 from sidecar.prompt import peek_prompt, prompt_prefix_chain, prompt_prefix_key  # noqa: E402
 from sidecar.wire import peek_model  # noqa: E402
@@ -44,25 +43,7 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "prompt_peek" / "results.json"
 
 def codegen_request(prompt: bytes) -> bytes:
     """The bytes tritonclient sends for codegen with this prompt."""
-    prompt_input = grpcclient.InferInput("PROMPT", [1, 1], "BYTES")
-    prompt_input.set_data_from_numpy(np.array([[prompt]], dtype=np.object_))
-    tokens = grpcclient.InferInput("MAX_TOKENS", [1, 1], "INT32")
-    tokens.set_data_from_numpy(np.array([[16]], dtype=np.int32))
-    request = triton_utils._get_inference_request(
-        model_name="codegen",
-        inputs=[prompt_input, tokens],
-        model_version="",
-        request_id="bench-1",
-        outputs=[grpcclient.InferRequestedOutput("TEXT")],
-        sequence_id=0,
-        sequence_start=False,
-        sequence_end=False,
-        priority=0,
-        timeout=None,
-        parameters=None,
-    )
-    data: bytes = request.SerializeToString()
-    return data
+    return infer_request_bytes("codegen", codegen_inputs(prompt.decode(), 16), ["TEXT"])
 
 
 def per_call_us(operation: Callable[[], object], number: int, repeats: int) -> dict[str, float]:

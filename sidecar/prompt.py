@@ -11,15 +11,16 @@ matter. Tensor contents are skipped by their length, never copied: the cost does
 with the request's size. The walk stops as soon as the prompt is found.
 
 Malformed bytes raise InvalidRequestError, never anything else, and every loop consumes
-input, so no input can make it hang. Unlike `sidecar.wire`, which only reads the top level
-after checking it, this also reads nested messages, so its varints are bounded here (at most
-10 bytes): an unbounded one would let a long run of 0x80 bytes build a huge integer.
+input, so no input can make it hang. Unlike `sidecar.wire`, which reads only a top level it
+has checked, this also reads nested messages, so its varints are bounded (at most 10 bytes):
+an unbounded one would let a long run of 0x80 bytes build a huge integer, slowly.
 """
 
 from __future__ import annotations
 
 from pointsman.errors import InvalidRequestError
 from pointsman.prefix import PrefixBlocks, prefix_chain, prefix_key
+from sidecar.wire import _read_varint
 
 __all__ = ["peek_prompt", "prompt_prefix_chain", "prompt_prefix_key"]
 
@@ -39,18 +40,13 @@ def _malformed(what: str, offset: int) -> InvalidRequestError:
 
 
 def _varint(data: bytes, i: int, end: int) -> tuple[int, int]:
-    """The varint at data[i] (within data[:end]) and the offset after it."""
-    start = i
-    value = shift = 0
-    stop = min(end, i + _MAX_VARINT_BYTES)
-    while i < stop:
-        b = data[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-    raise _malformed("truncated or overlong varint", start)
+    """The varint at data[i] (within data[:end]) and the offset after it. Read from a slice
+    of at most 10 bytes: `wire._read_varint` itself would run on through any 0x80 bytes."""
+    try:
+        value, used = _read_varint(data[i : min(end, i + _MAX_VARINT_BYTES)], 0)
+    except IndexError:
+        raise _malformed("truncated or overlong varint", i) from None
+    return value, i + used
 
 
 def _next_field(data: bytes, i: int, end: int) -> tuple[int, int, int]:
@@ -97,14 +93,7 @@ def _input_tensor(data: bytes, i: int, end: int) -> tuple[bytes, bytes, tuple[in
     name = datatype = b""
     inline: tuple[int, int] | None = None
     while i < end:
-        tag = data[i]
-        if tag & 0x87 == 2 and i + 1 < end and data[i + 1] < 0x80:  # as in peek_prompt
-            start = i + 2
-            i = start + data[i + 1]
-            if i > end:
-                raise _malformed(f"field {tag >> 3} runs past its message", start)
-        else:
-            tag, start, i = _next_field(data, i, end)
+        tag, start, i = _next_field(data, i, end)
         if tag == _NAME_TAG:
             name = data[start:i]
         elif tag == _DATATYPE_TAG:

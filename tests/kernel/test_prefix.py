@@ -1,4 +1,5 @@
-"""pointsman/prefix.py: chained prompt-prefix block hashes, the same in every process."""
+"""pointsman/prefix.py: chained prompt-prefix block hashes, the same in every process
+(with pointsman/affinity.py's holder order, checked across processes here)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 
+from pointsman.affinity import rendezvous_order
 from pointsman.prefix import PrefixBlocks, prefix_chain, prefix_key
 
 CONTEXT = bytes(range(256)) * 8  # 2 KiB, no two 64-byte blocks alike
@@ -58,12 +60,14 @@ def test_memoryview_and_bytes_hash_alike() -> None:
     assert prefix_key(memoryview(CONTEXT)[:300], blocks) == prefix_key(CONTEXT[:300], blocks)
 
 
-def test_every_process_computes_the_same_hashes() -> None:
+def test_every_process_computes_the_same_keys_and_orders() -> None:
     # Sidecars and the router agree without talking: nothing may depend on PYTHONHASHSEED.
     code = (
+        "from pointsman.affinity import rendezvous_order;"
         "from pointsman.prefix import PrefixBlocks, prefix_chain, prefix_key;"
         "p = bytes(range(256)) * 8;"
-        "print(prefix_chain(p, PrefixBlocks(64, 16)), prefix_key(p, PrefixBlocks(64, 5)))"
+        "print(prefix_chain(p, PrefixBlocks(64, 16)), prefix_key(p, PrefixBlocks(64, 5)),"
+        " [rendezvous_order(k, ['a', 'b', 'c', 'd']) for k in ('s1', b'p', 7)])"
     )
     outputs = {
         subprocess.run(
@@ -75,8 +79,12 @@ def test_every_process_computes_the_same_hashes() -> None:
         ).stdout
         for seed in ("0", "1", "12345")
     }
-    here = (prefix_chain(CONTEXT, PrefixBlocks(64, 16)), prefix_key(CONTEXT, PrefixBlocks(64, 5)))
-    assert outputs == {"{} {}\n".format(*here)}
+    here = (
+        prefix_chain(CONTEXT, PrefixBlocks(64, 16)),
+        prefix_key(CONTEXT, PrefixBlocks(64, 5)),
+        [rendezvous_order(k, ["a", "b", "c", "d"]) for k in ("s1", b"p", 7)],
+    )
+    assert outputs == {"{} {} {}\n".format(*here)}
 
 
 @pytest.mark.parametrize(
