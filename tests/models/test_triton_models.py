@@ -1,7 +1,10 @@
 """The model repository `triton_models/` served by one real Triton server.
 
 Expected outputs come from the same model code run in-process (the Decoder needs only numpy),
-so these tests also pin down that outputs do not depend on how requests were batched.
+so these tests also pin down that outputs do not depend on how requests were batched, nor on
+what the prefix cache held. The cache's counters are read from Triton's /metrics (custom
+metrics of the Python backend), and every model's stub process is checked to hold the memory
+its config declares.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from app.processes import ManagedProcess
 from app.triton import (
     TritonSpec,
     prepare_installation,
@@ -30,7 +34,8 @@ from app.triton import (
 )
 
 REPO = Path(__file__).resolve().parents[2] / "triton_models"
-MODELS = ("codegen", "codegen_stream", "echo")
+MODELS = ("codegen", "codegen_stream", "echo", "slow", "add_one")
+MiB = 1 << 20
 DEFAULT_TOKENS = 24
 MAX_TOKENS_CAP = 256
 
@@ -55,7 +60,7 @@ def decoders() -> dict[int, Any]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSpec]:
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonSpec, ManagedProcess]]:
     log = tmp_path_factory.mktemp("triton-models") / "triton.log"
     spec = TritonSpec.on_free_ports(
         "triton-models-test", model_repository=REPO, load_models=MODELS, log_path=log
@@ -64,13 +69,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSpec]:
     proc.start()
     try:
         wait_until_ready(spec.grpc_address, MODELS, timeout_s=60, process=proc)
-        yield spec
+        yield spec, proc
     finally:
         proc.send_stop()
         if proc.wait(15) is None:
             proc.kill()
             proc.wait(5)
         proc.close()
+
+
+@pytest.fixture(scope="module")
+def server(triton: tuple[TritonSpec, ManagedProcess]) -> TritonSpec:
+    return triton[0]
 
 
 @pytest.fixture
@@ -122,11 +132,18 @@ def scrape(server: TritonSpec, name: str, model: str, version: str) -> float:
 
 
 def test_repository_layout_shares_one_implementation() -> None:
-    shared = (REPO / "codegen" / "1" / "model.py").resolve()
-    for link in (REPO / "codegen" / "2" / "model.py", REPO / "codegen_stream" / "1" / "model.py"):
-        assert link.is_symlink()
+    home = REPO / "codegen" / "1"
+    helpers = ("prefix_cache.py", "resident_memory.py", "stream_scheduler.py")
+    links = [
+        (folder / name, home / name)
+        for folder in (REPO / "codegen" / "2", REPO / "codegen_stream" / "1")
+        for name in ("model.py", *helpers)
+    ] + [(REPO / m / "1" / "resident_memory.py", home / "resident_memory.py")
+         for m in ("echo", "slow", "add_one")]  # fmt: skip
+    for link, target in links:
+        assert link.is_symlink(), link
         assert not Path(link.readlink()).is_absolute()
-        assert link.resolve() == shared
+        assert link.resolve() == target.resolve()
 
 
 @pytest.mark.triton
@@ -354,3 +371,176 @@ def test_echo_returns_its_input(client: grpcclient.InferenceServerClient) -> Non
         out = client.infer("echo", [tensor]).as_numpy("OUTPUT0")
         assert out.dtype == np.float32
         np.testing.assert_array_equal(out, data)
+
+
+# --- the prefix cache ---------------------------------------------------------------------
+
+# About 6 KiB of "repository context", each test's own so no earlier request warmed it.
+CONTEXT = "".join(f"def helper_{i}(x):\n    return x * {i}\n" for i in range(180))
+BLOCK = 64  # prefix_block_bytes
+
+
+def cache_counters(server: TritonSpec, model: str, version: str) -> tuple[float, float]:
+    return (
+        scrape(server, "prefix_cache_lookup_blocks_total", model, version),
+        scrape(server, "prefix_cache_hit_blocks_total", model, version),
+    )
+
+
+def served_parameters(
+    client: grpcclient.InferenceServerClient, model: str, version: str
+) -> dict[str, str]:
+    config = client.get_model_config(model, version, as_json=True)["config"]
+    return {key: value["string_value"] for key, value in config["parameters"].items()}
+
+
+def wait_for_counters(
+    server: TritonSpec, model: str, version: str, expected: tuple[float, float]
+) -> tuple[float, float]:
+    deadline = time.monotonic() + 5
+    while (got := cache_counters(server, model, version)) != expected:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return got
+
+
+@pytest.mark.triton
+def test_the_prefix_cache_counts_hits_and_never_changes_outputs(
+    client: grpcclient.InferenceServerClient, server: TritonSpec, decoders: dict[int, Any]
+) -> None:
+    prompt = "# test: hits and outputs\n" + CONTEXT
+    blocks = len(prompt) // BLOCK
+    shared = 40  # blocks a variant shares with it
+    variant = prompt[: shared * BLOCK] + "# another file\n" + CONTEXT
+    want = expected(decoders, prompt, 1, 8)
+    lookups, hits = cache_counters(server, "codegen", "1")
+    assert generate(client, prompt, 8, version="1")[1] == want  # cold
+    assert wait_for_counters(server, "codegen", "1", (lookups + blocks, hits)) == (
+        lookups + blocks,
+        hits,
+    )
+    assert generate(client, prompt, 8, version="1")[1] == want  # warm: the same tokens
+    lookups, hits = lookups + 2 * blocks, hits + blocks
+    assert wait_for_counters(server, "codegen", "1", (lookups, hits)) == (lookups, hits)
+    assert generate(client, variant, 8, version="1")[1] == expected(decoders, variant, 1, 8)
+    lookups, hits = lookups + len(variant) // BLOCK, hits + shared
+    assert wait_for_counters(server, "codegen", "1", (lookups, hits)) == (lookups, hits)
+    # Version 2 runs in its own process with its own cache: cold there.
+    v2 = cache_counters(server, "codegen", "2")
+    generate(client, prompt, 8, version="2")
+    assert wait_for_counters(server, "codegen", "2", (v2[0] + blocks, v2[1])) == (
+        v2[0] + blocks,
+        v2[1],
+    )
+    used = scrape(server, "prefix_cache_used_blocks", "codegen", "1")
+    capacity = scrape(server, "prefix_cache_capacity_blocks", "codegen", "1")
+    assert blocks <= used <= capacity == 2048
+
+
+@pytest.mark.triton
+def test_codegen_stream_has_its_cache_too(
+    client: grpcclient.InferenceServerClient, server: TritonSpec
+) -> None:
+    prompt = "# test: streaming\n" + CONTEXT
+    blocks = len(prompt) // BLOCK
+    lookups, hits = cache_counters(server, "codegen_stream", "1")
+    responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        streamed = []
+        for i in range(2):
+            client.async_stream_infer(
+                "codegen_stream", codegen_inputs(prompt, 5), request_id=str(i)
+            )
+            tokens = []
+            for _ in range(5):
+                result, error = responses.get(timeout=30)
+                assert error is None
+                tokens.append(int(result.as_numpy("TOKEN_ID")[0, 0]))
+            streamed.append(tokens)
+    finally:
+        client.stop_stream()
+    assert streamed[0] == streamed[1] == generate(client, prompt, 5, version="1")[1]
+    expected_counters = (lookups + 2 * blocks, hits + blocks)
+    assert wait_for_counters(server, "codegen_stream", "1", expected_counters) == expected_counters
+
+
+@pytest.mark.triton
+def test_a_cold_prefill_takes_the_configured_time(
+    client: grpcclient.InferenceServerClient, server: TritonSpec
+) -> None:
+    params = served_parameters(client, "codegen", "2")
+    # prefill_ratio x (13 decode steps) for the 1469-token reference prompt, per block.
+    tokens_per_block = int(params["prefix_block_bytes"]) / float(params["bytes_per_token"])
+    per_block = (
+        (float(params["prefill_ratio"]) * 13 * float(params["decode_step_ms"]) / 1000)
+        * tokens_per_block
+        / 1469
+    )
+    assert scrape(server, "prefill_seconds_per_block", "codegen", "2") == pytest.approx(per_block)
+    prompt = ("# test: prefill time\n" + CONTEXT) * 10  # about 60 KiB, some 950 blocks
+    busy = scrape(server, "nv_inference_compute_infer_duration_us", "codegen", "2")
+    generate(client, prompt, 1, version="2")
+    deadline = time.monotonic() + 5
+    while (
+        spent := scrape(server, "nv_inference_compute_infer_duration_us", "codegen", "2")
+    ) == busy:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    # A floor, not a timing: the model waits at least this long for the cold prompt.
+    assert spent - busy >= 0.99 * 1e6 * per_block * len(prompt) / int(params["prefix_block_bytes"])
+
+
+# --- honest memory ------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after state: ppid
+            found.append(int(entry.name))
+    return found
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.mark.triton
+def test_every_model_process_holds_its_declared_memory(
+    triton: tuple[TritonSpec, ManagedProcess], client: grpcclient.InferenceServerClient
+) -> None:
+    # Runs last in this module, after the traffic above: serving memory is included.
+    _, proc = triton
+    assert proc.pid is not None
+    resident: dict[tuple[str, str], int] = {}
+    for pid in _children(proc.pid):
+        argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+        if not argv[0].endswith(b"triton_python_backend_stub"):
+            continue
+        model_py = Path(argv[1].decode())  # REPO/<model>/<version>/model.py
+        resident[(model_py.parent.parent.name, model_py.parent.name)] = _rss_bytes(pid)
+    assert set(resident) == {
+        ("codegen", "1"),
+        ("codegen", "2"),
+        ("codegen_stream", "1"),
+        ("echo", "1"),
+        ("slow", "1"),
+        ("add_one", "1"),
+    }
+    for (model, version), rss in resident.items():
+        declared = int(served_parameters(client, model, version)["pointsman.memory_bytes"])
+        # The model tops itself up to the declared size less 3 MiB of working memory,
+        # which serving then takes up (a request's tensors, the shared-memory channel).
+        assert declared - 5 * MiB <= rss <= declared + 4 * MiB, (model, version, rss, declared)

@@ -1,10 +1,18 @@
 """OUTPUT0 = INPUT0 + 1: the least work a model can do, so a benchmark measures the proxy."""
 
+import json
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from resident_memory import hold_declared
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        # Holds the declared pointsman.memory_bytes, so placement counts real memory.
+        config = json.loads(args["model_config"])
+        self.ballast = hold_declared(config, lambda m: pb_utils.Logger.log_warn(f"add_one: {m}"))
+
     def execute(self, requests):
         responses = []
         for request in requests:

@@ -18,11 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
+import sys
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+# The helper modules live next to the real file; the other models' model.py are links to it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prefix_cache import DEFAULTS as PREFIX_DEFAULTS
+from prefix_cache import CacheMetrics, Prefill, PrefixSettings
+from resident_memory import hold_declared
+from stream_scheduler import Stream, StreamScheduler
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -48,6 +55,7 @@ DEFAULTS = {
     "load_seconds": "0.5",
     "seed": "20240607",
     "max_active": "",  # codegen_stream only; empty: max_batch_size (or 8)
+    **PREFIX_DEFAULTS,
 }
 
 
@@ -143,19 +151,6 @@ def _param(config: dict, key: str) -> str:
     return value if value != "" else DEFAULTS[key]
 
 
-@dataclass
-class Stream:
-    """One request of codegen_stream being decoded (possibly several prompt rows)."""
-
-    sender: object
-    rows: int
-    count: int
-    h: np.ndarray
-    prev: np.ndarray
-    pos: int = 0
-    tokens: list[np.ndarray] = field(default_factory=list)
-
-
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -174,21 +169,23 @@ class TritonPythonModel:
         # Stands in for reading a large checkpoint; the weights above take well under a second.
         load_seconds = float(_param(config, "load_seconds"))
         time.sleep(max(0.0, load_seconds - (time.monotonic() - started)))
-        declared = config.get("parameters", {}).get("pointsman.memory_bytes", {})
-        declared_bytes = int(declared.get("string_value") or 0)
-        if declared_bytes and declared_bytes < self.decoder.nbytes:
-            self.logger.log_warn(
-                f"{self.name} v{self.version}: pointsman.memory_bytes {declared_bytes} is below "
-                f"the weights alone ({self.decoder.nbytes} bytes)"
-            )
+        prefix = PrefixSettings.from_parameters(lambda key: _param(config, key))
+        self.prefill = Prefill(prefix, CacheMetrics(pb_utils, self.name, self.version))
         self.scheduler = None
         if self.decoupled:
             max_active = _param(config, "max_active") or str(config.get("max_batch_size") or 8)
-            self.scheduler = StreamScheduler(self.decoder, int(max_active), self.logger)
+            self.scheduler = StreamScheduler(self.decoder, VOCAB, int(max_active), self.logger)
+        self.ballast = hold_declared(config, self._warn)  # last: tops up all of the above
         self.logger.log_info(
             f"{self.name} v{self.version}: hidden_size={hidden} weights={self.decoder.nbytes} "
-            f"bytes decoupled={self.decoupled} loaded in {time.monotonic() - started:.2f}s"
+            f"bytes decoupled={self.decoupled} prefill "
+            f"{self.prefill.seconds_per_block * 1e6:.1f} us per {prefix.block_bytes}-byte block, "
+            f"cache {prefix.cache_blocks} blocks, ballast {len(self.ballast)} bytes, loaded in "
+            f"{time.monotonic() - started:.2f}s"
         )
+
+    def _warn(self, message: str) -> None:
+        self.logger.log_warn(f"{self.name} v{self.version}: {message}")
 
     def _parse(self, request) -> tuple[list[bytes], list[int]]:
         prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT")
@@ -223,6 +220,7 @@ class TritonPythonModel:
                 parsed.append(e)
         prompts = [p for item in parsed if not isinstance(item, RequestError) for p in item[0]]
         counts = [c for item in parsed if not isinstance(item, RequestError) for c in item[1]]
+        time.sleep(self.prefill.admit(prompts))  # the prompts' uncached part, then decode
         generated = iter(self.decoder.generate(prompts, counts))
         responses = []
         for item in parsed:
@@ -269,6 +267,7 @@ class TritonPythonModel:
                     rows=rows,
                     count=counts[0],
                     h=np.stack([self.decoder.start(p) for p in prompts]),
+                    prefill_s=self.prefill.admit(prompts),
                     prev=np.full(rows, self.decoder.bos, dtype=np.intp),
                 )
             )
@@ -280,118 +279,3 @@ class TritonPythonModel:
     def finalize(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stop()
-
-
-class StreamScheduler:
-    """Continuous batching for codegen_stream.
-
-    `execute` hands each request to this scheduler and returns; one thread decodes every
-    active sequence together, one step at a time, and sends each its token per step. New
-    sequences join at the next step; finished ones leave. `submit` blocks while
-    `max_active` sequences are active or waiting, which keeps the rest in Triton's queue.
-    """
-
-    def __init__(self, decoder: Decoder, max_active: int, logger) -> None:
-        self.decoder = decoder
-        self.max_active = max(1, max_active)
-        self.logger = logger
-        self.cv = threading.Condition()
-        self.pending: list[Stream] = []
-        self.active: list[Stream] = []
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="decode", daemon=True)
-        self.thread.start()
-
-    def submit(self, sequences: list[Stream]) -> None:
-        with self.cv:
-            self.pending.extend(sequences)
-            self.cv.notify_all()
-            while not self.stopping and len(self.active) + len(self.pending) >= self.max_active:
-                self.cv.wait()
-
-    def stop(self, drain_seconds: float = 30.0) -> None:
-        deadline = time.monotonic() + drain_seconds
-        with self.cv:
-            while (self.active or self.pending) and time.monotonic() < deadline:
-                self.cv.wait(timeout=0.1)
-            self.stopping = True
-            self.cv.notify_all()
-        self.thread.join(timeout=5)
-        for seq in self.active + self.pending:
-            self._fail(seq, "model is unloading", pb_utils.TritonError.UNAVAILABLE)
-
-    def _fail(self, seq: Stream, message: str, code) -> None:
-        try:
-            seq.sender.send(
-                pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)),
-                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-            )
-        except Exception as e:  # the client may be gone already
-            self.logger.log_warn(f"codegen_stream: could not send error: {e}")
-
-    def _run(self) -> None:
-        while True:
-            with self.cv:
-                while not self.stopping and not self.active and not self.pending:
-                    self.cv.wait()
-                if self.stopping:
-                    return
-                while self.pending and len(self.active) < self.max_active:
-                    self.active.append(self.pending.pop(0))
-                batch = list(self.active)
-            try:
-                finished = self._step(batch)
-            except Exception as e:
-                self.logger.log_error(f"codegen_stream: decode step failed: {e}")
-                finished = batch
-                for seq in batch:
-                    self._fail(seq, f"decode failed: {e}", pb_utils.TritonError.INTERNAL)
-            if finished:
-                with self.cv:
-                    done = {id(s) for s in finished}
-                    self.active = [s for s in self.active if id(s) not in done]
-                    self.cv.notify_all()
-
-    def _step(self, batch: list[Stream]) -> list[Stream]:
-        finished = []
-        live = []
-        for seq in batch:
-            if _cancelled(seq.sender):
-                self.logger.log_info(
-                    f"codegen_stream: request cancelled after {seq.pos} of {seq.count} tokens"
-                )
-                self._fail(seq, "request cancelled", pb_utils.TritonError.CANCELLED)
-                finished.append(seq)
-            else:
-                live.append(seq)
-        if not live:
-            return finished
-        h = np.concatenate([s.h for s in live])
-        prev = np.concatenate([s.prev for s in live])
-        pos = np.concatenate([np.full(s.rows, s.pos) for s in live])
-        h, tokens = self.decoder.step(h, prev, pos)
-        at = 0
-        for seq in live:
-            seq.h, seq.prev = h[at : at + seq.rows], tokens[at : at + seq.rows]
-            at += seq.rows
-            seq.pos += 1
-            last = seq.pos >= seq.count
-            ids = seq.prev.astype(np.int32).reshape(-1, 1)
-            text = np.array([[VOCAB[int(t)].encode()] for t in seq.prev], dtype=np.object_)
-            response = pb_utils.InferenceResponse(
-                [pb_utils.Tensor("TOKEN_ID", ids), pb_utils.Tensor("TEXT", text)]
-            )
-            seq.sender.send(
-                response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0
-            )
-            if last:
-                finished.append(seq)
-        return finished
-
-
-def _cancelled(sender) -> bool:
-    is_cancelled = getattr(sender, "is_cancelled", None)
-    try:
-        return bool(is_cancelled()) if is_cancelled else False
-    except Exception:
-        return False

@@ -12,13 +12,17 @@ import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from resident_memory import hold_declared
 
 SLICE_S = 0.02
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        parameters = json.loads(args["model_config"]).get("parameters", {})
+        config = json.loads(args["model_config"])
+        parameters = config.get("parameters", {})
+        # Holds the declared pointsman.memory_bytes, so placement counts real memory.
+        self.ballast = hold_declared(config, lambda m: pb_utils.Logger.log_warn(f"slow: {m}"))
         self.default_sleep_ms = int(parameters.get("sleep_ms", {}).get("string_value", "1000"))
 
     def _sleep_ms(self, request: object) -> int:

@@ -1,0 +1,1 @@
+../1/resident_memory.py

@@ -1,0 +1,1 @@
+../../codegen/1/prefix_cache.py

@@ -1,0 +1,1 @@
+../../codegen/1/stream_scheduler.py
