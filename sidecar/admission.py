@@ -19,10 +19,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -33,8 +32,6 @@ from pointsman.router.v1 import router_pb2
 
 __all__ = [
     "NO_CLASSES",
-    "PRIORITY_HEADER",
-    "REQUEST_ID_HEADER",
     "RETRY_AFTER_HEADER",
     "STATUS_DETAILS_HEADER",
     "UNCLASSED",
@@ -43,11 +40,8 @@ __all__ = [
     "PriorityClasses",
     "ShedError",
     "priority_classes_from_proto",
-    "request_keys",
 ]
 
-PRIORITY_HEADER = "x-priority"
-REQUEST_ID_HEADER = "x-request-id"
 # Trailing metadata of a shed request: milliseconds the caller should wait before retrying.
 RETRY_AFTER_HEADER = "retry-after-ms"
 # Where gRPC carries a google.rpc.Status with details.
@@ -94,17 +88,6 @@ def priority_classes_from_proto(message: router_pb2.PriorityPolicy) -> PriorityC
         if pc.name
     }
     return PriorityClasses(MappingProxyType(classes), classes.get(message.default_class, UNCLASSED))
-
-
-def request_keys(metadata: Sequence[tuple[str, Any]] | None) -> tuple[str, str]:
-    """(x-request-id, x-priority) from the call's metadata; "" for each one absent."""
-    request_id = priority = ""
-    for key, value in metadata or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str):
-            request_id = value
-        elif key == PRIORITY_HEADER and isinstance(value, str):
-            priority = value
-    return request_id, priority
 
 
 class ShedError(OverloadedError):

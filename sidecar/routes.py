@@ -70,6 +70,7 @@ class Route:
         "model_name",
         "static",
         "version_rules",
+        "versions",
     )
 
     def __init__(
@@ -86,6 +87,8 @@ class Route:
         self.model_name = model_name
         # "" (any version) maps to every candidate with some version ready.
         self.by_version: dict[str, CandidateSet] = dict(by_version)
+        # The versions some candidate has ready (what a canary split may choose from).
+        self.versions = frozenset(v for v in self.by_version if v)
         # For a version no candidate lists: instances whose versions are unknown (static).
         self.fallback = fallback
         self.generation = generation
@@ -305,13 +308,6 @@ class RouteCache:
                     "this sidecar's in-flight counts"
                 )
             self._refresh()  # weights off while stale, back on with a live stream
-
-    def replace_static(self, static_routes: Mapping[str, Sequence[str]]) -> None:
-        self._static = {
-            name: compile_static(name, addresses, self._pool)
-            for name, addresses in static_routes.items()
-        }
-        self._refresh()
 
     def _refresh(self) -> None:
         router = self._router
