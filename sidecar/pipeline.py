@@ -155,8 +155,8 @@ class InferencePipeline:
         context: Context,
         span: Span | None,
     ) -> bytes:
-        async def send(upstream: Upstream, remaining: float | None, md: Metadata) -> bytes:
-            return await upstream.infer(
+        def send(upstream: Upstream, remaining: float | None, md: Metadata) -> Awaitable[bytes]:
+            return upstream.infer(
                 decision.apply(request, remaining), timeout=remaining, metadata=md
             )
 

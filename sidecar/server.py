@@ -25,7 +25,8 @@ from pointsman.tls import add_port
 from sidecar.config import SidecarConfig
 from sidecar.metrics import SidecarMetrics
 from sidecar.router_picker import RouterPicker
-from sidecar.routes import RouteCache, RouterWatch, RouteSource
+from sidecar.router_watch import RouterWatch, RouteSource
+from sidecar.routes import RouteCache
 from sidecar.service import InferenceProxy
 from sidecar.tracing import RpcTracer
 from sidecar.upstream import SERVICE, Connect, UpstreamPool
