@@ -142,9 +142,7 @@ class InferencePipeline:
             code, message = status_of(error)
             await self._abort(context, decision, error, code, message)
         finally:
-            (series or self._metrics.series("", "", INFER)).done(code, perf_counter() - started)
-            if span is not None:
-                _end_server_span(span, decision, code, message)
+            self._done(INFER, started, series, decision, span, code, message)
 
     async def _infer(
         self,
@@ -228,9 +226,7 @@ class InferencePipeline:
                 self._admission.leave()
             if feed is not None:
                 feed.close()
-            (series or self._metrics.series("", "", STREAM)).done(code, perf_counter() - started)
-            if span is not None:
-                _end_server_span(span, decision, code, message)
+            self._done(STREAM, started, series, decision, span, code, message)
 
     # -- the attempt loop ----------------------------------------------------------------------
 
@@ -362,6 +358,22 @@ class InferencePipeline:
         if decision.hit:
             series.hits.inc()
 
+    def _done(
+        self,
+        method: str,
+        started: float,
+        series: RequestSeries | None,
+        decision: Decision | None,
+        span: Span | None,
+        code: grpc.StatusCode,
+        message: str,
+    ) -> None:
+        """A call ended with (code, message): its metrics, and its server span's last words."""
+        (series or self._metrics.series("", "", method)).done(code, perf_counter() - started)
+        if span is not None:
+            model, version = ("", "") if decision is None else (decision.model, decision.version)
+            RpcTracer.end(span, code, message, {MODEL: model, MODEL_VERSION: version})
+
     async def _abort(
         self,
         context: Context,
@@ -381,10 +393,3 @@ class InferencePipeline:
             self._metrics.queue_full(model)
         await context.abort(code, message, trailing_metadata=trailers)
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
-
-
-def _end_server_span(
-    span: Span, decision: Decision | None, code: grpc.StatusCode, message: str
-) -> None:
-    model, version = ("", "") if decision is None else (decision.model, decision.version)
-    RpcTracer.end(span, code, message, {MODEL: model, MODEL_VERSION: version})
