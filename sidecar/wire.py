@@ -17,6 +17,7 @@ When a string field occurs more than once the last occurrence wins, as in protob
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 from pointsman.errors import InvalidRequestError
@@ -182,7 +183,13 @@ def peek_request(data: bytes, *, require_name: bool = True) -> RequestHead:
     )
 
 
+# One-byte varints (0..127: lengths of small fields, tags), ready made.
+_SMALL_VARINTS = tuple(bytes((v,)) for v in range(0x80))
+
+
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -213,10 +220,22 @@ _PARAMETERS = 4
 _INT64_PARAM, _UINT64_PARAM = 2, 5
 
 
+# A map entry of ModelInferRequest.parameters (field 4, LEN) starts with its key (field 1).
+_PARAMETERS_TAG = _PARAMETERS << 3 | 2
+_PARAMETERS_TAG_BYTES = _varint(_PARAMETERS_TAG)
+
+
+@lru_cache(maxsize=64)
+def _entry_parts(key: str, param_field: int) -> tuple[bytes, bytes]:
+    """What does not vary with the value: the entry's key and value tag, the parameter's tag."""
+    return _len_field(1, key.encode()) + _varint(2 << 3 | 2), _varint(param_field << 3)
+
+
 def _parameter_field(key: str, param_field: int, value: int) -> bytes:
-    parameter = _varint(param_field << 3) + _varint(value & 0xFFFFFFFFFFFFFFFF)
-    entry = _len_field(1, key.encode()) + _len_field(2, parameter)
-    return _len_field(_PARAMETERS, entry)
+    entry_head, value_tag = _entry_parts(key, param_field)
+    parameter = value_tag + _varint(value & 0xFFFFFFFFFFFFFFFF)
+    entry = entry_head + _varint(len(parameter)) + parameter
+    return _PARAMETERS_TAG_BYTES + _varint(len(entry)) + entry
 
 
 def uint64_parameter_field(key: str, value: int) -> bytes:
@@ -233,8 +252,6 @@ def int64_parameter_field(key: str, value: int) -> bytes:
     return _parameter_field(key, _INT64_PARAM, value)
 
 
-# A map entry of ModelInferRequest.parameters (field 4, LEN) starts with its key (field 1).
-_PARAMETERS_TAG = _PARAMETERS << 3 | 2
 # Below this size a byte search for the key (C speed, about 0.2 us) rules it out faster than
 # the field walk (about 3 us); above it the walk wins, since it skips tensors by length.
 _SEARCH_BELOW = 64 * 1024
