@@ -2,16 +2,22 @@
 
 start_sidecar(config, route_source=..., rng=...) -> SidecarServer   (sidecar.server)
 SidecarConfig, load_config                                          (sidecar.config)
-RouteCache, RouterWatch, RouteSource                                (sidecar.routes)
+RouteCache                                                          (sidecar.routes)
+RouterWatch, RouteSource                                            (sidecar.router_watch)
 add_arguments(parser), run(args)                                    (sidecar.main)
 peek_model(raw_request)                                             (sidecar.wire)
+MockTransport, MockContext: the request path without Triton         (sidecar.testing)
+
+One ModelInfer: sidecar.head (read) -> sidecar.decide (where, what to set) ->
+sidecar.pipeline (admission, idempotency, the attempt loop) -> sidecar.upstream.
 """
 
 from __future__ import annotations
 
 from sidecar.config import SidecarConfig, load_config
 from sidecar.main import add_arguments, run
-from sidecar.routes import RouteCache, RouterWatch, RouteSource
+from sidecar.router_watch import RouterWatch, RouteSource
+from sidecar.routes import RouteCache
 from sidecar.server import SidecarServer, start_sidecar
 from sidecar.wire import peek_model
 

@@ -19,10 +19,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -34,8 +33,6 @@ from pointsman.router.v1 import router_pb2
 
 __all__ = [
     "NO_CLASSES",
-    "PRIORITY_HEADER",
-    "REQUEST_ID_HEADER",
     "RETRY_AFTER_HEADER",
     "STATUS_DETAILS_HEADER",
     "UNCLASSED",
@@ -44,11 +41,8 @@ __all__ = [
     "PriorityClasses",
     "ShedError",
     "priority_classes_from_proto",
-    "request_keys",
 ]
 
-PRIORITY_HEADER = "x-priority"
-REQUEST_ID_HEADER = "x-request-id"
 # Trailing metadata of a shed request: milliseconds the caller should wait before retrying.
 RETRY_AFTER_HEADER = "retry-after-ms"
 # Where gRPC carries a google.rpc.Status with details.
@@ -82,17 +76,6 @@ def priority_classes_from_proto(message: router_pb2.PriorityPolicy) -> PriorityC
     without a known class UNCLASSED rather than failing: the router validated the policy."""
     classes = {pc.name: priority_class_from_proto(pc) for pc in message.classes if pc.name}
     return PriorityClasses(MappingProxyType(classes), classes.get(message.default_class, UNCLASSED))
-
-
-def request_keys(metadata: Sequence[tuple[str, Any]] | None) -> tuple[str, str]:
-    """(x-request-id, x-priority) from the call's metadata; "" for each one absent."""
-    request_id = priority = ""
-    for key, value in metadata or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str):
-            request_id = value
-        elif key == PRIORITY_HEADER and isinstance(value, str):
-            priority = value
-    return request_id, priority
 
 
 class ShedError(OverloadedError):

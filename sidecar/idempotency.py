@@ -11,6 +11,10 @@ retries build on this.
 
 The execution runs in a task of its own, so the caller that started it can leave (cancel,
 deadline) without taking the result from the others; Triton would run it anyway.
+
+`IdempotencyStore` is what the request path needs (`run`); `IdempotencyCache` is the embedded,
+per-sidecar store. A store shared by every sidecar (issue 12: Redis) implements the same `run`
+with the same rules, and the pipeline does not change.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 import grpc
 
 from pointsman.errors import status_of
 
-__all__ = ["IdempotencyCache", "Reuse", "StoredStatusError"]
+__all__ = ["IdempotencyCache", "IdempotencyStore", "Key", "Reuse", "StoredStatusError"]
 
 Key = tuple[str, str, str]
 
@@ -67,6 +72,16 @@ class StoredStatusError(grpc.RpcError):  # type: ignore[misc]  # grpc ships no t
 
     def details(self) -> str:
         return self._message
+
+
+class IdempotencyStore(Protocol):
+    """Where requests with an id are coalesced and their outcomes kept."""
+
+    async def run(self, key: Key, execute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, Reuse]:
+        """The response for `key` (model, version asked for, request id): a kept outcome, the
+        running execution's, or `execute()`'s. An error outcome raises (kept ones as
+        StoredStatusError); one that says the request did not run is never kept."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """Failover rules of the sidecar: which errors to retry, how many retries the fleet can take,
-which instances to avoid for a while, and how much queue time Triton may give a request.
+and which instances to avoid for a while.
 
-Pure logic with an injected clock; `sidecar.service` applies it on the request path.
+Pure logic with an injected clock; the attempt loop (`sidecar.pipeline`) applies it on the
+request path. (The queue timeout Triton gets from the caller's deadline: `sidecar.decide`.)
 
 - `retryable(code, details)`: a Triton answer (or connection failure) after which the same
   request may go to another instance because this one did not run it: UNAVAILABLE (refused,
@@ -18,10 +19,6 @@ Pure logic with an injected clock; `sidecar.service` applies it on the request p
   (the route tables come from the router's health checks); its first failure then ejects it
   again, for twice as long. A success resets the failure run; the doubling is forgotten after
   `max_ejection_s` without an ejection.
-- `with_queue_timeout`: a request with a deadline and no `timeout` parameter of its own gets
-  the remaining time as Triton's queue timeout, so Triton drops it from its queue instead of
-  running it after the caller has gone (models whose queue policy has
-  `allow_timeout_override: true` honour it; others ignore it).
 """
 
 from __future__ import annotations
@@ -31,17 +28,13 @@ from dataclasses import dataclass
 import grpc
 
 from pointsman.clock import Clock, monotonic
-from sidecar.wire import sets_parameter, with_int64_parameter
 
 __all__ = [
     "EjectionPolicy",
     "OutlierDetector",
     "RetryBudget",
     "counts_against_instance",
-    "queue_timeout_us",
     "retryable",
-    "sets_queue_timeout",
-    "with_queue_timeout",
 ]
 
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -218,22 +211,3 @@ class OutlierDetector:
         # Back from an ejection, one failure ejects again (until a success clears the run).
         self._failures[address] = self.policy.consecutive_failures - 1
         return duration
-
-
-def sets_queue_timeout(request: bytes) -> bool:
-    """Whether a serialized ModelInferRequest sets parameters["timeout"] itself."""
-    return sets_parameter(request, "timeout")
-
-
-def queue_timeout_us(remaining_s: float) -> int:
-    """Triton's queue timeout for `remaining_s` seconds left: whole microseconds, at least 1
-    (0 would mean "no timeout")."""
-    return max(1, int(remaining_s * 1_000_000))
-
-
-def with_queue_timeout(request: bytes, remaining_s: float | None, own_timeout: bool) -> bytes:
-    """`request` with the caller's remaining time as Triton's queue timeout, unless it has no
-    deadline or sets a timeout of its own (`own_timeout`, from `sets_queue_timeout`)."""
-    if remaining_s is None or own_timeout:
-        return request
-    return with_int64_parameter(request, "timeout", queue_timeout_us(remaining_s))

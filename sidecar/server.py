@@ -25,10 +25,11 @@ from pointsman.tls import add_port
 from sidecar.config import SidecarConfig
 from sidecar.metrics import SidecarMetrics
 from sidecar.router_picker import RouterPicker
-from sidecar.routes import RouteCache, RouterWatch, RouteSource
+from sidecar.router_watch import RouterWatch, RouteSource
+from sidecar.routes import RouteCache
 from sidecar.service import InferenceProxy
 from sidecar.tracing import RpcTracer
-from sidecar.upstream import SERVICE, UpstreamPool
+from sidecar.upstream import SERVICE, Connect, UpstreamPool
 
 __all__ = ["SidecarServer", "start_sidecar"]
 
@@ -131,6 +132,7 @@ async def start_sidecar(
     rng: random.Random | None = None,
     registry: CollectorRegistry | None = None,
     tracing: Tracing | None = None,
+    connect: Connect | None = None,
 ) -> SidecarServer:
     """Starts the sidecar on `config.listen` and returns it running.
 
@@ -138,12 +140,15 @@ async def start_sidecar(
     (none, with no routers: static routes only). `rng` drives every random choice.
     `registry` receives the metrics (a new one by default), served on `config.metrics_listen`
     if set. `tracing` records spans when enabled (`pointsman.telemetry.setup_tracing`).
+    `connect` makes the upstream of a Triton address (by default a grpc channel;
+    `sidecar.testing.MockTransport` for tests that need no Triton).
     """
     rng = rng or random.Random()
     pool = UpstreamPool(
         max_message_bytes=config.max_message_bytes,
         idle_close_s=config.upstream_idle_close_s,
         tls=config.triton_tls,
+        connect=connect,
     )
     # Full route snapshots of a large fleet can pass gRPC's 4 MiB default.
     router_channel = (

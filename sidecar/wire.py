@@ -17,18 +17,19 @@ When a string field occurs more than once the last occurrence wins, as in protob
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 from pointsman.errors import InvalidRequestError
 
 __all__ = [
     "RequestHead",
+    "int64_parameter_field",
+    "model_version_field",
     "peek_model",
     "peek_request",
     "sets_parameter",
-    "with_int64_parameter",
-    "with_model_version",
-    "with_uint64_parameter",
+    "uint64_parameter_field",
 ]
 
 _MAX_FIELD_NUMBER = (1 << 29) - 1
@@ -182,20 +183,13 @@ def peek_request(data: bytes, *, require_name: bool = True) -> RequestHead:
     )
 
 
-def with_model_version(data: bytes, version: str) -> bytes:
-    """`data` with model_version set to `version`, without parsing: a model_version field is
-    appended, and protobuf parsers (Triton's too) keep the last occurrence of a field."""
-    encoded = version.encode()
-    length = len(encoded)
-    prefix = bytearray(b"\x12")  # field 2, wire type LEN
-    while length >= 0x80:
-        prefix.append((length & 0x7F) | 0x80)
-        length >>= 7
-    prefix.append(length)
-    return data + bytes(prefix) + encoded
+# One-byte varints (0..127: lengths of small fields, tags), ready made.
+_SMALL_VARINTS = tuple(bytes((v,)) for v in range(0x80))
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -208,6 +202,17 @@ def _len_field(field_number: int, payload: bytes) -> bytes:
     return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
 
 
+# Fields the sidecar sets are appended to the request's bytes, never spliced in: protobuf
+# parsers (Triton's too) keep the last occurrence of a field and, for a repeated map key, the
+# last entry. So the bytes to append can be built apart from the request (and cached), and
+# several fields cost one copy of the request between them.
+
+
+def model_version_field(version: str) -> bytes:
+    """The bytes that, appended to a request, set its model_version (field 2) to `version`."""
+    return _len_field(_VERSION, version.encode())
+
+
 # ModelInferRequest.parameters is field 4, a map<string, InferParameter>; a map entry is a
 # message with the key as field 1 and the value as field 2. In InferParameter, int64_param is
 # field 2 and uint64_param field 5 (both varints).
@@ -215,29 +220,38 @@ _PARAMETERS = 4
 _INT64_PARAM, _UINT64_PARAM = 2, 5
 
 
-def _with_parameter(data: bytes, key: str, param_field: int, value: int) -> bytes:
-    parameter = _varint(param_field << 3) + _varint(value & 0xFFFFFFFFFFFFFFFF)
-    entry = _len_field(1, key.encode()) + _len_field(2, parameter)
-    return data + _len_field(_PARAMETERS, entry)
-
-
-def with_uint64_parameter(data: bytes, key: str, value: int) -> bytes:
-    """`data` with `parameters[key].uint64_param = value`, without parsing: a map entry is
-    appended, and for a repeated map key protobuf parsers keep the last. Triton reads the
-    request's "priority" this way."""
-    if value < 0:
-        raise ValueError(f"uint64 parameter {key!r} must be >= 0, got {value}")
-    return _with_parameter(data, key, _UINT64_PARAM, value)
-
-
-def with_int64_parameter(data: bytes, key: str, value: int) -> bytes:
-    """`data` with `parameters[key].int64_param = value` (see `with_uint64_parameter`);
-    Triton reads the request's queue "timeout" (microseconds) this way."""
-    return _with_parameter(data, key, _INT64_PARAM, value)
-
-
 # A map entry of ModelInferRequest.parameters (field 4, LEN) starts with its key (field 1).
 _PARAMETERS_TAG = _PARAMETERS << 3 | 2
+_PARAMETERS_TAG_BYTES = _varint(_PARAMETERS_TAG)
+
+
+@lru_cache(maxsize=64)
+def _entry_parts(key: str, param_field: int) -> tuple[bytes, bytes]:
+    """What does not vary with the value: the entry's key and value tag, the parameter's tag."""
+    return _len_field(1, key.encode()) + _varint(2 << 3 | 2), _varint(param_field << 3)
+
+
+def _parameter_field(key: str, param_field: int, value: int) -> bytes:
+    entry_head, value_tag = _entry_parts(key, param_field)
+    parameter = value_tag + _varint(value & 0xFFFFFFFFFFFFFFFF)
+    entry = entry_head + _varint(len(parameter)) + parameter
+    return _PARAMETERS_TAG_BYTES + _varint(len(entry)) + entry
+
+
+def uint64_parameter_field(key: str, value: int) -> bytes:
+    """The bytes that, appended to a ModelInferRequest, set `parameters[key].uint64_param`;
+    Triton reads the request's "priority" this way."""
+    if value < 0:
+        raise ValueError(f"uint64 parameter {key!r} must be >= 0, got {value}")
+    return _parameter_field(key, _UINT64_PARAM, value)
+
+
+def int64_parameter_field(key: str, value: int) -> bytes:
+    """The bytes that, appended to a ModelInferRequest, set `parameters[key].int64_param`;
+    Triton reads the request's queue "timeout" (microseconds) this way."""
+    return _parameter_field(key, _INT64_PARAM, value)
+
+
 # Below this size a byte search for the key (C speed, about 0.2 us) rules it out faster than
 # the field walk (about 3 us); above it the walk wins, since it skips tensors by length.
 _SEARCH_BELOW = 64 * 1024

@@ -22,12 +22,12 @@ from sidecar.admission import (
     PriorityClasses,
     ShedError,
     priority_classes_from_proto,
-    request_keys,
 )
 from sidecar.config import config_from_mapping
+from sidecar.head import read_head
 from sidecar.routes import RouteCache
 from sidecar.upstream import UpstreamPool
-from sidecar.wire import sets_parameter, with_uint64_parameter
+from sidecar.wire import sets_parameter, uint64_parameter_field
 
 HIGH = PriorityClass("high", 1)
 LOW = PriorityClass("low", 2, sheddable=True)
@@ -80,7 +80,8 @@ def test_classes_from_proto() -> None:
 def test_request_keys(
     metadata: tuple[tuple[str, str | bytes], ...] | None, expected: tuple[str, str]
 ) -> None:
-    assert request_keys(metadata) == expected
+    head = read_head(service_pb2.ModelInferRequest(model_name="m").SerializeToString(), metadata)
+    assert (head.request_id, head.priority) == expected
 
 
 def _request(**parameters: int) -> service_pb2.ModelInferRequest:
@@ -101,7 +102,7 @@ def _request(**parameters: int) -> service_pb2.ModelInferRequest:
         (_request(priority=1).SerializeToString(), True),
         (_request(timeout=5).SerializeToString(), False),
         (_request(timeout=5, priority=2).SerializeToString(), True),
-        (with_uint64_parameter(_request().SerializeToString(), "priority", 1), True),
+        (_request().SerializeToString() + uint64_parameter_field("priority", 1), True),
         (b"", False),
         (b"\x0a\xff", False),  # truncated: answers False rather than raising
     ],

@@ -12,20 +12,19 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 
 from pointsman.errors import ConfigError
+from sidecar.admission import UNCLASSED
 from sidecar.balancer import CandidateSet, pick_avoiding
 from sidecar.config import SidecarConfig, config_from_mapping
+from sidecar.decide import Decision, queue_timeout_us, sets_queue_timeout
 from sidecar.main import add_arguments, build_config
 from sidecar.resilience import (
     EjectionPolicy,
     OutlierDetector,
     RetryBudget,
     counts_against_instance,
-    queue_timeout_us,
     retryable,
-    sets_queue_timeout,
-    with_queue_timeout,
 )
-from sidecar.upstream import Upstream
+from sidecar.upstream import GrpcUpstream
 from tests.support.fakes import FakeClock
 
 S = grpc.StatusCode
@@ -167,8 +166,8 @@ def test_outlier_backoff_doubles_after_return_and_is_forgotten() -> None:
     assert detector.failure("a") == 1.0
 
 
-def _upstreams(*addresses: str) -> list[Upstream]:
-    return [Upstream(a, ()) for a in addresses]
+def _upstreams(*addresses: str) -> list[GrpcUpstream]:
+    return [GrpcUpstream(a, ()) for a in addresses]
 
 
 @pytest.mark.parametrize(
@@ -226,7 +225,8 @@ def test_sets_queue_timeout(data: bytes, expected: bool) -> None:
 )
 def test_with_queue_timeout(remaining: float | None, own: bool, expected: int | None) -> None:
     data = _request(timeout=5000) if own else _request()
-    parsed = pb.ModelInferRequest.FromString(with_queue_timeout(data, remaining, own))
+    decision = Decision("echo", "", UNCLASSED, b"", queue_timeout=None)
+    parsed = pb.ModelInferRequest.FromString(decision.apply(data, remaining))
     assert parsed.model_name == "echo"
     if expected is None:
         assert "timeout" not in parsed.parameters

@@ -37,11 +37,11 @@ from pointsman.errors import ConfigError
 from pointsman.router.v1 import router_pb2, router_pb2_grpc
 from sidecar.balancer import CandidateSet, pick
 from sidecar.config import DEFAULT_MAX_MESSAGE_BYTES, SidecarConfig, load_config
+from sidecar.head import forward_metadata
 from sidecar.main import add_arguments, build_config
 from sidecar.routes import RouteCache
 from sidecar.server import SidecarServer, start_sidecar
-from sidecar.service import forward_metadata
-from sidecar.upstream import Upstream, UpstreamPool
+from sidecar.upstream import GrpcUpstream, UpstreamPool
 from tests.support.loop_thread import LoopThread
 
 MODELS = ("codegen", "codegen_stream", "echo")
@@ -315,10 +315,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
 # -- unit tests: balancing, metadata, config --
 
 
-def _upstreams(*loads: int) -> list[Upstream]:
+def _upstreams(*loads: int) -> list[GrpcUpstream]:
     ups = []
     for k, load in enumerate(loads):
-        upstream = Upstream(f"10.0.0.{k}:8001", ())
+        upstream = GrpcUpstream(f"10.0.0.{k}:8001", ())
         upstream.in_flight = load
         ups.append(upstream)
     return ups
@@ -416,8 +416,8 @@ def test_route_cache_snapshot_update_remove_heartbeat() -> None:
     )
     assert set(cache.routes) == {"n", "static"}
     # Instances no table names any more start ageing towards having their channels closed.
-    assert pool.get("10.0.0.1:8001").unreferenced_since is not None
-    assert pool.get("10.0.0.4:8001").unreferenced_since is None
+    assert pool.unreferenced_since("10.0.0.1:8001") is not None
+    assert pool.unreferenced_since("10.0.0.4:8001") is None
     # A new full snapshot replaces everything: the static list shows through again.
     cache.apply(router_pb2.WatchRoutesResponse(full_snapshot=True, generation=6))
     assert set(cache.routes) == {"static"}
@@ -435,7 +435,7 @@ def test_upstream_pool_reaps_unreferenced_idle_channels() -> None:
     now[0] += 11
     assert asyncio.run(pool.reap()) == ["10.0.0.2:8001"]
     assert "10.0.0.2:8001" not in pool and "10.0.0.1:8001" in pool and "10.0.0.3:8001" in pool
-    assert kept.unreferenced_since is None and gone is not pool.get("10.0.0.2:8001")
+    assert pool.unreferenced_since(kept.address) is None and gone is not pool.get("10.0.0.2:8001")
 
 
 def test_config_defaults_yaml_and_flag_overrides(tmp_path: Path) -> None:

@@ -11,11 +11,11 @@ from tritonclient.grpc import service_pb2 as pb
 from pointsman.errors import InvalidRequestError
 from sidecar.wire import (
     RequestHead,
+    int64_parameter_field,
+    model_version_field,
     peek_model,
     peek_request,
-    with_int64_parameter,
-    with_model_version,
-    with_uint64_parameter,
+    uint64_parameter_field,
 )
 
 
@@ -282,7 +282,7 @@ def test_with_model_version_sets_the_version_protobuf_reads(
 ) -> None:
     request = pb.ModelInferRequest(model_name="codegen", model_version=version_before, id="r1")
     request.raw_input_contents.append(b"\x00" * 1000)
-    data = with_model_version(request.SerializeToString(), version_after)
+    data = request.SerializeToString() + model_version_field(version_after)
     parsed = pb.ModelInferRequest.FromString(data)
     assert (parsed.model_name, parsed.model_version, parsed.id) == ("codegen", version_after, "r1")
     assert parsed.raw_input_contents == request.raw_input_contents
@@ -308,15 +308,15 @@ def test_parameters_appended_are_what_protobuf_reads(
         request.parameters[key].uint64_param = already
     data = request.SerializeToString()
     if key == "priority":
-        out = pb.ModelInferRequest.FromString(with_uint64_parameter(data, key, value))
+        out = pb.ModelInferRequest.FromString(data + uint64_parameter_field(key, value))
         assert out.parameters[key].uint64_param == value
     else:
-        out = pb.ModelInferRequest.FromString(with_int64_parameter(data, key, value))
+        out = pb.ModelInferRequest.FromString(data + int64_parameter_field(key, value))
         assert out.parameters[key].int64_param == value
     assert (out.model_name, out.id, len(out.inputs)) == ("codegen", "req-1", 1)
-    assert peek_model(with_int64_parameter(data, "timeout", 1)) == ("codegen", "")
+    assert peek_model(data + int64_parameter_field("timeout", 1)) == ("codegen", "")
 
 
 def test_negative_uint64_parameter_is_refused() -> None:
     with pytest.raises(ValueError, match="priority"):
-        with_uint64_parameter(b"", "priority", -1)
+        uint64_parameter_field("priority", -1)
