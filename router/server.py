@@ -26,6 +26,7 @@ from router.contracts import FleetSnapshot
 from router.datalayer.collector import FleetCollector
 from router.discovery import Discovery, StaticDiscovery
 from router.election import LeaseElection
+from router.first_view import FirstView
 from router.metrics import FleetView, RouterMetrics
 from router.placement.control import TritonModelControl
 from router.placement.controller import ControllerSettings, PlacementController
@@ -34,6 +35,8 @@ from router.routes import AssumedLoad, RouteBook
 from router.scheduling import Scheduler
 from router.service import RouterServicer
 from router.strict_decoding import add_router_service
+from router.xds.cache import XdsCache
+from router.xds.service import XdsMetrics, XdsService, add_xds_service
 
 __all__ = ["RouterServer", "start_router"]
 
@@ -75,6 +78,8 @@ class RouterServer:
     # without an election).
     placement_writer: bool = True
     election: LeaseElection | None = None
+    # The xDS resources proxyless clients follow (router/xds/).
+    xds: XdsCache | None = None
 
     def places_models(self) -> bool:
         """Whether this replica's controller loads and unloads now (config and Lease)."""
@@ -87,6 +92,8 @@ class RouterServer:
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         self.stopping.set()
+        if self.xds is not None:
+            self.xds.close()  # ADS streams end with OK: clients move to another replica
         self.book.close_watchers()
         await self.server.stop(grace_s)
         for task in self._tasks:
@@ -227,6 +234,17 @@ async def start_router(
     )
     # Parses requests itself: bytes that do not parse get INVALID_ARGUMENT, not UNKNOWN.
     add_router_service(servicer, server)
+    # xDS for proxyless clients, on the same port (router/xds/).
+    router.xds = XdsCache(book)
+    first_view = FirstView(lambda: router.snapshot)
+    add_xds_service(
+        XdsService(
+            router.xds,
+            ready=lambda: first_view.wait(stopping),
+            metrics=XdsMetrics(metrics.registry),
+        ),
+        server,
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     router.port = add_port(server, config.listen, config.tls)
     if router.port == 0:
