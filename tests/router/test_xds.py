@@ -17,7 +17,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
 from pointsman.errors import InvalidRequestError
-from router.routes import ModelRoutes, RouteEntry, RouteUpdate
+from router.routes import ModelRoutes, RouteEntry
 from router.xds.cache import XdsCache
 from router.xds.resources import (
     CLUSTER_TYPE,
@@ -27,36 +27,9 @@ from router.xds.resources import (
     XdsSettings,
 )
 from router.xds.stream import MAX_NAMES, AdsStream, RequestKind
+from tests.support.fakes import FakeRouteBook
 
 pytestmark = pytest.mark.asyncio
-
-
-class FakeRouteBook:
-    """What XdsCache needs of a RouteBook: watch() queues that get updates."""
-
-    def __init__(self, *tables: ModelRoutes) -> None:
-        self.tables = {t.model_name: t for t in tables}
-        self.queues: set[asyncio.Queue[RouteUpdate | None]] = set()
-        self.generation = 1
-
-    def watch(self) -> asyncio.Queue[RouteUpdate | None]:
-        queue: asyncio.Queue[RouteUpdate | None] = asyncio.Queue()
-        full = tuple(self.tables[name] for name in sorted(self.tables))
-        queue.put_nowait(RouteUpdate(True, full, (), self.generation))
-        self.queues.add(queue)
-        return queue
-
-    def unwatch(self, queue: asyncio.Queue[RouteUpdate | None]) -> None:
-        self.queues.discard(queue)
-
-    def publish(self, *tables: ModelRoutes, removed: tuple[str, ...] = ()) -> None:
-        self.generation += 1
-        for table in tables:
-            self.tables[table.model_name] = table
-        for name in removed:
-            del self.tables[name]
-        for queue in self.queues:
-            queue.put_nowait(RouteUpdate(False, tables, removed, self.generation))
 
 
 def table(model: str, **weights: float) -> ModelRoutes:

@@ -1,0 +1,87 @@
+"""A stock gRPC client in its own process, for tests of proxyless routing.
+
+gRPC reads $GRPC_XDS_BOOTSTRAP when it creates its first xDS channel and keeps that client
+for the life of the process, so each test runs this module in a fresh subprocess:
+
+    GRPC_XDS_BOOTSTRAP=bootstrap.json python -m tests.support.proxyless_client \
+        xds:///echo --mode triton --model echo --seconds 3
+
+It sends one request at a time (stock `tritonclient.grpc.InferenceServerClient`, or
+grpc.health.v1 Check with `--mode health`) and prints one JSON line per request:
+{"t": monotonic seconds at the answer, "code": "OK" or the gRPC status name, "ms": latency}.
+`--ready-file` is written after the first successful request, so a test can act mid-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+
+def _health_call(target: str) -> Callable[[], None]:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    return lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=20)
+
+
+def _triton_call(target: str, model: str) -> Callable[[], None]:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(target)
+    tensor = grpcclient.InferInput("INPUT0", [4], "FP32")
+    tensor.set_data_from_numpy(np.arange(4, dtype=np.float32))
+    return lambda: client.infer(model, [tensor], client_timeout=20)
+
+
+def _code(error: BaseException) -> str:
+    if isinstance(error, grpc.RpcError):
+        return error.code().name  # type: ignore[no-any-return]
+    status = getattr(error, "status", None)  # tritonclient's InferenceServerException
+    text = status() if callable(status) else None
+    return str(text).removeprefix("StatusCode.") if text else type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("target")
+    parser.add_argument("--mode", choices=("triton", "health"), default="triton")
+    parser.add_argument("--model", default="echo")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--count", type=int, default=0, help="stop after this many requests")
+    parser.add_argument("--ready-file", type=Path)
+    args = parser.parse_args(argv)
+    call = _health_call(args.target) if args.mode == "health" else _triton_call(
+        args.target, args.model
+    )
+    ready = args.ready_file
+    started = time.monotonic()
+    sent = 0
+    while time.monotonic() - started < args.seconds and (not args.count or sent < args.count):
+        began = time.monotonic()
+        record: dict[str, object] = {}
+        try:
+            call()
+            code = "OK"
+        except Exception as error:  # recorded, never raised: the test judges
+            code = _code(error)
+            record["detail"] = str(error)[:300]
+        now = time.monotonic()
+        sent += 1
+        record |= {"t": now, "code": code, "ms": (now - began) * 1000}
+        print(json.dumps(record), flush=True)
+        if ready is not None and code == "OK":
+            ready.write_text("ready")
+            ready = None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
