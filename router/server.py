@@ -36,6 +36,7 @@ from router.scheduling import Scheduler
 from router.service import RouterServicer
 from router.strict_decoding import add_router_service
 from router.xds.cache import XdsCache
+from router.xds.resources import XdsSettings
 from router.xds.service import XdsMetrics, XdsService, add_xds_service
 
 __all__ = ["RouterServer", "start_router"]
@@ -235,7 +236,14 @@ async def start_router(
     # Parses requests itself: bytes that do not parse get INVALID_ARGUMENT, not UNKNOWN.
     add_router_service(servicer, server)
     # xDS for proxyless clients, on the same port (router/xds/).
-    router.xds = XdsCache(book)
+    # With TLS towards Triton, Clusters ask proxyless clients for it too (xDS credentials).
+    router.xds = XdsCache(
+        book,
+        XdsSettings(
+            upstream_tls=config.triton_tls.enabled,
+            upstream_identity=bool(config.triton_tls.cert_file),
+        ),
+    )
     first_view = FirstView(lambda: router.snapshot)
     add_xds_service(
         XdsService(

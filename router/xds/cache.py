@@ -209,8 +209,8 @@ class XdsCache:
                 if known is None or now - known[1] > RESOLVE_EVERY_S:
                     wanted.add(host)
                 if known is not None and known[0] is not None:
-                    ip = known[0]
-                    addresses[entry.grpc_address] = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+                    ip = f"[{known[0]}]" if ":" in known[0] else known[0]
+                    addresses[entry.grpc_address] = f"{ip}:{port}"
         if wanted and self._resolving is None and self._queue is not None:
             self._resolving = asyncio.create_task(self._resolve_hosts(wanted))
         return addresses

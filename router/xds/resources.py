@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    health_check_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -29,6 +34,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
@@ -40,6 +46,7 @@ __all__ = [
     "LISTENER_TYPE",
     "RESOURCE_TYPES",
     "ROUTE_TYPE",
+    "UPSTREAM_CERTIFICATES",
     "XdsSettings",
     "endpoint_weight",
     "model_resources",
@@ -53,6 +60,9 @@ ENDPOINT_TYPE = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 # The four types a gRPC client asks for; routes travel inside the listeners (no RDS).
 RESOURCE_TYPES = (LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE)
 
+# The certificate provider instance (in the client's bootstrap) that Clusters with upstream
+# TLS name for the CA that verifies Triton and, for mutual TLS, the client's own identity.
+UPSTREAM_CERTIFICATES = "pointsman-triton"
 # Locality weights are integers: a route weight (0.05 .. 1.0, steps of 0.05) times this.
 _WEIGHT_SCALE = 100
 
@@ -75,6 +85,11 @@ class XdsSettings:
     eject_failure_percent: int = 50
     eject_min_requests: int = 10
     eject_max_percent: int = 50
+    # TLS towards Triton (the router's triton_tls): Clusters carry an UpstreamTlsContext whose
+    # certificates come from the client's bootstrap (UPSTREAM_CERTIFICATES, gRFC A29), used
+    # by clients whose channel has xDS credentials (grpc.xds_channel_credentials).
+    upstream_tls: bool = False
+    upstream_identity: bool = False  # also present a client certificate (mutual TLS)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -158,15 +173,25 @@ def _outlier_detection(settings: XdsSettings) -> Any:
         base_ejection_time=_duration(settings.eject_base_s),
         max_ejection_percent=wrappers_pb2.UInt32Value(value=settings.eject_max_percent),
         enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
-        failure_percentage_threshold=wrappers_pb2.UInt32Value(
-            value=settings.eject_failure_percent
-        ),
+        failure_percentage_threshold=wrappers_pb2.UInt32Value(value=settings.eject_failure_percent),
         enforcing_failure_percentage=wrappers_pb2.UInt32Value(value=100),
         failure_percentage_minimum_hosts=wrappers_pb2.UInt32Value(value=1),
         failure_percentage_request_volume=wrappers_pb2.UInt32Value(
             value=settings.eject_min_requests
         ),
     )
+
+
+def _upstream_tls(settings: XdsSettings) -> Any:
+    provider = common_pb2.CertificateProviderPluginInstance(instance_name=UPSTREAM_CERTIFICATES)
+    context = tls_pb2.CommonTlsContext(
+        validation_context=common_pb2.CertificateValidationContext(
+            ca_certificate_provider_instance=provider
+        )
+    )
+    if settings.upstream_identity:
+        context.tls_certificate_provider_instance.CopyFrom(provider)
+    return tls_pb2.UpstreamTlsContext(common_tls_context=context)
 
 
 def _cluster(model: str, settings: XdsSettings) -> Any:
@@ -183,6 +208,9 @@ def _cluster(model: str, settings: XdsSettings) -> Any:
     )
     if settings.outlier_detection:
         cluster.outlier_detection.CopyFrom(_outlier_detection(settings))
+    if settings.upstream_tls:
+        cluster.transport_socket.name = "envoy.transport_sockets.tls"
+        cluster.transport_socket.typed_config.Pack(_upstream_tls(settings))
     return cluster
 
 

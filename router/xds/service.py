@@ -55,7 +55,9 @@ class XdsMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.streams = Gauge(
-            "pointsman_router_xds_streams", "Open ADS streams (proxyless clients)", registry=registry
+            "pointsman_router_xds_streams",
+            "Open ADS streams (proxyless clients)",
+            registry=registry,
         )
         self.requests = Counter(
             "pointsman_router_xds_requests",

@@ -23,10 +23,11 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from router.routes import ModelRoutes, RouteEntry
-from router.xds.bootstrap import write_bootstrap
+from router.xds.bootstrap import BootstrapTls, write_bootstrap
 from router.xds.cache import XdsCache
 from router.xds.resources import XdsSettings
 from router.xds.service import XdsService, add_xds_service
+from tests.support.certs import make_pki
 from tests.support.fakes import FakeRouteBook
 from tests.support.loop_thread import LoopThread
 
@@ -36,13 +37,17 @@ MODEL = "codegen"
 class _Instance(health.HealthServicer):
     """Answers Check with `answer` (OK, or an error status) and notes when."""
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: grpc.ServerCredentials | None = None) -> None:
         super().__init__()
         self.answer = grpc.StatusCode.OK
         self.calls: list[float] = []
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
         health_pb2_grpc.add_HealthServicer_to_server(self, self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        if credentials is None:
+            port = self.server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = self.server.add_secure_port("127.0.0.1:0", credentials)
+        self.address = f"127.0.0.1:{port}"
         self.server.start()
 
     def Check(
@@ -99,9 +104,20 @@ def wait_for(path: Path, timeout_s: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def _rig(tmp_path: Path, settings: XdsSettings, **weights: float) -> Iterator[XdsRig]:
+def _rig(
+    tmp_path: Path, settings: XdsSettings, *, mutual_tls: bool, **weights: float
+) -> Iterator[XdsRig]:
     loop = LoopThread()
-    instances = {name: _Instance() for name in weights}
+    credentials, tls = None, None
+    if mutual_tls:  # the router's port and every instance require a client certificate
+        pki = make_pki(tmp_path)
+        credentials = grpc.ssl_server_credentials(
+            [(pki.server.key.read_bytes(), pki.server.cert.read_bytes())],
+            root_certificates=pki.ca.read_bytes(),
+            require_client_auth=True,
+        )
+        tls = BootstrapTls(str(pki.ca), str(pki.client.cert), str(pki.client.key))
+    instances = {name: _Instance(credentials) for name in weights}
     rig = XdsRig(loop, FakeRouteBook(), tmp_path / "bootstrap.json", instances)
     rig.book.tables[MODEL] = rig.routes(**weights)
 
@@ -112,9 +128,14 @@ def _rig(tmp_path: Path, settings: XdsSettings, **weights: float) -> Iterator[Xd
             return None
 
         add_xds_service(XdsService(XdsCache(rig.book, settings), ready=ready), server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        if credentials is None:
+            port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = server.add_secure_port("127.0.0.1:0", credentials)
         await server.start()
-        write_bootstrap(rig.bootstrap, [f"127.0.0.1:{port}"])
+        # The same files serve both hops here: `tls` for the router (A65), `triton_tls` for
+        # the instances (A29 certificate provider).
+        write_bootstrap(rig.bootstrap, [f"127.0.0.1:{port}"], tls=tls, triton_tls=tls)
         return server
 
     rig.servers.append(loop.run(serve()))
@@ -130,12 +151,14 @@ def _rig(tmp_path: Path, settings: XdsSettings, **weights: float) -> Iterator[Xd
 
 @pytest.fixture
 def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[XdsRig]:
-    settings, weights = request.param
-    yield from _rig(tmp_path, settings, **weights)
+    settings, mutual_tls, weights = request.param
+    yield from _rig(tmp_path, settings, mutual_tls=mutual_tls, **weights)
 
 
-def _param(settings: XdsSettings | None = None, **weights: float) -> object:
-    return pytest.param((settings or XdsSettings(), weights), id="")
+def _param(
+    settings: XdsSettings | None = None, *, mutual_tls: bool = False, **weights: float
+) -> object:
+    return pytest.param((settings or XdsSettings(), mutual_tls, weights), id="")
 
 
 @pytest.mark.parametrize("rig", [_param(a=0.5, b=0.3, c=0.2)], indirect=True)
@@ -149,6 +172,24 @@ def test_the_split_of_a_stock_client_follows_the_route_weights(rig: XdsRig) -> N
     assert shares["a"] == pytest.approx(0.5, abs=0.03)
     assert shares["b"] == pytest.approx(0.3, abs=0.03)
     assert shares["c"] == pytest.approx(0.2, abs=0.03)
+
+
+MUTUAL_TLS = XdsSettings(upstream_tls=True, upstream_identity=True)
+
+
+@pytest.mark.parametrize("rig", [_param(MUTUAL_TLS, mutual_tls=True, a=1.0, b=1.0)], indirect=True)
+def test_mutual_tls_to_the_router_and_to_instances_through_xds_credentials(rig: XdsRig) -> None:
+    """The router's port and the instances require client certificates: the bootstrap's
+    `tls` creds reach the router (A65); the Cluster's UpstreamTlsContext and the bootstrap's
+    certificate provider secure the instances for a channel with xDS credentials (A29)."""
+    done = records(
+        rig.client("--mode", "health", "--xds-creds", "--count", "40", "--seconds", "30")
+    )
+    assert [r["code"] for r in done] == ["OK"] * 40, done[:1]
+    assert sum(len(i.calls) for i in rig.instances.values()) == 40
+    # Without xDS credentials the channel falls back to plaintext, which the instances refuse.
+    done = records(rig.client("--mode", "health", "--count", "1", "--seconds", "30"))
+    assert done[0]["code"] == "UNAVAILABLE"
 
 
 @pytest.mark.parametrize("rig", [_param(a=1.0, b=1.0)], indirect=True)
@@ -202,9 +243,7 @@ def test_retries_on_unavailable_are_honoured(rig: XdsRig) -> None:
     assert 0.03 < failed < 0.25
 
 
-@pytest.mark.parametrize(
-    "rig", [_param(XdsSettings(retries=0), a=1.0, b=1.0)], indirect=True
-)
+@pytest.mark.parametrize("rig", [_param(XdsSettings(retries=0), a=1.0, b=1.0)], indirect=True)
 def test_an_instance_that_keeps_failing_is_ejected(rig: XdsRig) -> None:
     """b answers INTERNAL (never retried): outlier detection ejects it within an interval
     or two, after which every call succeeds on a."""

@@ -9,7 +9,8 @@ for the life of the process, so each test runs this module in a fresh subprocess
 It sends one request at a time (stock `tritonclient.grpc.InferenceServerClient`, or
 grpc.health.v1 Check with `--mode health`) and prints one JSON line per request:
 {"t": monotonic seconds at the answer, "code": "OK" or the gRPC status name, "ms": latency}.
-`--ready-file` is written after the first successful request, so a test can act mid-run.
+`--ready-file` is written after the first successful request, so a test can act mid-run;
+`--xds-creds` gives the channel xDS credentials (TLS to the instances as the Cluster says).
 """
 
 from __future__ import annotations
@@ -22,20 +23,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import grpc.experimental
 import numpy as np
 
 
-def _health_call(target: str) -> Callable[[], None]:
+def _health_call(target: str, creds: grpc.ChannelCredentials | None) -> Callable[[], None]:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    channel = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
+    stub = health_pb2_grpc.HealthStub(channel)
     return lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=20)
 
 
-def _triton_call(target: str, model: str) -> Callable[[], None]:
+def _triton_call(
+    target: str, model: str, creds: grpc.ChannelCredentials | None
+) -> Callable[[], None]:
     import tritonclient.grpc as grpcclient
 
-    client = grpcclient.InferenceServerClient(target)
+    client = grpcclient.InferenceServerClient(target, creds=creds)
     tensor = grpcclient.InferInput("INPUT0", [4], "FP32")
     tensor.set_data_from_numpy(np.arange(4, dtype=np.float32))
     return lambda: client.infer(model, [tensor], client_timeout=20)
@@ -57,10 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--count", type=int, default=0, help="stop after this many requests")
     parser.add_argument("--ready-file", type=Path)
-    args = parser.parse_args(argv)
-    call = _health_call(args.target) if args.mode == "health" else _triton_call(
-        args.target, args.model
+    parser.add_argument(
+        "--xds-creds", action="store_true", help="xDS credentials: TLS as the Cluster says"
     )
+    args = parser.parse_args(argv)
+    creds = (
+        grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
+        if args.xds_creds
+        else None
+    )
+    if args.mode == "health":
+        call = _health_call(args.target, creds)
+    else:
+        call = _triton_call(args.target, args.model, creds)
     ready = args.ready_file
     started = time.monotonic()
     sent = 0
