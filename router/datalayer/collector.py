@@ -102,8 +102,6 @@ class InstanceWatcher:
     ) -> None:
         self.config = config
         self._clock = clock
-        # One kept-alive connection to the metrics page (router/datalayer/scrape.py).
-        self._scraper = MetricsConnection(config.metrics_url) if config.metrics_url else None
         self._refresh_interval_s = refresh_interval_s
         self._metrics_interval_s = metrics_interval_s
         self._on_change = on_change
@@ -133,6 +131,12 @@ class InstanceWatcher:
         self._refreshed_at = 0.0
         self._last_error = ""
         self._tasks: list[asyncio.Task[None]] = []
+        # One kept-alive connection to the metrics page (router/datalayer/scrape.py).
+        self._scraper: MetricsConnection | None = None
+        try:
+            self._scraper = MetricsConnection(config.metrics_url) if config.metrics_url else None
+        except ValueError as exc:  # not an http(s) URL: reported, the index still refreshes
+            self._last_error = f"metrics: {exc}"
 
     def start(self) -> None:
         phase_s = scrape_phase(self.config.instance_id) * self._metrics_interval_s

@@ -43,6 +43,8 @@ class MetricsConnection:
         ).encode()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        # Connections opened so far: 1 for as long as the server keeps the first one alive.
+        self.connects = 0
 
     async def get(self, timeout_s: float) -> str:
         """The page's text; MetricsFetchError on any failure (the connection is then closed)."""
@@ -73,6 +75,7 @@ class MetricsConnection:
             self._reader, self._writer = await asyncio.open_connection(
                 self._host, self._port, ssl=self._ssl, limit=_HEAD_LIMIT
             )
+            self.connects += 1
         reader = self._reader
         self._writer.write(self._request)
         status, headers = _head(await reader.readuntil(b"\r\n\r\n"))
