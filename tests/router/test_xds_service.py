@@ -133,4 +133,3 @@ async def test_streams_end_with_ok_when_the_router_stops() -> None:
         served.cache.close()
         assert await asyncio.wait_for(call.read(), 5) is grpc.aio.EOF
         assert await call.code() == grpc.StatusCode.OK
-
