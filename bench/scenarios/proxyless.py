@@ -9,8 +9,9 @@ connects straight to Triton.
 
 Per cell: p50/p99, throughput, what each path adds over direct, and CPU per request: the
 client's (this process: load generator plus gRPC, including the xDS client's balancer), the
-proxy's (sidecar or nghttpx, every process of it) and the router's (the control plane; it
-sends xDS updates only when routes change, so it should round to nothing).
+proxy's (sidecar or nghttpx, every process of it); and the router's CPU over the cell, in
+cores: its background work (index polls, scrapes, xDS pushes only when routes change), which
+no request adds to.
 
     python -m bench.scenarios.proxyless --quick --out /tmp/proxyless   # a smoke run
     python -m bench.scenarios.proxyless --duration 10 --out bench/results/proxyless
@@ -224,7 +225,7 @@ def _measured_cell(
     processes: dict[str, ManagedProcess],
     path: str,
 ) -> dict[str, object]:
-    """One cell's load summary and CPU per request: client, proxy, router."""
+    """One cell's load summary, CPU per request of client and proxy, the router's cores."""
     proxy = processes.get(path)  # the sidecar or nghttpx; none for direct and proxyless
     router = processes["router"]
 
@@ -236,22 +237,19 @@ def _measured_cell(
             process_tree_cpu_s(router.pid) if router.pid else 0.0,
         )
 
-    before = cpu_now()
+    before, began = cpu_now(), time.monotonic()
     summary = _cell(address, concurrency, settings, label)
-    after = cpu_now()
-    # CPU covers warm-up and measured calls alike: divide by all of them.
-    calls = summary.ok + summary.errors
-    calls_total = max(
-        1, round(calls * (settings.warmup_s + settings.duration_s) / settings.duration_s)
-    )
-    client, proxy_cpu, router_cpu = (
-        (b - a) / calls_total * 1e6 for a, b in zip(before, after, strict=True)
-    )
+    after, elapsed = cpu_now(), time.monotonic() - began
+    # CPU covers warm-up and measured calls alike: divide by the calls of both (estimated
+    # from the measured window's rate).
+    calls = (summary.ok + summary.errors) * (settings.warmup_s + settings.duration_s)
+    calls = max(1.0, calls / settings.duration_s)
+    client, proxy_cpu, router_cpu = (b - a for a, b in zip(before, after, strict=True))
     return {
         "summary": summary,
-        "client_cpu_us_per_request": client,
-        "proxy_cpu_us_per_request": proxy_cpu if proxy is not None else math.nan,
-        "router_cpu_us_per_request": router_cpu,
+        "client_cpu_us_per_request": client / calls * 1e6,
+        "proxy_cpu_us_per_request": proxy_cpu / calls * 1e6 if proxy is not None else math.nan,
+        "router_cpu_cores": router_cpu / elapsed,
     }
 
 
@@ -310,7 +308,7 @@ def _result(
                     "throughput vs direct",
                     "client CPU us/req",
                     "proxy CPU us/req",
-                    "router CPU us/req",
+                    "router CPU cores",
                     "errors",
                 ),
                 tuple(rows),
@@ -330,7 +328,7 @@ def _result(
 _CPU_KEYS = (
     "client_cpu_us_per_request",
     "proxy_cpu_us_per_request",
-    "router_cpu_us_per_request",
+    "router_cpu_cores",
 )
 
 
