@@ -23,7 +23,6 @@ vary from run to run: compare cells of one run, never across runs.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 import os
 import shutil
@@ -31,15 +30,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import tritonclient.grpc as grpcclient
 
 from app.processes import ManagedProcess, ProcessSpec, free_port, stop_all
 from app.triton import TritonSpec, prepare_installation, triton_process, wait_until_ready
-from bench.loadgen import INFER_METHOD, LoadSummary, run_closed_loop, unary_call
+from bench.loadgen import LoadSummary
 from bench.report import (
     BarGroup,
     BenchRun,
@@ -51,23 +49,23 @@ from bench.report import (
     utc_now,
     write_report,
 )
-from bench.scenarios.overhead import INSTALL_HINT, check_answer, nghttpx_command, request_body
+
+# The overhead scenario's driver and readiness check, so both scenarios measure alike.
+from bench.scenarios.overhead import (
+    INSTALL_HINT,
+    OverheadSettings,
+    _python_run,
+    _wait_for_answer,
+    nghttpx_command,
+)
 from router.xds.bootstrap import write_bootstrap
 
-__all__ = ["ProxylessSettings", "process_tree_cpu_s", "run_proxyless"]
+__all__ = ["process_tree_cpu_s", "run_proxyless"]
 
 MODEL = "add_one"
 PATHS = ("direct", "proxyless", "sidecar", "nghttpx")
 # "Within noise" of direct, at concurrency 1.
 TARGET_ADDED_P50_MS = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class ProxylessSettings:
-    duration_s: float = 8.0
-    warmup_s: float = 1.0
-    concurrencies: tuple[int, ...] = (1, 64)
-    progress: bool = False
 
 
 def process_tree_cpu_s(pid: int) -> float:
@@ -93,25 +91,6 @@ def process_tree_cpu_s(pid: int) -> float:
     return total
 
 
-def _answers(address: str, process: ManagedProcess, timeout_s: float = 60.0) -> None:
-    """Until a ModelInfer through `address` answers add_one correctly."""
-    deadline = time.monotonic() + timeout_s
-    body = request_body()
-    while True:
-        process.raise_if_exited()
-        try:
-            with grpc.insecure_channel(address) as channel:
-                call = channel.unary_unary(
-                    INFER_METHOD, request_serializer=None, response_deserializer=None
-                )
-                check_answer(call(body, timeout=2))
-                return
-        except grpc.RpcError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def _python_part(name: str, argv: list[str], workdir: Path) -> ManagedProcess:
     return ManagedProcess(
         ProcessSpec(
@@ -122,24 +101,8 @@ def _python_part(name: str, argv: list[str], workdir: Path) -> ManagedProcess:
     )
 
 
-def _cell(address: str, concurrency: int, settings: ProxylessSettings, label: str) -> LoadSummary:
-    async def run() -> LoadSummary:
-        async with grpc.aio.insecure_channel(address) as channel:
-            make = unary_call(channel, request_body(), timeout_s=30)
-            return await run_closed_loop(
-                lambda _worker: make(),
-                concurrency=concurrency,
-                duration_s=settings.duration_s,
-                warmup_s=settings.warmup_s,
-                label=label,
-                progress=settings.progress,
-            )
-
-    return asyncio.run(run())
-
-
 def run_proxyless(
-    settings: ProxylessSettings, progress: Callable[[str], None] = lambda _line: None
+    settings: OverheadSettings, progress: Callable[[str], None] = lambda _line: None
 ) -> ScenarioResult:
     workdir = Path(tempfile.mkdtemp(prefix="pointsman-bench-proxyless-"))
     triton = TritonSpec.on_free_ports(
@@ -202,7 +165,7 @@ def run_proxyless(
         for path in ("proxyless", "sidecar", "nghttpx"):
             if path in addresses:
                 proxy = processes["router" if path == "proxyless" else path]
-                _answers(addresses[path], proxy)
+                _wait_for_answer(addresses[path], proxy, timeout_s=60)
         for concurrency in settings.concurrencies:
             for path, address in addresses.items():
                 label = f"proxyless: c={concurrency} {path}"
@@ -220,7 +183,7 @@ def run_proxyless(
 def _measured_cell(
     address: str,
     concurrency: int,
-    settings: ProxylessSettings,
+    settings: OverheadSettings,
     label: str,
     processes: dict[str, ManagedProcess],
     path: str,
@@ -238,7 +201,7 @@ def _measured_cell(
         )
 
     before, began = cpu_now(), time.monotonic()
-    summary = _cell(address, concurrency, settings, label)
+    summary = _python_run(address, concurrency, settings, label)
     after, elapsed = cpu_now(), time.monotonic() - began
     # CPU covers warm-up and measured calls alike: divide by the calls of both (estimated
     # from the measured window's rate).
@@ -255,7 +218,7 @@ def _measured_cell(
 
 def _result(
     results: dict[tuple[int, str], dict[str, object]],
-    settings: ProxylessSettings,
+    settings: OverheadSettings,
     paths: list[str],
     notes: list[str],
 ) -> ScenarioResult:
@@ -334,7 +297,7 @@ _CPU_KEYS = (
 
 def _bars(
     results: dict[tuple[int, str], dict[str, object]],
-    settings: ProxylessSettings,
+    settings: OverheadSettings,
     paths: list[str],
 ) -> tuple[BarGroup, ...]:
     bars = []
@@ -356,7 +319,7 @@ def _bars(
 
 
 def _targets(
-    results: dict[tuple[int, str], dict[str, object]], settings: ProxylessSettings
+    results: dict[tuple[int, str], dict[str, object]], settings: OverheadSettings
 ) -> tuple[TargetCheck, ...]:
     low = min(settings.concurrencies)
     direct, proxyless = (results[(low, p)]["summary"] for p in ("direct", "proxyless"))
@@ -378,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s per cell")
     parser.add_argument("--out", type=Path, help="folder for results.json, .md, .png")
     args = parser.parse_args(argv)
-    settings = ProxylessSettings()
+    settings = OverheadSettings()
     if args.quick:
         settings = replace(settings, duration_s=1.0, warmup_s=0.5)
     if args.duration:

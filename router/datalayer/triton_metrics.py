@@ -157,11 +157,7 @@ _WANTED = re.compile(
 def parse_triton_metrics(text: str) -> TritonMetrics:
     """The figures routing needs from Triton's /metrics text; other families are skipped."""
     text = "\n" + (text.replace("\r\n", "\n") if "\r" in text else text)
-    sums: dict[str, defaultdict[str, float]] = {
-        name: defaultdict(float) for name in (_PENDING, _COUNT, _EXEC, _SUCCESS)
-    }
-    requests: defaultdict[tuple[str, str], float] = defaultdict(float)
-    gpu: dict[str, list[float]] = {_GPU_USED: [], _GPU_TOTAL: [], _GPU_UTIL: []}
+    sums, requests, gpu = _empty_sums()
     for family, model, version, raw, other in _WANTED.findall(text):
         if other:  # not Triton's usual spelling: parse the line in full
             labels, value = _sample(family + other, family)
@@ -179,6 +175,29 @@ def parse_triton_metrics(text: str) -> TritonMetrics:
                 requests[(model, version)] += value
         else:
             gpu[family].append(value)
+    return _figures(sums, requests, gpu)
+
+
+_Sums = tuple[
+    dict[str, defaultdict[str, float]],  # per-model families: model -> sum over versions
+    defaultdict[tuple[str, str], float],  # (model, version) -> successes + failures
+    dict[str, list[float]],  # GPU family -> a value per GPU
+]
+
+
+def _empty_sums() -> _Sums:
+    per_model: dict[str, defaultdict[str, float]] = {
+        name: defaultdict(float) for name in (_PENDING, _COUNT, _EXEC, _SUCCESS)
+    }
+    return per_model, defaultdict(float), {_GPU_USED: [], _GPU_TOTAL: [], _GPU_UTIL: []}
+
+
+def _figures(
+    sums: dict[str, defaultdict[str, float]],
+    requests: defaultdict[tuple[str, str], float],
+    gpu: dict[str, list[float]],
+) -> TritonMetrics:
+    """TritonMetrics from the sums a parser gathered."""
     used, total, util = gpu[_GPU_USED], gpu[_GPU_TOTAL], gpu[_GPU_UTIL]
     return TritonMetrics(
         pending_by_model={m: _count(v, _PENDING) for m, v in sums[_PENDING].items()},
@@ -203,11 +222,7 @@ def parse_triton_metrics_general(text: str) -> TritonMetrics:
     """The same figures through prometheus_client's general parser: the reference that tests
     check `parse_triton_metrics` against, and the benchmark's "before" (bench/collector_cost.py).
     Not used when routing."""
-    sums: dict[str, defaultdict[str, float]] = {
-        name: defaultdict(float) for name in (_PENDING, _COUNT, _EXEC, _SUCCESS)
-    }
-    requests: defaultdict[tuple[str, str], float] = defaultdict(float)
-    gpu: dict[str, list[float]] = {_GPU_USED: [], _GPU_TOTAL: [], _GPU_UTIL: []}
+    sums, requests, gpu = _empty_sums()
     for family in text_string_to_metric_families(text):
         # By family name: the parser names counter samples with a `_total` suffix that
         # Triton's exposition does not have.
@@ -219,14 +234,4 @@ def parse_triton_metrics_general(text: str) -> TritonMetrics:
                 requests[(model, sample.labels.get("version", ""))] += sample.value
             elif family.name in gpu:
                 gpu[family.name].append(sample.value)
-    used, total, util = gpu[_GPU_USED], gpu[_GPU_TOTAL], gpu[_GPU_UTIL]
-    return TritonMetrics(
-        pending_by_model={m: _count(v, _PENDING) for m, v in sums[_PENDING].items()},
-        inference_count_by_model=dict(sums[_COUNT]),
-        exec_count_by_model=dict(sums[_EXEC]),
-        success_by_model=dict(sums[_SUCCESS]),
-        requests_by_version=dict(requests),
-        gpu_memory_used_bytes=_count(sum(used), _GPU_USED) if used else None,
-        gpu_memory_total_bytes=_count(sum(total), _GPU_TOTAL) if total else None,
-        gpu_utilization=sum(util) / len(util) if util else None,
-    )
+    return _figures(sums, requests, gpu)

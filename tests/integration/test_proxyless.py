@@ -11,24 +11,21 @@ fleet's bootstrap (in a subprocess: gRPC reads the variable once per process).
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.fleet import Fleet, FleetConfig
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
+from tests.support.fleet_metrics import sidecar_counter
+from tests.support.proxyless_client import records, spawn, wait_for
 
 pytestmark = pytest.mark.triton
 
@@ -69,25 +66,7 @@ def client(fleet: Fleet, seconds: float, ready: Path | None = None) -> subproces
     args = ["--mode", "triton", "--model", MODEL, "--seconds", str(seconds)]
     if ready is not None:
         args += ["--ready-file", str(ready)]
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.support.proxyless_client", f"xds:///{MODEL}", *args],
-        env=dict(os.environ, GRPC_XDS_BOOTSTRAP=str(fleet.xds_bootstrap), GRPC_VERBOSITY="ERROR"),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-
-def records(proc: subprocess.Popen[str]) -> list[dict[str, object]]:
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-def wait_for(path: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert time.monotonic() < deadline, "the proxyless client never got a first answer"
-        time.sleep(0.01)
+    return spawn(fleet.xds_bootstrap, f"xds:///{MODEL}", *args)
 
 
 def served(address: str) -> int:
@@ -95,18 +74,6 @@ def served(address: str) -> int:
     with grpcclient.InferenceServerClient(address) as direct:
         stats = direct.get_inference_statistics(MODEL, as_json=True)
     return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats["model_stats"])
-
-
-def sidecar_requests(fleet: Fleet) -> float:
-    with urllib.request.urlopen(fleet.sidecar_metrics_url, timeout=5) as response:
-        families = text_string_to_metric_families(response.read().decode())
-        return sum(
-            s.value
-            for f in families
-            if f.name == "pointsman_sidecar_requests"
-            for s in f.samples
-            if s.name.endswith("_total")
-        )
 
 
 def route_weights(fleet: Fleet) -> dict[str, float]:
@@ -158,14 +125,16 @@ def test_a_stock_client_routes_itself_straight_to_triton(fleet: Fleet) -> None:
     addresses = {s.instance_id: s.grpc_address for s in fleet.tritons}
     weights = route_weights(fleet)
     before = {i: served(a) for i, a in addresses.items()}
-    sidecar_before = sidecar_requests(fleet)
+    sidecar_before = sidecar_counter(fleet, "pointsman_sidecar_requests")
     done = records(client(fleet, seconds=4))
     assert done and all(r["code"] == "OK" for r in done), done[:1]
     grown = {i: served(a) - before[i] for i, a in addresses.items()}
     total = sum(grown.values())
     print(f"{len(done)} requests; Triton counted {grown}; route weights {weights}")
     assert total >= len(done)  # every request reached a Triton ...
-    assert sidecar_requests(fleet) == sidecar_before  # ... and none went through the sidecar
+    assert (
+        sidecar_counter(fleet, "pointsman_sidecar_requests") == sidecar_before
+    )  # ... and none went through the sidecar
     weight_sum = sum(weights.values())
     for instance, weight in weights.items():
         assert grown[instance] / total == pytest.approx(weight / weight_sum, abs=0.15)

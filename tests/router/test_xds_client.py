@@ -8,10 +8,7 @@ route book; the instances are small grpc.health.v1 servers that count who answer
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -30,6 +27,7 @@ from router.xds.service import XdsService, add_xds_service
 from tests.support.certs import make_pki
 from tests.support.fakes import FakeRouteBook
 from tests.support.loop_thread import LoopThread
+from tests.support.proxyless_client import records, spawn, wait_for
 
 MODEL = "codegen"
 
@@ -82,26 +80,7 @@ class XdsRig:
         self.loop.loop.call_soon_threadsafe(self.book.publish, table)
 
     def client(self, *args: str) -> subprocess.Popen[str]:
-        env = dict(os.environ, GRPC_XDS_BOOTSTRAP=str(self.bootstrap), GRPC_VERBOSITY="ERROR")
-        return subprocess.Popen(
-            [sys.executable, "-m", "tests.support.proxyless_client", f"xds:///{MODEL}", *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-
-def records(proc: subprocess.Popen[str]) -> list[dict[str, object]]:
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-def wait_for(path: Path, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert time.monotonic() < deadline, "the client never got a first answer"
-        time.sleep(0.01)
+        return spawn(self.bootstrap, f"xds:///{MODEL}", *args)
 
 
 def _rig(

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +27,31 @@ from pathlib import Path
 import grpc
 import grpc.experimental
 import numpy as np
+
+
+def spawn(bootstrap: Path, target: str, *args: str) -> subprocess.Popen[str]:
+    """This module in a subprocess with GRPC_XDS_BOOTSTRAP=`bootstrap`; read it with `records`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.support.proxyless_client", target, *args],
+        env=dict(os.environ, GRPC_XDS_BOOTSTRAP=str(bootstrap), GRPC_VERBOSITY="ERROR"),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def records(proc: subprocess.Popen[str]) -> list[dict[str, object]]:
+    """Every request's record, once the client is done."""
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def wait_for(path: Path, timeout_s: float = 60.0) -> None:
+    """Until the client wrote its --ready-file."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, "the proxyless client never got a first answer"
+        time.sleep(0.01)
 
 
 def _health_call(target: str, creds: grpc.ChannelCredentials | None) -> Callable[[], None]:
