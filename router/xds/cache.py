@@ -140,7 +140,10 @@ class XdsCache:
         if self._queue is not None:
             self._book.unwatch(self._queue)
         self._queue, self._pump, self._resolving = None, None, None
+        # Forget everything: the next stream starts from a full snapshot of the book.
         self._tables.clear()
+        for resources in self._resources.values():
+            resources.clear()
 
     async def _follow(self, queue: asyncio.Queue[RouteUpdate | None]) -> None:
         while True:

@@ -240,6 +240,10 @@ async def test_the_cache_follows_the_book_only_while_a_stream_is_attached() -> N
     cache.detach(wake)
     await settle()
     assert not book.queues
+    # Changes while nobody follows are not missed: the next stream starts afresh.
+    book.publish(table("echo", a=1.0), removed=("codegen",))
+    cache.attach(wake)
+    assert set(cache.resources(LISTENER_TYPE)) == {"echo"}
     cache.close()
     assert cache.closed
 
