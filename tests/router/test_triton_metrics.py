@@ -78,7 +78,8 @@ def _nonzero(requests: dict[tuple[str, str], float]) -> dict[tuple[str, str], fl
 def assert_same(text: str, *, exact: bool = False) -> TritonMetrics:
     """Same figures from both parsers. Failure lines at 0 are skipped unread, so a version
     with no success line has no requests entry where the general parser has a 0 (`exact`:
-    Triton prints a success line for every version, so on its output the entries match)."""
+    not even those; Triton prints a success line for every loaded version, but keeps the
+    failure series of a version it unloaded)."""
     ours, theirs = parse_triton_metrics(text), parse_triton_metrics_general(text)
     for name in TritonMetrics.__dataclass_fields__:
         mine, reference = getattr(ours, name), getattr(theirs, name)
@@ -237,6 +238,7 @@ def test_same_as_the_general_parser_on_live_triton_output(fleet: Fleet) -> None:
     busy = 0
     for spec in fleet.tritons:
         with urllib.request.urlopen(spec.metrics_url, timeout=5) as response:
-            m = assert_same(response.read().decode(), exact=True)
+            # Not exact: Triton keeps the failure series (at 0) of an unloaded version.
+            m = assert_same(response.read().decode())
         busy += m.inference_count_by_model.get("codegen", 0) > 0
     assert busy >= 1
