@@ -1,5 +1,9 @@
 """A local fleet: N real Triton servers, the router and one sidecar, each its own process.
 
+Proxyless clients skip the sidecar: `run_dir/xds-bootstrap.json` (the ready file's
+`xds_bootstrap`) points gRPC's xDS client at the router, so with GRPC_XDS_BOOTSTRAP set to it
+a stock client on `xds:///MODEL` routes itself (router/README.md, "Proxyless (xDS)").
+
 `Fleet.start()` brings the parts up in dependency order and waits until traffic can flow;
 `Fleet.stop()` (also on Ctrl-C or SIGTERM in `pointsman up`) stops every child. A child that
 dies on its own is reported by `Fleet.check_children()`, never left running as an orphan:
@@ -35,6 +39,7 @@ from app.triton import (
     triton_process,
     wait_until_ready,
 )
+from router.xds.bootstrap import write_bootstrap
 from sidecar.config import PICK_MODES, PickMode
 
 __all__ = [
@@ -173,6 +178,8 @@ class Fleet:
     sidecar_address: str = ""
     router_metrics_url: str = ""
     sidecar_metrics_url: str = ""
+    # The xDS bootstrap of proxyless clients (GRPC_XDS_BOOTSTRAP): the router's address.
+    xds_bootstrap: Path | None = None
     run_dir: Path = Path()
     _reported: set[str] = field(default_factory=set)
 
@@ -273,6 +280,9 @@ class Fleet:
             ],
         )
         wait_for_health(self.router_address, router, cfg.ready_timeout_s)
+        self.xds_bootstrap = write_bootstrap(
+            self.run_dir / "xds-bootstrap.json", [self.router_address]
+        )
 
         sidecar_port = cfg.sidecar_port or free_port()
         self.sidecar_address = f"{HOST}:{sidecar_port}"
@@ -321,6 +331,7 @@ class Fleet:
             "sidecar_metrics_url": self.sidecar_metrics_url,
             "router_metrics_url": self.router_metrics_url,
             "trace_otlp_endpoint": self.config.trace_otlp_endpoint,
+            "xds_bootstrap": str(self.xds_bootstrap) if self.xds_bootstrap else None,
             "tritons": [
                 {
                     "id": s.instance_id,

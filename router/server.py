@@ -28,6 +28,7 @@ from router.datalayer.fields import CollectedFields, collected_fields
 from router.decision import AssumedLoad, DecisionPolicy, check_inputs
 from router.discovery import Discovery, StaticDiscovery
 from router.election import LeaseElection
+from router.first_view import FirstView
 from router.metrics import FleetView, RouterMetrics
 from router.placement.control import TritonModelControl
 from router.placement.controller import ControllerSettings, PlacementController
@@ -35,6 +36,9 @@ from router.policy import Policy, PolicyCheck, PolicyStore
 from router.routes import RouteBook
 from router.service import RouterServicer
 from router.strict_decoding import add_router_service
+from router.xds.cache import XdsCache
+from router.xds.resources import XdsSettings
+from router.xds.service import XdsMetrics, XdsService, add_xds_service
 
 __all__ = ["RouterServer", "decision_policy", "inputs_check", "start_router"]
 
@@ -89,6 +93,8 @@ class RouterServer:
     # without an election).
     placement_writer: bool = True
     election: LeaseElection | None = None
+    # The xDS resources proxyless clients follow (router/xds/).
+    xds: XdsCache | None = None
 
     def places_models(self) -> bool:
         """Whether this replica's controller loads and unloads now (config and Lease)."""
@@ -101,6 +107,8 @@ class RouterServer:
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         self.stopping.set()
+        if self.xds is not None:
+            self.xds.close()  # ADS streams end with OK: clients move to another replica
         self.book.close_watchers()
         await self.server.stop(grace_s)
         for task in self._tasks:
@@ -239,6 +247,24 @@ async def start_router(
     )
     # Parses requests itself: bytes that do not parse get INVALID_ARGUMENT, not UNKNOWN.
     add_router_service(servicer, server)
+    # xDS for proxyless clients, on the same port (router/xds/).
+    # With TLS towards Triton, Clusters ask proxyless clients for it too (xDS credentials).
+    router.xds = XdsCache(
+        book,
+        XdsSettings(
+            upstream_tls=config.triton_tls.enabled,
+            upstream_identity=bool(config.triton_tls.cert_file),
+        ),
+    )
+    first_view = FirstView(lambda: router.snapshot)
+    add_xds_service(
+        XdsService(
+            router.xds,
+            ready=lambda: first_view.wait(stopping),
+            metrics=XdsMetrics(metrics.registry),
+        ),
+        server,
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     router.port = add_port(server, config.listen, config.tls)
     if router.port == 0:

@@ -1,7 +1,10 @@
 """Collectors: keep a fresh view of every Triton instance and publish immutable snapshots.
 
 Per instance, one task polls the model repository index over gRPC (readiness and model
-states; `refresh_interval_s`) and one scrapes Prometheus metrics (`metrics_interval_s`).
+states; `refresh_interval_s`) and one scrapes Prometheus metrics (`metrics_interval_s`), over
+one kept-alive connection (scrape.py), reading only the families routing uses
+(triton_metrics.py), at a phase of the interval fixed per instance (`scrape_phase`) so that a
+large fleet's scrapes are spread over time.
 Rates (inferences per second, average batch size) come from counter deltas over a window of
 recent scrapes. A model version seen LOADING and later READY is reported to `on_model_loaded`
 with the time between the two sightings: its load time, give or take one poll interval.
@@ -19,18 +22,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import zlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
-import httpx
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from pointsman.clock import Clock
 from pointsman.tls import TlsConfig, aio_channel
 from router.config import InstanceConfig, RouterConfig
 from router.contracts import FleetSnapshot, InstanceSnapshot, MemorySource, ModelOnInstance
+from router.datalayer.counters import (
+    CounterWindow,
+    GpuMemoryReading,
+    RequestDelta,
+    request_increases,
+)
+from router.datalayer.scrape import MetricsConnection, MetricsFetchError
 from router.datalayer.triton_metrics import TritonMetrics, parse_triton_metrics
 from router.discovery import Discovery
 
@@ -62,66 +72,16 @@ def _ignore_load(model_name: str, seconds: float) -> None:
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class RequestDelta:
-    """Requests of one model version that one instance answered between two scrapes."""
-
-    instance_id: str
-    model: str
-    version: str
-    count: int
-    # Clock time of the later scrape.
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class GpuMemoryReading:
-    """nv_gpu_memory_used_bytes of one instance (all its GPUs) at one scrape."""
-
-    at: float
-    used_bytes: int
-
-
-def request_increases(
-    previous: Mapping[tuple[str, str], float], current: Mapping[tuple[str, str], float]
-) -> dict[tuple[str, str], int]:
-    """Requests answered per (model, version) between two scrapes of Triton's counters, with
-    Prometheus `increase` semantics: a series never seen before started from zero (a version
-    just loaded), and a series that went down was reset (Triton restarted, or the version was
-    unloaded and loaded again), so its current value is all it counted since. Never negative;
-    zero increases are left out. `previous` should hold the last value of every series ever
-    seen, not only of the last scrape: series of a version come and go around its unload, and
-    one that comes back with its old value has counted nothing new."""
-    increases: dict[tuple[str, str], int] = {}
-    for key, value in current.items():
-        before = previous.get(key, 0.0)
-        increase = value - before if value >= before else value
-        if increase >= 1:
-            increases[key] = int(increase)
-    return increases
+def scrape_phase(instance_id: str) -> float:
+    """Where in each metrics interval this instance is scraped, in [0, 1): spread evenly
+    over instances (a hash of the id), so a large fleet's scrapes do not come in bursts."""
+    return zlib.crc32(instance_id.encode()) / 2**32
 
 
 @dataclass
 class _ModelStates:
     ready: set[str] = field(default_factory=set)
     loading: set[str] = field(default_factory=set)
-
-
-@dataclass(frozen=True, slots=True)
-class _Counters:
-    """Triton's cumulative per-model counters at one scrape."""
-
-    at: float
-    inferences: Mapping[str, float]  # nv_inference_count: batch items
-    executions: Mapping[str, float]  # nv_inference_exec_count: batches
-
-
-def _deltas(first: _Counters, last: _Counters) -> tuple[dict[str, float], dict[str, float]]:
-    """Per-model counter increases; a model new in `last` started from zero. A counter that
-    went down (Triton restarted, or the model reloaded) counts as no increase."""
-    inferences = {m: max(0.0, c - first.inferences.get(m, 0.0)) for m, c in last.inferences.items()}
-    executions = {m: max(0.0, c - first.executions.get(m, 0.0)) for m, c in last.executions.items()}
-    return inferences, executions
 
 
 class InstanceWatcher:
@@ -132,7 +92,6 @@ class InstanceWatcher:
         config: InstanceConfig,
         *,
         clock: Clock,
-        http: httpx.AsyncClient,
         refresh_interval_s: float,
         metrics_interval_s: float,
         on_change: Callable[[], None],
@@ -143,7 +102,6 @@ class InstanceWatcher:
     ) -> None:
         self.config = config
         self._clock = clock
-        self._http = http
         self._refresh_interval_s = refresh_interval_s
         self._metrics_interval_s = metrics_interval_s
         self._on_change = on_change
@@ -166,18 +124,27 @@ class InstanceWatcher:
         self.known_models: frozenset[str] = frozenset()
         self._declared: dict[tuple[str, str], int] = {}
         self._metrics = TritonMetrics()
-        self._counters: deque[_Counters] = deque()
+        self._counters = CounterWindow(_RATE_WINDOW_S)
         # (model, version) -> clock time it was first seen LOADING.
         self._loading_since: dict[tuple[str, str], float] = {}
         self._healthy = False
         self._refreshed_at = 0.0
         self._last_error = ""
         self._tasks: list[asyncio.Task[None]] = []
+        # One kept-alive connection to the metrics page (router/datalayer/scrape.py).
+        self._scraper: MetricsConnection | None = None
+        try:
+            self._scraper = MetricsConnection(config.metrics_url) if config.metrics_url else None
+        except ValueError as exc:  # not an http(s) URL: reported, the index still refreshes
+            self._last_error = f"metrics: {exc}"
 
     def start(self) -> None:
+        phase_s = scrape_phase(self.config.instance_id) * self._metrics_interval_s
         self._tasks = [
             asyncio.create_task(self._loop(self.refresh_index, self._refresh_interval_s)),
-            asyncio.create_task(self._loop(self.refresh_metrics, self._metrics_interval_s)),
+            asyncio.create_task(
+                self._loop(self.refresh_metrics, self._metrics_interval_s, phase_s)
+            ),
         ]
 
     async def stop(self) -> None:
@@ -186,9 +153,14 @@ class InstanceWatcher:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._scraper is not None:
+            self._scraper.close()
         await self._channel.close()
 
-    async def _loop(self, refresh: Callable[[], object], interval_s: float) -> None:
+    async def _loop(
+        self, refresh: Callable[[], object], interval_s: float, phase_s: float = 0.0
+    ) -> None:
+        await asyncio.sleep(phase_s)
         while True:
             started = self._clock()
             try:
@@ -270,24 +242,19 @@ class InstanceWatcher:
                     self._declared[(name, version)] = 0
 
     async def refresh_metrics(self) -> None:
-        if not self.config.metrics_url:
+        if self._scraper is None:
             return
         try:
-            response = await self._http.get(self.config.metrics_url)
-            response.raise_for_status()
-            metrics = parse_triton_metrics(response.text)
-        except (httpx.HTTPError, ValueError) as exc:
+            text = await self._scraper.get(timeout_s=max(1.0, 4 * self._metrics_interval_s))
+            metrics = parse_triton_metrics(text)
+        except (MetricsFetchError, ValueError) as exc:
             self._last_error = f"metrics: {exc}"
             return
         now = self._clock()
         self._count_requests(metrics.requests_by_version, now)
         if metrics.gpu_memory_used_bytes is not None:
             self.gpu_memory = GpuMemoryReading(now, metrics.gpu_memory_used_bytes)
-        self._counters.append(
-            _Counters(now, metrics.inference_count_by_model, metrics.exec_count_by_model)
-        )
-        while len(self._counters) > 2 and now - self._counters[0].at > _RATE_WINDOW_S:
-            self._counters.popleft()
+        self._counters.add(now, metrics.inference_count_by_model, metrics.exec_count_by_model)
         pending_changed = metrics.pending_by_model != self._metrics.pending_by_model
         self._metrics = metrics
         if pending_changed:
@@ -306,16 +273,9 @@ class InstanceWatcher:
         if deltas:
             self._on_requests(deltas)
 
-    def _window(self) -> tuple[float, dict[str, float], dict[str, float]]:
-        """(seconds, inferences by model, executions by model) over the counter window."""
-        if len(self._counters) < 2 or self._counters[-1].at <= self._counters[0].at:
-            return 0.0, {}, {}
-        first, last = self._counters[0], self._counters[-1]
-        return (last.at - first.at, *_deltas(first, last))
-
     def snapshot(self) -> InstanceSnapshot:
         metrics = self._metrics
-        seconds, inferences, executions = self._window()
+        seconds, inferences, executions = self._counters.increases()
         models: dict[str, ModelOnInstance] = {}
         declared_total = 0
         for name, st in self._states.items():
@@ -369,7 +329,6 @@ class FleetCollector:
         self._discovery = discovery
         self._clock = clock
         self._watchers: dict[str, InstanceWatcher] = {}
-        self._http = httpx.AsyncClient(timeout=max(1.0, 4 * config.metrics_interval_s))
         self._discovery_task: asyncio.Task[None] | None = None
         # Set whenever any instance's view changed; the route builder clears it.
         self.changed = asyncio.Event()
@@ -387,7 +346,6 @@ class FleetCollector:
         for watcher in self._watchers.values():
             await watcher.stop()
         self._watchers.clear()
-        await self._http.aclose()
 
     async def _rediscover(self) -> None:
         while True:
@@ -407,7 +365,6 @@ class FleetCollector:
                 watcher = InstanceWatcher(
                     inst,
                     clock=self._clock,
-                    http=self._http,
                     refresh_interval_s=self._config.refresh_interval_s,
                     metrics_interval_s=self._config.metrics_interval_s,
                     on_change=self.changed.set,

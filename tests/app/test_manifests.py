@@ -7,6 +7,7 @@ one, router files that the router accepts, alert rules identical to ops/."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from functools import cache
@@ -235,3 +236,25 @@ def test_metric_names_in_deploy_are_ones_the_code_exports() -> None:
         text=True,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_proxyless_example_mounts_the_bootstrap_the_cli_writes_and_has_no_sidecar() -> None:
+    from router.xds.bootstrap import bootstrap
+
+    folder = "examples/app-proxyless"
+    pod = named(folder, "Deployment", "codegen-client-proxyless")["spec"]["template"]
+    (config_map,) = [d for d in render(DEPLOY / folder) if d["kind"] == "ConfigMap"]
+    router = named("base", "Service", "pointsman-router")
+    port = next(p["port"] for p in router["spec"]["ports"] if p["name"] == "grpc")
+    address = f"{router['metadata']['name']}.{router['metadata']['namespace']}.svc.cluster.local"
+    assert json.loads(config_map["data"]["bootstrap.json"]) == bootstrap([f"{address}:{port}"])
+    (client,) = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in client["env"]}
+    (mount,) = client["volumeMounts"]
+    assert env["GRPC_XDS_BOOTSTRAP"] == f"{mount['mountPath']}/bootstrap.json"
+    (volume,) = pod["spec"]["volumes"]
+    assert volume["name"] == mount["name"]
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    assert "pointsman.io/inject" not in pod["metadata"].get("annotations", {})
+    assert not pod["spec"].get("initContainers")
+    assert any("xds:///" in arg for arg in client["args"])
