@@ -30,6 +30,7 @@ __all__ = [
     "ScoredCandidate",
     "Scorer",
     "SnapshotField",
+    "model_concurrency",
 ]
 
 
@@ -60,7 +61,19 @@ class SnapshotField(enum.StrEnum):
     MODEL_PENDING_REQUESTS = "model.pending_requests"
     DECLARED_MEMORY = "model.declared_memory_bytes"
     AVERAGE_BATCH_SIZE = "model.average_batch_size"
+    MAX_BATCH_SIZE = "model.max_batch_size"
+    INSTANCE_COUNT = "model.instance_count"
+    MAX_QUEUE_SIZE = "model.max_queue_size"
+    SEQUENCE_BATCHING = "model.sequence_batching"
+    MAX_SEQUENCE_IDLE = "model.max_sequence_idle_s"
     ASSUMED_INFLIGHT = "candidate.assumed_inflight"
+
+
+def model_concurrency(max_batch_size: int, instance_count: int) -> int:
+    """Requests a model executes at once: max_batch_size x instance count, at least the
+    instance count (a model that does not batch runs one request per instance); 0 when the
+    instance count is not known."""
+    return max(instance_count, max_batch_size * instance_count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,16 @@ class ModelOnInstance:
     # Inferences per model execution over the recent window (nv_inference_count delta over
     # nv_inference_exec_count delta): how well Triton's batcher is batching. 0 = no executions.
     average_batch_size: float = 0.0
+    # From the model's config (ModelConfig, read once per ready version; several ready
+    # versions: the smallest capacity, see router/datalayer/model_config.py).
+    # max_batch_size: 0 = no batching. instance_count: model instances, 0 = not known yet.
+    max_batch_size: int = 0
+    instance_count: int = 0
+    # The dynamic batcher's queue bound (default_queue_policy.max_queue_size); 0 = unbounded.
+    max_queue_size: int = 0
+    sequence_batching: bool = False
+    # How long Triton keeps an idle sequence (max_sequence_idle_microseconds), seconds.
+    max_sequence_idle_s: float = 0.0
 
     @property
     def is_ready(self) -> bool:
@@ -85,6 +108,11 @@ class ModelOnInstance:
     @property
     def is_loading(self) -> bool:
         return bool(self.loading_versions)
+
+    @property
+    def concurrency(self) -> int:
+        """Requests the instance executes at once for this model (`model_concurrency`)."""
+        return model_concurrency(self.max_batch_size, self.instance_count)
 
     def serves(self, version: str) -> bool:
         """True if `version` is ready here; an empty version means any ready version."""

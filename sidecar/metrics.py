@@ -41,7 +41,8 @@ _OTHER = "_other"
 class RequestSeries:
     """The pre-resolved children one (model, version, method) records into."""
 
-    __slots__ = ("_codes", "_requests", "duration", "hits", "method", "model", "retries", "routed")
+    __slots__ = ("_codes", "_requests", "duration", "held", "hits", "method", "model",
+                 "queue_full_retries", "retries", "routed")  # fmt: skip
 
     def __init__(self, metrics: SidecarMetrics, model: str, version: str, method: str) -> None:
         self.model = model
@@ -50,6 +51,8 @@ class RequestSeries:
         self.routed = metrics.routed.labels(model)
         self.hits = metrics.affinity_hits.labels(model)
         self.retries = metrics.retries.labels(model)
+        self.held = metrics.held.labels(model)
+        self.queue_full_retries = metrics.queue_full_retries.labels(model)
         self._requests = metrics.requests
         self._codes: dict[grpc.StatusCode, Counter] = {}
 
@@ -125,6 +128,19 @@ class SidecarMetrics:
         self.triton_queue_full = Counter(
             "pointsman_sidecar_triton_queue_full",
             "Requests Triton refused because the model's queue was full (Triton counts none)",
+            ("model",),
+            registry=registry,
+        )
+        self.held = Counter(
+            "pointsman_sidecar_held",
+            "Times a request waited in the sidecar's queue because every instance it could go "
+            "to had as many of this sidecar's requests as Triton's queue takes (flow control)",
+            ("model",),
+            registry=registry,
+        )
+        self.queue_full_retries = Counter(
+            "pointsman_sidecar_queue_full_retries",
+            "Requests sent again after Triton refused them because the model's queue was full",
             ("model",),
             registry=registry,
         )

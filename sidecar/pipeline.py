@@ -7,20 +7,20 @@ One call, in order (the handlers below read top to bottom):
 3. Idempotency (ModelInfer with a request id: `IdempotencyStore.run`), then admission (a slot
    of `max_in_flight`, or a place in the bounded, class-ordered queue, or a shed).
 4. `Decider.choose` (sidecar.decide): the first instance.
-5. `_attempts` (here): attempts until one answers, within the caller's deadline, failing
-   over to another instance after an answer that says the request did not run, while the
-   retry budget allows (`sidecar.resilience`); each attempt counted in the instance's
-   in-flight requests, its metrics, its outlier record and, with tracing on, a CLIENT span.
+5. `_attempts` (here): attempts until one answers, within the caller's deadline, each at a
+   place of the instance's flow control (`sidecar.flow`: held in the admission queue while
+   Triton's queue would be full, resent after Triton's queue-full refusal), failing over to
+   another instance after an answer that says the request did not run, while the retry
+   budget allows (`sidecar.resilience`); each attempt counted in the instance's in-flight
+   requests, its metrics, its outlier record and, with tracing on, a CLIENT span.
 
 Unary and stream share steps 1, 2, 4 and 5. A stream's attempt forwards the whole stream; it
 may fail over only until its first response reaches the caller (`StreamFeed` replays the
 messages sent so far), then it is bound to its instance. Errors become statuses in one place
 per handler (`status_of`), which also counts sheds and Triton's queue-full answers.
 
-Where the next features go (issues 12 and 15): a bounded queue keyed to Triton's queue
-capacity, and retries of Triton's queue-full answer after a back-off, belong to `_failover`
-(which already moves a queue-full answer to another holder) and to admission; a pinned
-sequence makes `_failover` answer None with the sequence's own status instead of moving it.
+Where the next features go (issues 12 and 15): a pinned sequence makes `_failover` answer
+None with the sequence's own status instead of moving it.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ from opentelemetry.trace import Span
 
 from pointsman.clock import Clock, monotonic
 from pointsman.errors import status_of
-from sidecar.admission import Admission, ShedError
+from sidecar.admission import Admission, Place, ShedError
 from sidecar.config import SidecarConfig
 from sidecar.decide import Decider, Decision
+from sidecar.flow import TRITON_QUEUE_FULL, FlowControl, queue_full, stream_refusal
 from sidecar.head import CallHead, Context, read_head, time_left
 from sidecar.idempotency import IdempotencyStore
 from sidecar.metrics import RequestSeries, SidecarMetrics
 from sidecar.resilience import (
-    EjectionPolicy,
     OutlierDetector,
     RetryBudget,
     counts_against_instance,
@@ -53,7 +53,7 @@ from sidecar.stream_feed import StreamFeed
 from sidecar.tracing import ATTEMPT, ATTEMPTS, INSTANCE, MODEL, MODEL_VERSION, RpcTracer
 from sidecar.upstream import SERVICE, Metadata, Upstream
 
-__all__ = ["INFER", "STREAM", "TRITON_QUEUE_FULL", "InferencePipeline", "outlier_detector"]
+__all__ = ["INFER", "STREAM", "TRITON_QUEUE_FULL", "InferencePipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,9 @@ Send = Callable[[Upstream, float | None, Metadata], Awaitable[T]]
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-# How Triton says that a model's queue (its queue policy's max_queue_size) is full.
-TRITON_QUEUE_FULL = "Exceeds maximum queue size"
 # The `method` label of the request metrics.
 INFER = "infer"
 STREAM = "stream"
-
-
-def outlier_detector(config: SidecarConfig, clock: Clock = monotonic) -> OutlierDetector:
-    """The passive outlier detection the config asks for (shared by picks and attempts)."""
-    policy = EjectionPolicy(
-        consecutive_failures=config.outlier_consecutive_failures,
-        base_ejection_s=config.outlier_base_ejection_s,
-        max_ejection_s=config.outlier_max_ejection_s,
-    )
-    return OutlierDetector(policy, clock=clock)
 
 
 class InferencePipeline:
@@ -90,6 +78,7 @@ class InferencePipeline:
         decider: Decider,
         *,
         admission: Admission,
+        flow: FlowControl,
         idempotency: IdempotencyStore | None,
         outliers: OutlierDetector,
         metrics: SidecarMetrics,
@@ -98,6 +87,7 @@ class InferencePipeline:
     ) -> None:
         self._decider = decider
         self._admission = admission
+        self._flow = flow
         # None when replay is off; concurrent duplicates are then not coalesced either.
         self._idempotency = idempotency
         self._outliers = outliers
@@ -164,7 +154,9 @@ class InferencePipeline:
         try:
             await self._decider.choose(head, decision, context, span)
             self._routed(series, decision)
-            return await self._attempts(head, decision, series, context, span, "ModelInfer", send)
+            return await self._attempts(
+                head, decision, series, context, span, "ModelInfer", send, len(request)
+            )
         finally:
             admission.leave()
 
@@ -206,6 +198,10 @@ class InferencePipeline:
                 pump = asyncio.create_task(feed.pump_to(call))
                 try:
                     async for response in call:
+                        # Before a response reached the caller, Triton's queue-full refusal
+                        # (an error response) is retried like a unary one.
+                        if feed.replayable and (refusal := stream_refusal(response)):
+                            raise refusal
                         feed.commit()
                         await context.write(response)
                 finally:
@@ -213,7 +209,7 @@ class InferencePipeline:
                     call.cancel()  # a no-op once it has ended; stops Triton if the caller left
 
             await self._attempts(
-                head, decision, series, context, span, "ModelStreamInfer", send, feed
+                head, decision, series, context, span, "ModelStreamInfer", send, len(first), feed
             )
         except asyncio.CancelledError:
             code = _CANCELLED
@@ -231,56 +227,74 @@ class InferencePipeline:
     # -- the attempt loop ----------------------------------------------------------------------
 
     async def _attempts(
-        self,
-        head: CallHead,
-        decision: Decision,
-        series: RequestSeries,
-        context: Context,
-        span: Span | None,
-        method: str,
-        send: Send[T],
-        feed: StreamFeed | None = None,
-    ) -> T:
+        self, head: CallHead, decision: Decision, series: RequestSeries, context: Context,
+        span: Span | None, method: str, send: Send[T], size: int, feed: StreamFeed | None = None,
+    ) -> T:  # fmt: skip
         """`send` on the chosen instance, then on others while `_failover` allows (for a
-        stream: only while its `feed` can replay)."""
+        stream: only while its `feed` can replay); each attempt at a place of flow control,
+        and resent after Triton refused it for a full queue."""
         upstream = decision.first
         assert upstream is not None, "choose() names the first instance"
         tried = [upstream]
+        refusals = 0
+        ticket = self._admission.next_seq()
         self._budget.record_request()
         try:
+            upstream, place = await self._take_place(upstream, decision, series, context,
+                                                     size, ticket, ())  # fmt: skip
             while True:
                 # Checked before every attempt: an expired request is never forwarded.
                 remaining = time_left(context)
                 try:
-                    return await self._attempt(
-                        upstream, remaining, head.forward, send, span, method, len(tried)
-                    )
+                    return await self._attempt(upstream, place, remaining, head.forward, send,
+                                               span, method, len(tried) + refusals)  # fmt: skip
                 except grpc.aio.AioRpcError as error:
                     if feed is not None and not feed.replayable:
                         raise  # a response has reached the caller: bound to this instance
+                    if refusals < self._flow.max_retries and queue_full(
+                        error.code(), error.details() or ""
+                    ):
+                        refusals += 1
+                        series.queue_full_retries.inc()
+                        await self._flow.back_off(refusals, time_left(context))
+                        upstream, place = await self._take_place(
+                            None, decision, series, context, size, ticket, ()
+                        )
+                        continue
                     following = self._failover(decision, error, tried)
                     if following is None:
                         raise
-                    upstream = following
-                    tried.append(upstream)
+                    upstream, place = await self._take_place(
+                        following, decision, series, context, size, ticket, tried
+                    )
+                    tried.append(following)
                     series.retries.inc()
         finally:
             if span is not None:
-                span.set_attributes({INSTANCE: upstream.address, ATTEMPTS: len(tried)})
+                span.set_attributes({INSTANCE: upstream.address, ATTEMPTS: len(tried) + refusals})
+
+    async def _take_place(
+        self, preferred: Upstream | None, decision: Decision, series: RequestSeries,
+        context: Context, size: int, ticket: int, tried: Sequence[Upstream],
+    ) -> tuple[Upstream, Place]:  # fmt: skip
+        """A place of flow control for the next attempt: at `preferred` if it has room (one
+        compare), else at the holder not yet tried with the most room, waiting while none has."""
+        if preferred is not None:
+            place = self._flow.place(preferred.address, decision.model)
+            if self._admission.take(place):
+                return preferred, place
+        holders = self._holders(decision, tried) or [preferred or decision.first]  # type: ignore[list-item]
+        return await self._flow.wait(holders, decision, series.held, time_left(context), size,
+                                     ticket)  # fmt: skip
 
     async def _attempt(
-        self,
-        upstream: Upstream,
-        remaining: float | None,
-        md: Metadata,
-        send: Send[T],
-        span: Span | None,
-        method: str,
-        number: int,
-    ) -> T:
-        """One attempt, counted in the instance's in-flight requests while it runs, then in
-        its attempt metric and outlier record; with tracing on, in a CLIENT span whose
-        traceparent goes to Triton, so Triton's spans are its children."""
+        self, upstream: Upstream, place: Place, remaining: float | None, md: Metadata,
+        send: Send[T], span: Span | None, method: str, number: int,
+    ) -> T:  # fmt: skip
+        """One attempt at a `place` taken for it (given back at the end), counted in the
+        instance's in-flight requests while it runs, then in its attempt metric and outlier
+        record; with tracing on, in a CLIENT span whose traceparent goes to Triton, so
+        Triton's spans are its children."""
         client: Span | None = None
         if span is not None:
             assert self._tracer is not None
@@ -297,6 +311,8 @@ class InferencePipeline:
             code, message = error.code(), error.details() or ""
             if counts_against_instance(code, message):
                 self._instance_failed(upstream.address)
+            elif queue_full(code, message):
+                place.refused()
             raise
         except asyncio.CancelledError:
             code = _CANCELLED
@@ -306,9 +322,11 @@ class InferencePipeline:
             raise
         finally:
             upstream.in_flight -= 1
-            self._metrics.attempt(upstream.address, code)
             if code is _OK:
+                place.served()
                 self._outliers.success(upstream.address)
+            self._admission.release(place)
+            self._metrics.attempt(upstream.address, code)
             if client is not None:
                 RpcTracer.end(client, code, message)
 
@@ -322,7 +340,7 @@ class InferencePipeline:
             return None
         if not retryable(error.code(), error.details() or ""):
             return None
-        following = self._next_target(decision, tried)
+        following = next(iter(self._holders(decision, tried)), None)
         if following is None:
             return None
         if not self._budget.try_spend():
@@ -330,10 +348,9 @@ class InferencePipeline:
             return None
         return following
 
-    def _next_target(self, decision: Decision, tried: Sequence[Upstream]) -> Upstream | None:
-        """Where to try after a failed attempt: the router's next fallback not yet tried
-        (per-request mode), else the least busy route-table candidate not yet tried; ejected
-        instances are left out. None when there is nowhere else."""
+    def _holders(self, decision: Decision, tried: Sequence[Upstream]) -> list[Upstream]:
+        """The instances not yet tried, best first: the router's fallbacks (per-request
+        mode), then the route table's candidates, least busy first; ejected ones left out."""
         ordered = [u for u in decision.targets or () if u not in tried]
         table = self._decider.table_targets(decision.model, decision.version)
         ordered.extend(
@@ -341,7 +358,7 @@ class InferencePipeline:
                    key=lambda u: u.in_flight)
         )  # fmt: skip
         ejected = self._outliers.is_ejected
-        return next((u for u in ordered if not ejected(u.address)), None)
+        return [u for u in ordered if not ejected(u.address)]
 
     def _instance_failed(self, address: str) -> None:
         ejected_for = self._outliers.failure(address)
@@ -389,7 +406,7 @@ class InferencePipeline:
         if isinstance(error, ShedError):
             self._metrics.shed_request(model, error.priority.triton_priority)
             trailers = error.trailing_metadata()
-        elif code is _UNAVAILABLE and TRITON_QUEUE_FULL in message:
+        elif queue_full(code, message):
             self._metrics.queue_full(model)
         await context.abort(code, message, trailing_metadata=trailers)
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

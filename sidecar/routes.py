@@ -59,6 +59,7 @@ class Route:
         "default_version",
         "fallback",
         "generation",
+        "limits",
         "model_name",
         "static",
         "version_rules",
@@ -75,6 +76,7 @@ class Route:
         default_version: str = "",
         static: bool = False,
         version_rules: VersionRules | None = None,
+        limits: Mapping[str, int] | None = None,
     ) -> None:
         self.model_name = model_name
         # "" (any version) maps to every candidate with some version ready.
@@ -88,6 +90,9 @@ class Route:
         self.static = static
         # The policy's canary split and header rules for unpinned requests; None: none.
         self.version_rules = version_rules
+        # Flow control: address -> requests of this model that instance takes before Triton
+        # refuses more (its concurrency plus its queue bound); absent: unbounded or unknown.
+        self.limits: Mapping[str, int] = limits or {}
 
     def candidates(self, version: str) -> CandidateSet | None:
         return self.by_version.get(version, self.fallback)
@@ -104,6 +109,7 @@ class Route:
 def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
     """A Route from the router's table: one CandidateSet per version some candidate has ready."""
     members: dict[str, list[tuple[str, float]]] = {}
+    limits: dict[str, int] = {}
     for candidate in table.candidates:
         target = candidate.target
         if not target.grpc_address:
@@ -111,6 +117,8 @@ def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
         versions = set(target.ready_versions)
         if not versions:
             continue  # listed but nothing ready: not a candidate for any request
+        if candidate.concurrency and candidate.queue_capacity:
+            limits[target.grpc_address] = candidate.concurrency + candidate.queue_capacity
         for version in (*versions, ""):
             members.setdefault(version, []).append((target.grpc_address, candidate.weight))
     by_version = {
@@ -129,6 +137,7 @@ def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
         generation=table.generation,
         default_version=table.default_version,
         version_rules=None if rules is None or rules.is_empty else rules,
+        limits=limits,
     )
 
 
@@ -158,6 +167,7 @@ def without_weights(route: Route) -> Route:
         default_version=route.default_version,
         static=route.static,
         version_rules=route.version_rules,
+        limits=route.limits,
     )
 
 
@@ -255,6 +265,15 @@ class RouteCache:
     def addresses(self) -> set[str]:
         """Every Triton address any route names: the fleet, as far as this sidecar knows."""
         return set(self._addresses)
+
+    def place_limits(self) -> dict[tuple[str, str], int]:
+        """(address, model) -> how many requests of the model that instance takes before
+        Triton refuses more, for every bounded pair the routes know (flow control)."""
+        return {
+            (address, name): limit
+            for name, route in self.routes.items()
+            for address, limit in route.limits.items()
+        }
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Calls `listener()` after every change of the routes (not on heartbeats)."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pointsman/router/v1/router.proto\x12\x13pointsman.router.v1\"\xce\x01\n\x11PickTargetRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x44\n\x07headers\x18\x03 \x03(\x0b\x32\x33.pointsman.router.v1.PickTargetRequest.HeadersEntry\x12\x18\n\x10wait_for_load_ms\x18\x04 \x01(\r\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9c\x01\n\x12PickTargetResponse\x12+\n\x06target\x18\x01 \x01(\x0b\x32\x1b.pointsman.router.v1.Target\x12.\n\tfallbacks\x18\x02 \x03(\x0b\x32\x1b.pointsman.router.v1.Target\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"K\n\x06Target\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x16\n\x0eready_versions\x18\x03 \x03(\t\"<\n\x12WatchRoutesRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\"\xda\x01\n\x13WatchRoutesResponse\x12\x15\n\rfull_snapshot\x18\x01 \x01(\x08\x12/\n\x06tables\x18\x02 \x03(\x0b\x32\x1f.pointsman.router.v1.RouteTable\x12\x16\n\x0eremoved_models\x18\x03 \x03(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x11\n\trouter_id\x18\x05 \x01(\t\x12<\n\x0fpriority_policy\x18\x06 \x01(\x0b\x32#.pointsman.router.v1.PriorityPolicy\"\\\n\x0ePriorityPolicy\x12\x33\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\".pointsman.router.v1.PriorityClass\x12\x15\n\rdefault_class\x18\x02 \x01(\t\"I\n\rPriorityClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0ftriton_priority\x18\x02 \x01(\r\x12\x11\n\tsheddable\x18\x03 \x01(\x08\"\xd2\x01\n\nRouteTable\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x37\n\ncandidates\x18\x02 \x03(\x0b\x32#.pointsman.router.v1.RouteCandidate\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\r\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x05 \x01(\t\x12:\n\x0eversion_policy\x18\x06 \x01(\x0b\x32\".pointsman.router.v1.VersionPolicy\"\x91\x01\n\rVersionPolicy\x12\x32\n\x06splits\x18\x01 \x03(\x0b\x32\".pointsman.router.v1.VersionWeight\x12\x15\n\rsticky_header\x18\x02 \x01(\t\x12\x35\n\x0cheader_rules\x18\x03 \x03(\x0b\x32\x1f.pointsman.router.v1.HeaderRule\"0\n\rVersionWeight\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"<\n\nHeaderRule\x12\x0e\n\x06header\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"M\n\x0eRouteCandidate\x12+\n\x06target\x18\x01 \x01(\x0b\x32\x1b.pointsman.router.v1.Target\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\x16\n\x14ListInstancesRequest\"I\n\x15ListInstancesResponse\x12\x30\n\tinstances\x18\x01 \x03(\x0b\x32\x1d.pointsman.router.v1.Instance\"\xe1\x02\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x13\n\x0bmetrics_url\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x61ta_age_ms\x18\x05 \x01(\r\x12\x30\n\x06models\x18\x06 \x03(\x0b\x32 .pointsman.router.v1.LoadedModel\x12\x19\n\x11memory_used_bytes\x18\x07 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x08 \x01(\x04\x12\x18\n\x10pending_requests\x18\t \x01(\r\x12\x1d\n\x15inferences_per_second\x18\n \x01(\x01\x12\x38\n\rmemory_source\x18\x0b \x01(\x0e\x32!.pointsman.router.v1.MemorySource\x12\x12\n\nlast_error\x18\x0c \x01(\t\"\xa1\x01\n\x0bLoadedModel\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.pointsman.router.v1.ModelState\x12\x18\n\x10pending_requests\x18\x04 \x01(\r\x12\x1d\n\x15\x64\x65\x63lared_memory_bytes\x18\x05 \x01(\x04\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.pointsman.router.v1.ModelSummary\"\xb4\x02\n\x0cModelSummary\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0fready_instances\x18\x02 \x03(\t\x12\x19\n\x11loading_instances\x18\x03 \x03(\t\x12\x16\n\x0eready_versions\x18\x04 \x03(\t\x12\x34\n\x0broute_table\x18\x05 \x01(\x0b\x32\x1f.pointsman.router.v1.RouteTable\x12\x0e\n\x06\x63opies\x18\x06 \x01(\r\x12\x15\n\rtarget_copies\x18\x07 \x01(\r\x12\x12\n\ndemand_rps\x18\x08 \x01(\x01\x12\x14\n\x0c\x66orecast_rps\x18\t \x01(\x01\x12=\n\rlast_decision\x18\n \x01(\x0b\x32&.pointsman.router.v1.PlacementDecision\"a\n\x11PlacementDecision\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x63ided_unix_ms\x18\x04 \x01(\x03\"\x12\n\x10GetPolicyRequest\"h\n\x11GetPolicyResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0bpolicy_yaml\x18\x03 \x01(\t\x12\x16\n\x0eloaded_unix_ms\x18\x04 \x01(\x03\"\x15\n\x13ReloadPolicyRequest\"?\n\x14ReloadPolicyResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08*h\n\x0cMemorySource\x12\x1d\n\x19MEMORY_SOURCE_UNSPECIFIED\x10\x00\x12\x1d\n\x19MEMORY_SOURCE_GPU_METRICS\x10\x01\x12\x1a\n\x16MEMORY_SOURCE_DECLARED\x10\x02*\x91\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_STATE_READY\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x04\x32\xe9\x04\n\rRouterService\x12]\n\nPickTarget\x12&.pointsman.router.v1.PickTargetRequest\x1a\'.pointsman.router.v1.PickTargetResponse\x12\x62\n\x0bWatchRoutes\x12\'.pointsman.router.v1.WatchRoutesRequest\x1a(.pointsman.router.v1.WatchRoutesResponse0\x01\x12k\n\rListInstances\x12).pointsman.router.v1.ListInstancesRequest\x1a*.pointsman.router.v1.ListInstancesResponse\"\x03\x90\x02\x01\x12\x62\n\nListModels\x12&.pointsman.router.v1.ListModelsRequest\x1a\'.pointsman.router.v1.ListModelsResponse\"\x03\x90\x02\x01\x12_\n\tGetPolicy\x12%.pointsman.router.v1.GetPolicyRequest\x1a&.pointsman.router.v1.GetPolicyResponse\"\x03\x90\x02\x01\x12\x63\n\x0cReloadPolicy\x12(.pointsman.router.v1.ReloadPolicyRequest\x1a).pointsman.router.v1.ReloadPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pointsman/router/v1/router.proto\x12\x13pointsman.router.v1\"\xce\x01\n\x11PickTargetRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x44\n\x07headers\x18\x03 \x03(\x0b\x32\x33.pointsman.router.v1.PickTargetRequest.HeadersEntry\x12\x18\n\x10wait_for_load_ms\x18\x04 \x01(\r\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9c\x01\n\x12PickTargetResponse\x12+\n\x06target\x18\x01 \x01(\x0b\x32\x1b.pointsman.router.v1.Target\x12.\n\tfallbacks\x18\x02 \x03(\x0b\x32\x1b.pointsman.router.v1.Target\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"K\n\x06Target\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x16\n\x0eready_versions\x18\x03 \x03(\t\"<\n\x12WatchRoutesRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\"\xda\x01\n\x13WatchRoutesResponse\x12\x15\n\rfull_snapshot\x18\x01 \x01(\x08\x12/\n\x06tables\x18\x02 \x03(\x0b\x32\x1f.pointsman.router.v1.RouteTable\x12\x16\n\x0eremoved_models\x18\x03 \x03(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x11\n\trouter_id\x18\x05 \x01(\t\x12<\n\x0fpriority_policy\x18\x06 \x01(\x0b\x32#.pointsman.router.v1.PriorityPolicy\"\\\n\x0ePriorityPolicy\x12\x33\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\".pointsman.router.v1.PriorityClass\x12\x15\n\rdefault_class\x18\x02 \x01(\t\"I\n\rPriorityClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0ftriton_priority\x18\x02 \x01(\r\x12\x11\n\tsheddable\x18\x03 \x01(\x08\"\xd2\x01\n\nRouteTable\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x37\n\ncandidates\x18\x02 \x03(\x0b\x32#.pointsman.router.v1.RouteCandidate\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\r\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x05 \x01(\t\x12:\n\x0eversion_policy\x18\x06 \x01(\x0b\x32\".pointsman.router.v1.VersionPolicy\"\x91\x01\n\rVersionPolicy\x12\x32\n\x06splits\x18\x01 \x03(\x0b\x32\".pointsman.router.v1.VersionWeight\x12\x15\n\rsticky_header\x18\x02 \x01(\t\x12\x35\n\x0cheader_rules\x18\x03 \x03(\x0b\x32\x1f.pointsman.router.v1.HeaderRule\"0\n\rVersionWeight\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"<\n\nHeaderRule\x12\x0e\n\x06header\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"z\n\x0eRouteCandidate\x12+\n\x06target\x18\x01 \x01(\x0b\x32\x1b.pointsman.router.v1.Target\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x13\n\x0b\x63oncurrency\x18\x03 \x01(\r\x12\x16\n\x0equeue_capacity\x18\x04 \x01(\r\"\x16\n\x14ListInstancesRequest\"I\n\x15ListInstancesResponse\x12\x30\n\tinstances\x18\x01 \x03(\x0b\x32\x1d.pointsman.router.v1.Instance\"\xe1\x02\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x13\n\x0bmetrics_url\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x61ta_age_ms\x18\x05 \x01(\r\x12\x30\n\x06models\x18\x06 \x03(\x0b\x32 .pointsman.router.v1.LoadedModel\x12\x19\n\x11memory_used_bytes\x18\x07 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x08 \x01(\x04\x12\x18\n\x10pending_requests\x18\t \x01(\r\x12\x1d\n\x15inferences_per_second\x18\n \x01(\x01\x12\x38\n\rmemory_source\x18\x0b \x01(\x0e\x32!.pointsman.router.v1.MemorySource\x12\x12\n\nlast_error\x18\x0c \x01(\t\"\xa1\x01\n\x0bLoadedModel\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.pointsman.router.v1.ModelState\x12\x18\n\x10pending_requests\x18\x04 \x01(\r\x12\x1d\n\x15\x64\x65\x63lared_memory_bytes\x18\x05 \x01(\x04\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.pointsman.router.v1.ModelSummary\"\xb4\x02\n\x0cModelSummary\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0fready_instances\x18\x02 \x03(\t\x12\x19\n\x11loading_instances\x18\x03 \x03(\t\x12\x16\n\x0eready_versions\x18\x04 \x03(\t\x12\x34\n\x0broute_table\x18\x05 \x01(\x0b\x32\x1f.pointsman.router.v1.RouteTable\x12\x0e\n\x06\x63opies\x18\x06 \x01(\r\x12\x15\n\rtarget_copies\x18\x07 \x01(\r\x12\x12\n\ndemand_rps\x18\x08 \x01(\x01\x12\x14\n\x0c\x66orecast_rps\x18\t \x01(\x01\x12=\n\rlast_decision\x18\n \x01(\x0b\x32&.pointsman.router.v1.PlacementDecision\"a\n\x11PlacementDecision\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x63ided_unix_ms\x18\x04 \x01(\x03\"\x12\n\x10GetPolicyRequest\"h\n\x11GetPolicyResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0bpolicy_yaml\x18\x03 \x01(\t\x12\x16\n\x0eloaded_unix_ms\x18\x04 \x01(\x03\"\x15\n\x13ReloadPolicyRequest\"?\n\x14ReloadPolicyResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08*h\n\x0cMemorySource\x12\x1d\n\x19MEMORY_SOURCE_UNSPECIFIED\x10\x00\x12\x1d\n\x19MEMORY_SOURCE_GPU_METRICS\x10\x01\x12\x1a\n\x16MEMORY_SOURCE_DECLARED\x10\x02*\x91\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_STATE_READY\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x04\x32\xe9\x04\n\rRouterService\x12]\n\nPickTarget\x12&.pointsman.router.v1.PickTargetRequest\x1a\'.pointsman.router.v1.PickTargetResponse\x12\x62\n\x0bWatchRoutes\x12\'.pointsman.router.v1.WatchRoutesRequest\x1a(.pointsman.router.v1.WatchRoutesResponse0\x01\x12k\n\rListInstances\x12).pointsman.router.v1.ListInstancesRequest\x1a*.pointsman.router.v1.ListInstancesResponse\"\x03\x90\x02\x01\x12\x62\n\nListModels\x12&.pointsman.router.v1.ListModelsRequest\x1a\'.pointsman.router.v1.ListModelsResponse\"\x03\x90\x02\x01\x12_\n\tGetPolicy\x12%.pointsman.router.v1.GetPolicyRequest\x1a&.pointsman.router.v1.GetPolicyResponse\"\x03\x90\x02\x01\x12\x63\n\x0cReloadPolicy\x12(.pointsman.router.v1.ReloadPolicyRequest\x1a).pointsman.router.v1.ReloadPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTERSERVICE'].methods_by_name['ListModels']._serialized_options = b'\220\002\001'
   _globals['_ROUTERSERVICE'].methods_by_name['GetPolicy']._loaded_options = None
   _globals['_ROUTERSERVICE'].methods_by_name['GetPolicy']._serialized_options = b'\220\002\001'
-  _globals['_MEMORYSOURCE']._serialized_start=2843
-  _globals['_MEMORYSOURCE']._serialized_end=2947
-  _globals['_MODELSTATE']._serialized_start=2950
-  _globals['_MODELSTATE']._serialized_end=3095
+  _globals['_MEMORYSOURCE']._serialized_start=2888
+  _globals['_MEMORYSOURCE']._serialized_end=2992
+  _globals['_MODELSTATE']._serialized_start=2995
+  _globals['_MODELSTATE']._serialized_end=3140
   _globals['_PICKTARGETREQUEST']._serialized_start=58
   _globals['_PICKTARGETREQUEST']._serialized_end=264
   _globals['_PICKTARGETREQUEST_HEADERSENTRY']._serialized_start=218
@@ -68,31 +68,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADERRULE']._serialized_start=1365
   _globals['_HEADERRULE']._serialized_end=1425
   _globals['_ROUTECANDIDATE']._serialized_start=1427
-  _globals['_ROUTECANDIDATE']._serialized_end=1504
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=1506
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=1528
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1530
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1603
-  _globals['_INSTANCE']._serialized_start=1606
-  _globals['_INSTANCE']._serialized_end=1959
-  _globals['_LOADEDMODEL']._serialized_start=1962
-  _globals['_LOADEDMODEL']._serialized_end=2123
-  _globals['_LISTMODELSREQUEST']._serialized_start=2125
-  _globals['_LISTMODELSREQUEST']._serialized_end=2144
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2146
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2217
-  _globals['_MODELSUMMARY']._serialized_start=2220
-  _globals['_MODELSUMMARY']._serialized_end=2528
-  _globals['_PLACEMENTDECISION']._serialized_start=2530
-  _globals['_PLACEMENTDECISION']._serialized_end=2627
-  _globals['_GETPOLICYREQUEST']._serialized_start=2629
-  _globals['_GETPOLICYREQUEST']._serialized_end=2647
-  _globals['_GETPOLICYRESPONSE']._serialized_start=2649
-  _globals['_GETPOLICYRESPONSE']._serialized_end=2753
-  _globals['_RELOADPOLICYREQUEST']._serialized_start=2755
-  _globals['_RELOADPOLICYREQUEST']._serialized_end=2776
-  _globals['_RELOADPOLICYRESPONSE']._serialized_start=2778
-  _globals['_RELOADPOLICYRESPONSE']._serialized_end=2841
-  _globals['_ROUTERSERVICE']._serialized_start=3098
-  _globals['_ROUTERSERVICE']._serialized_end=3715
+  _globals['_ROUTECANDIDATE']._serialized_end=1549
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=1551
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=1573
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1575
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1648
+  _globals['_INSTANCE']._serialized_start=1651
+  _globals['_INSTANCE']._serialized_end=2004
+  _globals['_LOADEDMODEL']._serialized_start=2007
+  _globals['_LOADEDMODEL']._serialized_end=2168
+  _globals['_LISTMODELSREQUEST']._serialized_start=2170
+  _globals['_LISTMODELSREQUEST']._serialized_end=2189
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2191
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2262
+  _globals['_MODELSUMMARY']._serialized_start=2265
+  _globals['_MODELSUMMARY']._serialized_end=2573
+  _globals['_PLACEMENTDECISION']._serialized_start=2575
+  _globals['_PLACEMENTDECISION']._serialized_end=2672
+  _globals['_GETPOLICYREQUEST']._serialized_start=2674
+  _globals['_GETPOLICYREQUEST']._serialized_end=2692
+  _globals['_GETPOLICYRESPONSE']._serialized_start=2694
+  _globals['_GETPOLICYRESPONSE']._serialized_end=2798
+  _globals['_RELOADPOLICYREQUEST']._serialized_start=2800
+  _globals['_RELOADPOLICYREQUEST']._serialized_end=2821
+  _globals['_RELOADPOLICYRESPONSE']._serialized_start=2823
+  _globals['_RELOADPOLICYRESPONSE']._serialized_end=2886
+  _globals['_ROUTERSERVICE']._serialized_start=3143
+  _globals['_ROUTERSERVICE']._serialized_end=3760
 # @@protoc_insertion_point(module_scope)

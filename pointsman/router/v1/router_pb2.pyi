@@ -157,12 +157,16 @@ class HeaderRule(_message.Message):
     def __init__(self, header: _Optional[str] = ..., value: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class RouteCandidate(_message.Message):
-    __slots__ = ("target", "weight")
+    __slots__ = ("target", "weight", "concurrency", "queue_capacity")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     target: Target
     weight: float
-    def __init__(self, target: _Optional[_Union[Target, _Mapping]] = ..., weight: _Optional[float] = ...) -> None: ...
+    concurrency: int
+    queue_capacity: int
+    def __init__(self, target: _Optional[_Union[Target, _Mapping]] = ..., weight: _Optional[float] = ..., concurrency: _Optional[int] = ..., queue_capacity: _Optional[int] = ...) -> None: ...
 
 class ListInstancesRequest(_message.Message):
     __slots__ = ()
