@@ -311,7 +311,7 @@ class InferencePipeline:
             code, message = error.code(), error.details() or ""
             if counts_against_instance(code, message):
                 self._instance_failed(upstream.address)
-            elif queue_full(code, message):
+            elif queue_full(code, message) and self._flow.enabled:
                 place.refused()
             raise
         except asyncio.CancelledError:
