@@ -13,12 +13,11 @@ requests end with RESOURCE_EXHAUSTED (`ShedError`) and a retry hint, never UNAVA
 means that no instance could serve. Nothing here grows with the offered load: the queue is
 bounded and a shed request costs one exception.
 
-Flow control adds a `Place` per (instance, model): how many of this sidecar's requests of the
-model are outstanding there, and how many may be (what Triton takes before it refuses more,
-from the route tables, lowered for a while after Triton refused one: see sidecar/flow.py). A
-request whose instances have no room waits for a place in the same queue (`wait_for_place`),
-under the same bounds, order and shedding, and gives its slot back while it waits; a place
-that frees goes with a free slot to the best waiter for it.
+Flow control (sidecar/flow.py) adds a `Place` per (instance, model): how many of this
+sidecar's requests of the model are outstanding there, and how many may be. A request whose
+instances have no room waits for a place in the same queue (`wait_for_place`), under the same
+bounds, order and shedding, and gives its slot back while it waits; a place that frees goes
+with a free slot to the best waiter for it.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -110,43 +110,16 @@ class ShedError(OverloadedError):
         )
 
 
-class Place:
-    """One (instance, model) as this sidecar's flow control sees it: `outstanding` requests
-    sent there and not answered, at most `allowed` of them (<= `limit`, what Triton takes:
-    its concurrency plus its queue bound; infinite when unknown or unbounded).
+class Place(Protocol):
+    """What the queue needs of one (instance, model) of flow control (sidecar/flow.py makes
+    them): this sidecar's requests outstanding there, and how many may be."""
 
-    `refused` lowers `allowed` to what Triton had just accepted of ours (at least 1), for
-    when other sidecars share the instance; each served request raises it by 1 / allowed
-    again, up to `limit` (additive increase, multiplicative decrease, as TCP does).
-    """
+    model: str
+    outstanding: int
+    allowed: float
 
-    __slots__ = ("address", "allowed", "limit", "model", "outstanding")
 
-    def __init__(self, address: str, model: str, limit: float = float("inf")) -> None:
-        self.address = address
-        self.model = model
-        self.limit = limit
-        self.allowed = limit
-        self.outstanding = 0
-
-    def __repr__(self) -> str:
-        return f"Place({self.address}, {self.model}, {self.outstanding}/{self.allowed:g})"
-
-    @property
-    def room(self) -> float:
-        return self.allowed - self.outstanding
-
-    def set_limit(self, limit: float) -> None:
-        if limit != self.limit:
-            self.limit = self.allowed = limit
-
-    def refused(self) -> None:
-        """Triton refused one of ours (counted in `outstanding`) for a full queue."""
-        self.allowed = max(1.0, min(self.allowed, self.outstanding - 1))
-
-    def served(self) -> None:
-        if self.allowed < self.limit:
-            self.allowed = min(self.limit, self.allowed + 1.0 / self.allowed)
+P = TypeVar("P", bound=Place)
 
 
 class _Lane:
@@ -160,8 +133,8 @@ class _Lane:
 
     def best(self) -> Place | None:
         """The place with the most room, if any has room."""
-        best = max(self.places, key=lambda p: p.room)
-        return best if best.room > 0 else None
+        best = max(self.places, key=lambda p: p.allowed - p.outstanding)
+        return best if best.outstanding < best.allowed else None
 
 
 @dataclass(order=True, slots=True)
@@ -264,9 +237,9 @@ class Admission:
             self.dispatch()
 
     async def wait_for_place(
-        self, places: Sequence[Place], priority: PriorityClass, timeout: float | None,
+        self, places: Sequence[P], priority: PriorityClass, timeout: float | None,
         size: int = 0, seq: int | None = None,
-    ) -> Place:  # fmt: skip
+    ) -> P:  # fmt: skip
         """A place taken at one of `places`, the one with the most room, waiting in the queue
         when none has room (`seq`: a place in the arrival order kept from an earlier wait).
 
@@ -279,7 +252,7 @@ class Admission:
         place = lane.best()
         if place is not None and not lane.waiters:
             place.outstanding += 1
-            return place
+            return cast(P, place)  # one of `places`
         waiter = self._enqueue(priority, size, lane, seq)  # a shed keeps the slot
         self.leave()  # lent while waiting
         try:
@@ -288,7 +261,7 @@ class Admission:
             self.in_flight += 1  # taken back: the caller leaves once more
             raise
         assert admitted is not None
-        return admitted
+        return cast(P, admitted)
 
     def next_seq(self) -> int:
         """A ticket in the arrival order, for a request that may wait more than once."""

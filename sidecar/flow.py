@@ -6,19 +6,22 @@ The router publishes, per (instance, model), what Triton takes: its concurrency 
 size x model instances) and its queue bound (`RouteCandidate.concurrency`, `.queue_capacity`).
 Flow control keeps each sidecar within that:
 
-- A `Place` per (instance, model) (sidecar/admission.py) counts this sidecar's outstanding
-  requests there; at most concurrency + queue bound of them (unbounded when the table says
-  nothing). Below that a request costs one compare (`Admission.take`).
+- A `Place` per (instance, model) counts this sidecar's outstanding requests there; at most
+  concurrency + queue bound of them (unbounded when the table says nothing). Below that a
+  request costs one compare (`Admission.take`).
 - A request whose instance is full goes to another holder with room; when none has room it
   waits in the admission queue (`Admission.wait_for_place`: bounded, best class first, within
   the caller's deadline) and takes the first place that frees.
 - A refusal from Triton all the same (another sidecar, or a client of its own, filled the
-  queue; or a burst reached Triton faster than its batcher drains the queue) is "not run":
-  the place lowers what it allows to what Triton had accepted (`Place.refused`), and the
-  request waits a short jittered back-off, then for a place at any holder, and is sent again,
-  within its deadline and at most `queue_full_retries` times. These resends wait for room by
-  this sidecar's own counts, so they do not spend the retry budget, which guards a failing
-  fleet against retry storms.
+  queue; or a burst reached Triton faster than its batcher drains the queue) is "not run".
+  The place backs off: nothing more goes there for a short jittered delay (doubling while
+  refusals go on, up to a ceiling), and then it allows what Triton had just accepted of this
+  sidecar's requests (at least one), growing again by 1 / allowed with each one served, up
+  to the limit (additive increase, multiplicative decrease, as TCP does). The refused request
+  waits again for a place at any holder (another holder at once if one has room, the same
+  one after its back-off) and is sent again, within its deadline and at most
+  `queue_full_retries` times. These resends go only where this sidecar's counts show room,
+  so they do not spend the retry budget, which guards a failing fleet against retry storms.
 
 `FlowControl` follows the route cache's limits and makes these waits; the attempt loop
 (sidecar/pipeline.py) decides when to call them.
@@ -33,16 +36,17 @@ from collections.abc import Mapping, Sequence
 import grpc
 from prometheus_client import Counter
 
-from sidecar.admission import Admission, Place
+from sidecar.admission import Admission
 from sidecar.decide import Decision
 from sidecar.routes import RouteCache
 from sidecar.upstream import Upstream
 
-__all__ = ["TRITON_QUEUE_FULL", "FlowControl", "queue_full", "stream_refusal"]
+__all__ = ["TRITON_QUEUE_FULL", "FlowControl", "Place", "queue_full", "stream_refusal"]
 
 # How Triton says that a model's queue (its queue policy's max_queue_size) is full.
 TRITON_QUEUE_FULL = "Exceeds maximum queue size"
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+_UNBOUNDED = float("inf")
 # A ModelStreamInferResponse that starts with field 1 (error_message, LEN).
 _ERROR_MESSAGE_TAG = 0x0A
 
@@ -71,6 +75,53 @@ def stream_refusal(response: bytes) -> grpc.aio.AioRpcError | None:
         return None
     empty = grpc.aio.Metadata()
     return grpc.aio.AioRpcError(_UNAVAILABLE, empty, empty, details=message)
+
+
+class Place:
+    """One (instance, model): this sidecar's `outstanding` requests there, at most `allowed`
+    of them (<= `limit`, what Triton takes; infinite when unknown or unbounded). While it
+    backs off after a refusal (`timer` set), `allowed` is 0 and `resume` what it will allow
+    after; `strikes` counts back-offs since the last request it served."""
+
+    __slots__ = ("address", "allowed", "limit", "model", "outstanding", "resume", "strikes",
+                 "timer")  # fmt: skip
+
+    def __init__(self, address: str, model: str, limit: float = _UNBOUNDED) -> None:
+        self.address = address
+        self.model = model
+        self.limit = self.allowed = self.resume = limit
+        self.outstanding = 0
+        self.strikes = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"Place({self.address}, {self.model}, {self.outstanding}/{self.allowed:g})"
+
+    def set_limit(self, limit: float) -> None:
+        if limit != self.limit:
+            self.limit = self.resume = limit
+            if self.timer is None:
+                self.allowed = limit
+
+    def served(self) -> None:
+        """One of ours answered: one more allowed per `allowed` served, up to the limit."""
+        if self.strikes:
+            self.strikes = 0
+        if self.allowed < self.limit and self.timer is None:
+            self.allowed = min(self.limit, self.allowed + 1.0 / self.allowed)
+
+    def refused(self) -> bool:
+        """Triton refused one of ours (still counted in `outstanding`): after the back-off,
+        allow what it had accepted of ours, at least one. True when a back-off starts now
+        (not already backing off)."""
+        allowed = self.allowed if self.timer is None else self.resume
+        self.resume = max(1.0, min(allowed, self.outstanding - 1))
+        self.allowed = 0.0
+        return self.timer is None
+
+    def reopen(self) -> None:
+        self.timer = None
+        self.allowed = min(self.resume, self.limit)
 
 
 class FlowControl:
@@ -117,7 +168,7 @@ class FlowControl:
             self.place(address, model).set_limit(limit)
         for key, place in self._places.items():
             if key not in limits:
-                place.set_limit(float("inf"))
+                place.set_limit(_UNBOUNDED)
         self._admission.dispatch()
 
     def place(self, address: str, model: str) -> Place:
@@ -127,16 +178,24 @@ class FlowControl:
             place = self._places[(address, model)] = Place(address, model)
         return place
 
-    def backoff_s(self, refusals: int) -> float:
-        """How long a request refused `refusals` times waits before it is sent again:
-        doubling from `backoff_s` up to `max_backoff_s`, times a random 0.5-1 so that
-        refused requests do not come back together."""
-        delay = min(self._max_backoff_s, self._backoff_s * 2.0 ** min(refusals - 1, 30))
+    def backoff_s(self, strikes: int) -> float:
+        """How long a place backs off after its `strikes`-th refusal in a row: doubling from
+        `backoff_s` up to `max_backoff_s`, times a random 0.5-1 so that places (and
+        sidecars) do not come back together."""
+        delay = min(self._max_backoff_s, self._backoff_s * 2.0 ** min(strikes - 1, 30))
         return delay * (0.5 + 0.5 * self._rng.random())
 
-    async def back_off(self, refusals: int, remaining: float | None) -> None:
-        delay = self.backoff_s(refusals)
-        await asyncio.sleep(delay if remaining is None else min(delay, remaining))
+    def refused(self, place: Place) -> None:
+        """Triton refused a request at `place` for a full queue: it backs off."""
+        if self.enabled and place.refused():
+            place.strikes += 1
+            place.timer = asyncio.get_running_loop().call_later(
+                self.backoff_s(place.strikes), self._reopen, place
+            )
+
+    def _reopen(self, place: Place) -> None:
+        place.reopen()
+        self._admission.dispatch()
 
     async def wait(
         self,
@@ -151,7 +210,7 @@ class FlowControl:
         in `held`) while none has room; the holder and its place."""
         by_place = {self.place(u.address, decision.model): u for u in holders}
         places = tuple(by_place)
-        if all(p.room <= 0 for p in places):
+        if all(p.outstanding >= p.allowed for p in places):
             held.inc()
         place = await self._admission.wait_for_place(places, decision.priority, timeout, size, seq)
         return by_place[place], place

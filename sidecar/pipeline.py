@@ -36,10 +36,10 @@ from opentelemetry.trace import Span
 
 from pointsman.clock import Clock, monotonic
 from pointsman.errors import status_of
-from sidecar.admission import Admission, Place, ShedError
+from sidecar.admission import Admission, ShedError
 from sidecar.config import SidecarConfig
 from sidecar.decide import Decider, Decision
-from sidecar.flow import TRITON_QUEUE_FULL, FlowControl, queue_full, stream_refusal
+from sidecar.flow import TRITON_QUEUE_FULL, FlowControl, Place, queue_full, stream_refusal
 from sidecar.head import CallHead, Context, read_head, time_left
 from sidecar.idempotency import IdempotencyStore
 from sidecar.metrics import RequestSeries, SidecarMetrics
@@ -256,7 +256,6 @@ class InferencePipeline:
                     ):
                         refusals += 1
                         series.queue_full_retries.inc()
-                        await self._flow.back_off(refusals, time_left(context))
                         upstream, place = await self._take_place(
                             None, decision, series, context, size, ticket, ()
                         )
@@ -311,8 +310,8 @@ class InferencePipeline:
             code, message = error.code(), error.details() or ""
             if counts_against_instance(code, message):
                 self._instance_failed(upstream.address)
-            elif queue_full(code, message) and self._flow.enabled:
-                place.refused()
+            elif queue_full(code, message):
+                self._flow.refused(place)
             raise
         except asyncio.CancelledError:
             code = _CANCELLED

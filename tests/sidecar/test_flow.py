@@ -24,9 +24,9 @@ from tritonclient.grpc import service_pb2 as pb
 
 from pointsman.errors import DeadlineExpiredError
 from pointsman.router.v1 import router_pb2
-from sidecar.admission import RETRY_AFTER_HEADER, Admission, Place, PriorityClass
+from sidecar.admission import RETRY_AFTER_HEADER, Admission, PriorityClass
 from sidecar.config import SidecarConfig
-from sidecar.flow import TRITON_QUEUE_FULL, FlowControl, stream_refusal
+from sidecar.flow import TRITON_QUEUE_FULL, FlowControl, Place, stream_refusal
 from sidecar.metrics import SidecarMetrics
 from sidecar.routes import RouteCache
 from sidecar.service import InferenceProxy
@@ -370,19 +370,57 @@ async def test_two_sidecars_sharing_one_fleet_lose_nothing() -> None:
 # -- the pieces -----------------------------------------------------------------------------------
 
 
-def test_a_refusal_lowers_what_a_place_allows_and_service_raises_it_again() -> None:
+def test_a_refused_place_backs_off_then_allows_what_triton_accepted() -> None:
     place = Place(A, "echo", 10)
     place.outstanding = 6  # the refused one among them
-    place.refused()
-    assert place.allowed == 5
+    assert place.refused()  # a back-off starts: nothing more goes there meanwhile
+    assert place.allowed == 0 and place.resume == 5
+    place.timer = object()  # type: ignore[assignment]  # backing off
+    place.outstanding = 3
+    assert not place.refused()  # refused again while backing off: the same back-off
+    assert place.resume == 2
+    place.served()  # no growth while backing off
+    place.reopen()
+    assert place.allowed == 2
     place.outstanding = 1
     place.refused()
+    place.reopen()
     assert place.allowed == 1  # never below one
     for _ in range(100):
         place.served()
     assert place.allowed == 10
     place.set_limit(4)
     assert place.allowed == 4 and place.limit == 4
+
+
+@pytest.mark.asyncio
+async def test_a_refusal_holds_the_place_for_a_back_off_that_doubles_while_refusals_go_on() -> None:
+    admission = Admission(10, 10, retry_after_ms=100)
+    flow = FlowControl(admission, backoff_s=0.01, max_backoff_s=1.0)
+    flow.set_limits({(A, "echo"): 4})
+    place = flow.place(A, "echo")
+    loop = asyncio.get_running_loop()
+
+    def back_off_s() -> float:
+        assert place.timer is not None
+        return place.timer.when() - loop.time()
+
+    place.outstanding = 3
+    flow.refused(place)
+    assert 0.004 <= back_off_s() <= 0.01
+    place.outstanding = 2
+    flow.refused(place)  # a second refusal of the same burst: the same back-off
+    assert place.strikes == 1 and not admission.take(place)
+    place.outstanding = 0
+    while place.timer is not None:
+        await asyncio.sleep(0.005)
+    assert place.allowed == 1 and admission.take(place)
+    flow.refused(place)  # refused again before it served one: twice as long
+    assert place.strikes == 2 and 0.009 <= back_off_s() <= 0.02
+    while place.timer is not None:
+        await asyncio.sleep(0.005)
+    place.served()
+    assert place.strikes == 0 and place.allowed == 2  # 1 + 1/1
 
 
 @pytest.mark.asyncio
