@@ -148,7 +148,8 @@ class FlowControl:
         # Resends of one request after refusals, at most (0 when off: nothing is held).
         self.max_retries = max_retries if enabled else 0
         self._rng = rng or random.Random()
-        self._places: dict[tuple[str, str], Place] = {}
+        # (address, model) -> its Place; entries come and go, the dict stays.
+        self.places: dict[tuple[str, str], Place] = {}
 
     def follow(self, cache: RouteCache) -> None:
         """Keeps the limits those of `cache`'s routes, now and after every change."""
@@ -161,21 +162,21 @@ class FlowControl:
         if not self.enabled:
             return
         if not self._admission.waiting_for_place:  # no lane refers to a place now
-            unused = [k for k, p in self._places.items() if k not in limits and not p.outstanding]
+            unused = [k for k, p in self.places.items() if k not in limits and not p.outstanding]
             for key in unused:
-                del self._places[key]  # made again on its next request
+                del self.places[key]  # made again on its next request
         for (address, model), limit in limits.items():
             self.place(address, model).set_limit(limit)
-        for key, place in self._places.items():
+        for key, place in self.places.items():
             if key not in limits:
                 place.set_limit(_UNBOUNDED)
         self._admission.dispatch()
 
     def place(self, address: str, model: str) -> Place:
         """The Place of (address, model), made unbounded on first use."""
-        place = self._places.get((address, model))
+        place = self.places.get((address, model))
         if place is None:
-            place = self._places[(address, model)] = Place(address, model)
+            place = self.places[(address, model)] = Place(address, model)
         return place
 
     def backoff_s(self, strikes: int) -> float:

@@ -43,12 +43,7 @@ from sidecar.flow import TRITON_QUEUE_FULL, FlowControl, Place, queue_full, stre
 from sidecar.head import CallHead, Context, read_head, time_left
 from sidecar.idempotency import IdempotencyStore
 from sidecar.metrics import RequestSeries, SidecarMetrics
-from sidecar.resilience import (
-    OutlierDetector,
-    RetryBudget,
-    counts_against_instance,
-    retryable,
-)
+from sidecar.resilience import OutlierDetector, RetryBudget, counts_against_instance, retryable
 from sidecar.stream_feed import StreamFeed
 from sidecar.tracing import ATTEMPT, ATTEMPTS, INSTANCE, MODEL, MODEL_VERSION, RpcTracer
 from sidecar.upstream import SERVICE, Metadata, Upstream
@@ -88,6 +83,7 @@ class InferencePipeline:
         self._decider = decider
         self._admission = admission
         self._flow = flow
+        self._places = flow.places  # (address, model) -> Place: read on every attempt
         # None when replay is off; concurrent duplicates are then not coalesced either.
         self._idempotency = idempotency
         self._outliers = outliers
@@ -237,11 +233,18 @@ class InferencePipeline:
         assert upstream is not None, "choose() names the first instance"
         tried = [upstream]
         refusals = 0
-        ticket = self._admission.next_seq()
+        ticket = -1  # its place in the arrival order, once it waited for a place
         self._budget.record_request()
         try:
-            upstream, place = await self._take_place(upstream, decision, series, context,
-                                                     size, ticket, ())  # fmt: skip
+            place = self._places.get((upstream.address, decision.model)) or self._flow.place(
+                upstream.address, decision.model
+            )
+            if place.outstanding < place.allowed:  # flow control: one compare while not full
+                place.outstanding += 1
+            else:
+                upstream, place, ticket = await self._wait_place(
+                    upstream, decision, series, context, size, ticket, ()
+                )
             while True:
                 # Checked before every attempt: an expired request is never forwarded.
                 remaining = time_left(context)
@@ -253,38 +256,39 @@ class InferencePipeline:
                         raise  # a response has reached the caller: bound to this instance
                     if refusals < self._flow.max_retries and queue_full(
                         error.code(), error.details() or ""
-                    ):
+                    ):  # Triton did not run it: wait for a place again (flow control)
                         refusals += 1
                         series.queue_full_retries.inc()
-                        upstream, place = await self._take_place(
+                        upstream, place, ticket = await self._wait_place(
                             None, decision, series, context, size, ticket, ()
                         )
                         continue
                     following = self._failover(decision, error, tried)
                     if following is None:
                         raise
-                    upstream, place = await self._take_place(
-                        following, decision, series, context, size, ticket, tried
-                    )
                     tried.append(following)
                     series.retries.inc()
+                    upstream, place = following, self._flow.place(following.address, decision.model)
+                    if not self._admission.take(place):
+                        upstream, place, ticket = await self._wait_place(
+                            following, decision, series, context, size, ticket, tried[:-1]
+                        )
         finally:
             if span is not None:
                 span.set_attributes({INSTANCE: upstream.address, ATTEMPTS: len(tried) + refusals})
 
-    async def _take_place(
+    async def _wait_place(
         self, preferred: Upstream | None, decision: Decision, series: RequestSeries,
         context: Context, size: int, ticket: int, tried: Sequence[Upstream],
-    ) -> tuple[Upstream, Place]:  # fmt: skip
-        """A place of flow control for the next attempt: at `preferred` if it has room (one
-        compare), else at the holder not yet tried with the most room, waiting while none has."""
-        if preferred is not None:
-            place = self._flow.place(preferred.address, decision.model)
-            if self._admission.take(place):
-                return preferred, place
+    ) -> tuple[Upstream, Place, int]:  # fmt: skip
+        """A place at the holder not yet tried with the most room, waiting in the admission
+        queue while none has room; and the request's ticket (kept for later waits)."""
+        ticket = self._admission.next_seq() if ticket < 0 else ticket
         holders = self._holders(decision, tried) or [preferred or decision.first]  # type: ignore[list-item]
-        return await self._flow.wait(holders, decision, series.held, time_left(context), size,
-                                     ticket)  # fmt: skip
+        upstream, place = await self._flow.wait(
+            holders, decision, series.held, time_left(context), size, ticket
+        )
+        return upstream, place, ticket
 
     async def _attempt(
         self, upstream: Upstream, place: Place, remaining: float | None, md: Metadata,
@@ -322,8 +326,9 @@ class InferencePipeline:
         finally:
             upstream.in_flight -= 1
             if code is _OK:
-                place.served()
                 self._outliers.success(upstream.address)
+                if place.allowed < place.limit or place.strikes:  # back from a refusal
+                    place.served()
             self._admission.release(place)
             self._metrics.attempt(upstream.address, code)
             if client is not None:

@@ -113,7 +113,7 @@ class InferenceProxy:
             enabled=config.flow_control,
             backoff_s=config.queue_full_backoff_ms / 1000,
             max_backoff_s=config.queue_full_max_backoff_ms / 1000,
-            max_retries=config.queue_full_retries,
+            max_retries=config.queue_full_retries if config.retry_unavailable else 0,
             rng=rng,
         )
         flow.follow(cache)
