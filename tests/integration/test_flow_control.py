@@ -1,12 +1,13 @@
 """Flow control on real Tritons: bursts far above what Triton's queues hold, none lost.
 
 Two Tritons serve `codegen` and `codegen_stream` from a test copy of the model repository
-whose queues hold 2 requests (`max_queue_size: 2`, the shipped models keep 64). Straight at
+whose queues hold 4 requests (`max_queue_size: 4`, the shipped models keep 64). Straight at
 Triton such a burst is mostly refused ("Exceeds maximum queue size"). Through the sidecar,
 which holds what the route tables say Triton cannot take (max_batch_size 8 x 1 instance + a
-queue of 2 per instance) and resends what Triton refuses all the same, 200 concurrent streams
+queue of 4 per instance) and resends what Triton refuses all the same, 200 concurrent streams
 and 500 concurrent unary calls all succeed within a 60 s deadline; then the same through two
-sidecars sharing the fleet, each holding to its own limit. Figures print with `pytest -s`.
+sidecars sharing the fleet, each holding to its own limit. A third sidecar, with flow control
+off, shows what the callers got before. Figures print with `pytest -s`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pointsman.router.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(900)]
 
-QUEUE_SIZE = 2
+QUEUE_SIZE = 4
 STREAMS = 200
 UNARY = 500
 TOKENS = 16
@@ -46,7 +47,7 @@ STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def _small_queue_repository(target: Path) -> Path:
-    """codegen and codegen_stream with `max_queue_size: 2` (a test copy)."""
+    """codegen and codegen_stream with a small `max_queue_size` (a test copy)."""
     for model in MODELS:
         shutil.copytree(
             DEFAULT_MODEL_REPOSITORY / model, target / model,
@@ -63,10 +64,27 @@ def _small_queue_repository(target: Path) -> Path:
 @dataclass
 class FlowFleet:
     fleet: Fleet
-    # The second sidecar, on the same router: address and metrics URL.
-    second: str = ""
-    second_metrics: str = ""
+    # Sidecar process name -> (address, metrics URL); all on the fleet's router.
+    sidecars: dict[str, tuple[str, str]] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
+
+    def start_sidecar(self, name: str, *flags: str) -> None:
+        address, metrics = (f"127.0.0.1:{free_port()}" for _ in range(2))
+        sidecar = ManagedProcess(
+            ProcessSpec(
+                name=name,
+                argv=[sys.executable, "-m", "app", "sidecar", "--listen", address,
+                      "--router", self.fleet.router_address, "--metrics-listen", metrics,
+                      "--cold-start-wait", "0", *flags],
+                env={"PYTHONUNBUFFERED": "1"},
+                log_path=self.fleet.run_dir / f"{name}.log",
+            )
+        )  # fmt: skip
+        self.processes.append(sidecar)
+        sidecar.start()
+        wait_for_health(address, sidecar)
+        wait_until_ready(address, list(MODELS), 60, sidecar, server_ready=True)
+        self.sidecars[name] = (address, f"http://{metrics}/metrics")
 
 
 @pytest.fixture(scope="module")
@@ -87,24 +105,10 @@ def flow_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowFleet]:
     )
     with fleet:
         flow = FlowFleet(fleet)
-        flow.second = f"127.0.0.1:{free_port()}"
-        metrics = f"127.0.0.1:{free_port()}"
-        flow.second_metrics = f"http://{metrics}/metrics"
-        sidecar = ManagedProcess(
-            ProcessSpec(
-                name="sidecar-2",
-                argv=[sys.executable, "-m", "app", "sidecar", "--listen", flow.second,
-                      "--router", fleet.router_address, "--metrics-listen", metrics,
-                      "--cold-start-wait", "0"],
-                env={"PYTHONUNBUFFERED": "1"},
-                log_path=run_dir / "sidecar-2.log",
-            )
-        )  # fmt: skip
-        flow.processes.append(sidecar)
+        flow.sidecars["sidecar"] = (fleet.sidecar_address, fleet.sidecar_metrics_url)
         try:
-            sidecar.start()
-            wait_for_health(flow.second, sidecar)
-            wait_until_ready(flow.second, list(MODELS), 60, sidecar, server_ready=True)
+            flow.start_sidecar("sidecar-2")
+            flow.start_sidecar("sidecar-off", "--no-flow-control")
             yield flow
         finally:
             stop_all(flow.processes, 10)
@@ -235,20 +239,31 @@ def test_straight_at_triton_the_burst_is_refused(flow_fleet: FlowFleet) -> None:
     assert outcome.failures and all("Exceeds maximum queue size" in f for f in outcome.failures)
 
 
+def test_without_flow_control_the_sidecar_passes_triton_s_refusals_on(
+    flow_fleet: FlowFleet,
+) -> None:
+    """The control through a sidecar: with flow control off, the burst's refusals (beyond
+    the one failover to the other holder) reach the callers, as in the issue."""
+    address, url = flow_fleet.sidecars["sidecar-off"]
+    streams = _run([url], [address], STREAMS, stream=True)
+    assert streams.failures
+    assert all("Exceeds maximum queue size" in f for f in streams.failures)
+
+
 def test_one_sidecar_loses_no_stream_and_no_call(flow_fleet: FlowFleet) -> None:
-    fleet = flow_fleet.fleet
-    urls, addresses = [fleet.sidecar_metrics_url], [fleet.sidecar_address]
-    streams = _run(urls, addresses, STREAMS, stream=True)
-    unary = _run(urls, addresses, UNARY, stream=False)
+    address, url = flow_fleet.sidecars["sidecar"]
+    streams = _run([url], [address], STREAMS, stream=True)
+    unary = _run([url], [address], UNARY, stream=False)
     assert not streams.failures and len(streams.latencies_s) == STREAMS
     assert not unary.failures and len(unary.latencies_s) == UNARY
-    assert _counters(urls[0])["held"] > 0, "flow control must have held the burst"
+    assert _counters(url)["held"] > 0, "flow control must have held the burst"
 
 
 def test_two_sidecars_sharing_the_fleet_lose_nothing(flow_fleet: FlowFleet) -> None:
-    fleet = flow_fleet.fleet
-    urls = [fleet.sidecar_metrics_url, flow_fleet.second_metrics]
-    addresses = [fleet.sidecar_address, flow_fleet.second]
+    """Each sidecar holds to the whole capacity as if alone; Triton refuses what the two
+    together send beyond it, and each resends its own."""
+    pairs = [flow_fleet.sidecars[name] for name in ("sidecar", "sidecar-2")]
+    addresses, urls = [a for a, _ in pairs], [u for _, u in pairs]
     streams = _run(urls, addresses, STREAMS, stream=True)
     unary = _run(urls, addresses, UNARY, stream=False)
     assert not streams.failures and len(streams.latencies_s) == STREAMS
