@@ -22,6 +22,7 @@ __all__ = [
     "FleetSnapshot",
     "InstanceSnapshot",
     "MemorySource",
+    "ModelFacts",
     "ModelOnInstance",
     "Picker",
     "PluginFactory",
@@ -30,7 +31,6 @@ __all__ = [
     "ScoredCandidate",
     "Scorer",
     "SnapshotField",
-    "model_concurrency",
 ]
 
 
@@ -69,37 +69,45 @@ class SnapshotField(enum.StrEnum):
     ASSUMED_INFLIGHT = "candidate.assumed_inflight"
 
 
-def model_concurrency(max_batch_size: int, instance_count: int) -> int:
-    """Requests a model executes at once: max_batch_size x instance count, at least the
-    instance count (a model that does not batch runs one request per instance); 0 when the
-    instance count is not known."""
-    return max(instance_count, max_batch_size * instance_count)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelFacts:
+    """What a model's config says, as far as routing and placement need it: read once per
+    ready version (router/datalayer/model_config.py; several versions ready on one instance:
+    the smallest capacity among them)."""
+
+    # Declared footprint, bytes (config parameter pointsman.memory_bytes; of all ready versions).
+    declared_memory_bytes: int = 0
+    # 0: the model does not batch (each request is one execution).
+    max_batch_size: int = 0
+    # Model instances Triton runs; 0: not known (no config read yet).
+    instance_count: int = 0
+    # The dynamic batcher's queue bound (default_queue_policy.max_queue_size); 0: unbounded.
+    max_queue_size: int = 0
+    sequence_batching: bool = False
+    # How long Triton keeps an idle sequence (max_sequence_idle_microseconds), seconds.
+    max_sequence_idle_s: float = 0.0
+
+    @property
+    def concurrency(self) -> int:
+        """Requests the model executes at once: max_batch_size x instance count, at least the
+        instance count (a model that does not batch runs one request per instance); 0 when
+        the instance count is not known."""
+        return max(self.instance_count, self.max_batch_size * self.instance_count)
 
 
 @dataclass(frozen=True, slots=True)
-class ModelOnInstance:
-    """One model on one instance, all versions together."""
+class ModelOnInstance(ModelFacts):
+    """One model on one instance, all versions together (its config's facts: `ModelFacts`,
+    keyword-only)."""
 
     name: str
     ready_versions: frozenset[str] = frozenset()
     loading_versions: frozenset[str] = frozenset()
     # Requests of this model queued inside Triton (nv_inference_pending_request_count).
     pending_requests: int = 0
-    # Declared footprint of the loaded versions, bytes (config parameter pointsman.memory_bytes).
-    declared_memory_bytes: int = 0
     # Inferences per model execution over the recent window (nv_inference_count delta over
     # nv_inference_exec_count delta): how well Triton's batcher is batching. 0 = no executions.
     average_batch_size: float = 0.0
-    # From the model's config (ModelConfig, read once per ready version; several ready
-    # versions: the smallest capacity, see router/datalayer/model_config.py).
-    # max_batch_size: 0 = no batching. instance_count: model instances, 0 = not known yet.
-    max_batch_size: int = 0
-    instance_count: int = 0
-    # The dynamic batcher's queue bound (default_queue_policy.max_queue_size); 0 = unbounded.
-    max_queue_size: int = 0
-    sequence_batching: bool = False
-    # How long Triton keeps an idle sequence (max_sequence_idle_microseconds), seconds.
-    max_sequence_idle_s: float = 0.0
 
     @property
     def is_ready(self) -> bool:
@@ -108,11 +116,6 @@ class ModelOnInstance:
     @property
     def is_loading(self) -> bool:
         return bool(self.loading_versions)
-
-    @property
-    def concurrency(self) -> int:
-        """Requests the instance executes at once for this model (`model_concurrency`)."""
-        return model_concurrency(self.max_batch_size, self.instance_count)
 
     def serves(self, version: str) -> bool:
         """True if `version` is ready here; an empty version means any ready version."""

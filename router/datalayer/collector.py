@@ -41,7 +41,7 @@ from router.datalayer.counters import (
     RequestDelta,
     request_increases,
 )
-from router.datalayer.model_config import ModelFacts, combined, model_facts
+from router.datalayer.model_config import ModelFacts, combined, facts_of, model_facts
 from router.datalayer.scrape import MetricsConnection, MetricsFetchError
 from router.datalayer.triton_metrics import TritonMetrics, parse_triton_metrics
 from router.discovery import Discovery
@@ -288,13 +288,8 @@ class InstanceWatcher:
                 ready_versions=frozenset(st.ready),
                 loading_versions=frozenset(st.loading),
                 pending_requests=metrics.pending_by_model.get(name, 0),
-                declared_memory_bytes=facts.declared_memory_bytes,
                 average_batch_size=inferences.get(name, 0.0) / batches if batches else 0.0,
-                max_batch_size=facts.max_batch_size,
-                instance_count=facts.instance_count,
-                max_queue_size=facts.max_queue_size,
-                sequence_batching=facts.sequence_batching,
-                max_sequence_idle_s=facts.max_sequence_idle_s,
+                **facts_of(facts),
             )
         if metrics.gpu_memory_used_bytes is not None:
             used, source = metrics.gpu_memory_used_bytes, MemorySource.GPU_METRICS

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import fields
+from typing import Any
 
 from tritonclient.grpc import model_config_pb2
 
-from router.contracts import model_concurrency
+from router.contracts import ModelFacts
 
-__all__ = ["DECLARED_MEMORY_PARAMETER", "ModelFacts", "combined", "model_facts"]
+__all__ = ["DECLARED_MEMORY_PARAMETER", "ModelFacts", "combined", "facts_of", "model_facts"]
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,6 @@ DECLARED_MEMORY_PARAMETER = "pointsman.memory_bytes"
 # Triton's max_sequence_idle_microseconds when a config leaves it 0.
 _DEFAULT_SEQUENCE_IDLE_S = 1.0
 _KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
-
-
-@dataclass(frozen=True, slots=True)
-class ModelFacts:
-    """One model version's configuration, as far as routing and placement need it."""
-
-    declared_memory_bytes: int = 0
-    # 0: the model does not batch (each request is one execution).
-    max_batch_size: int = 0
-    # Model instances Triton runs; 0: unknown (no config read yet).
-    instance_count: int = 0
-    # Requests Triton's dynamic batcher queues at most; 0: unbounded (or no dynamic batcher).
-    max_queue_size: int = 0
-    sequence_batching: bool = False
-    # How long Triton keeps an idle sequence's state; 0 without sequence batching.
-    max_sequence_idle_s: float = 0.0
 
 
 def _instance_count(config: model_config_pb2.ModelConfig) -> int:
@@ -102,7 +87,7 @@ def combined(versions: Iterable[ModelFacts]) -> ModelFacts:
     known = [f for f in versions if f.instance_count]
     if not known:
         return ModelFacts()
-    smallest = min(known, key=lambda f: model_concurrency(f.max_batch_size, f.instance_count))
+    smallest = min(known, key=lambda f: f.concurrency)
     bounded = [f.max_queue_size for f in known if f.max_queue_size]
     return ModelFacts(
         declared_memory_bytes=sum(f.declared_memory_bytes for f in known),
@@ -113,3 +98,8 @@ def combined(versions: Iterable[ModelFacts]) -> ModelFacts:
         sequence_batching=any(f.sequence_batching for f in known),
         max_sequence_idle_s=max(f.max_sequence_idle_s for f in known),
     )
+
+
+def facts_of(model: ModelFacts) -> dict[str, Any]:
+    """The facts alone, as keyword arguments (to build a ModelOnInstance around them)."""
+    return {f.name: getattr(model, f.name) for f in fields(ModelFacts)}

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from router.contracts import ModelOnInstance
-from router.datalayer.model_config import ModelFacts, combined, model_facts
+from router.datalayer.model_config import ModelFacts, combined, facts_of, model_facts
 
 
 def _config(text: str) -> model_config_pb2.ModelConfig:
@@ -24,37 +24,47 @@ def _config(text: str) -> model_config_pb2.ModelConfig:
             'name: "codegen" max_batch_size: 8 instance_group [{ kind: KIND_CPU count: 1 }] '
             "dynamic_batching { default_queue_policy { max_queue_size: 64 } } "
             'parameters [{ key: "pointsman.memory_bytes" value: { string_value: "75497472" } }]',
-            ModelFacts(75497472, 8, 1, 64),
+            ModelFacts(
+                declared_memory_bytes=75497472,
+                max_batch_size=8,
+                instance_count=1,
+                max_queue_size=64,
+            ),
         ),
         # No batching, no dynamic batcher: one request per instance, an unbounded queue.
         (
             'name: "echo" max_batch_size: 0 instance_group [{ kind: KIND_CPU count: 2 }]',
-            ModelFacts(0, 0, 2, 0),
+            ModelFacts(instance_count=2),
         ),
         # A dynamic batcher without a queue policy: unbounded.
         (
             "max_batch_size: 4 instance_group [{ count: 1 }] dynamic_batching {}",
-            ModelFacts(0, 4, 1, 0),
+            ModelFacts(max_batch_size=4, instance_count=1),
         ),
         # GPU groups count once per GPU they list; groups add up.
         (
             "max_batch_size: 2 instance_group [{ kind: KIND_GPU count: 2 gpus: [0, 1] }, "
             "{ kind: KIND_CPU count: 1 }]",
-            ModelFacts(0, 2, 5, 0),
+            ModelFacts(max_batch_size=2, instance_count=5),
         ),
         # No instance group (an unnormalized config): Triton's CPU default, one instance.
-        ("max_batch_size: 8", ModelFacts(0, 8, 1, 0)),
+        ("max_batch_size: 8", ModelFacts(max_batch_size=8, instance_count=1)),
         # Sequence batching, with and without an idle time (Triton's default: 1 s).
         (
             "max_batch_size: 4 instance_group [{ count: 2 }] "
             "sequence_batching { max_sequence_idle_microseconds: 5000000 }",
-            ModelFacts(0, 4, 2, 0, True, 5.0),
+            ModelFacts(
+                max_batch_size=4, instance_count=2, sequence_batching=True, max_sequence_idle_s=5.0
+            ),
         ),
-        ("sequence_batching {}", ModelFacts(0, 0, 1, 0, True, 1.0)),
+        (
+            "sequence_batching {}",
+            ModelFacts(instance_count=1, sequence_batching=True, max_sequence_idle_s=1.0),
+        ),
         # A footprint that is not a number counts as undeclared.
         (
             'parameters [{ key: "pointsman.memory_bytes" value: { string_value: "lots" } }]',
-            ModelFacts(0, 0, 1, 0),
+            ModelFacts(instance_count=1),
         ),
     ],
 )
@@ -63,10 +73,26 @@ def test_model_facts(text: str, expected: ModelFacts) -> None:
 
 
 def test_several_versions_take_the_smallest_capacity_and_sum_footprints() -> None:
-    v1 = ModelFacts(100, 8, 1, 64, True, 1.0)
-    v2 = ModelFacts(200, 4, 1, 0, False, 0.0)
-    v3 = ModelFacts(300, 8, 2, 16)
-    assert combined([v1, v2, v3]) == ModelFacts(600, 4, 1, 16, True, 1.0)
+    v1 = ModelFacts(
+        declared_memory_bytes=100,
+        max_batch_size=8,
+        instance_count=1,
+        max_queue_size=64,
+        sequence_batching=True,
+        max_sequence_idle_s=1.0,
+    )
+    v2 = ModelFacts(declared_memory_bytes=200, max_batch_size=4, instance_count=1)
+    v3 = ModelFacts(
+        declared_memory_bytes=300, max_batch_size=8, instance_count=2, max_queue_size=16
+    )
+    assert combined([v1, v2, v3]) == ModelFacts(
+        declared_memory_bytes=600,
+        max_batch_size=4,
+        instance_count=1,
+        max_queue_size=16,
+        sequence_batching=True,
+        max_sequence_idle_s=1.0,
+    )
     assert combined([v2]) == v2
     assert combined([]) == ModelFacts()
     assert combined([ModelFacts()]) == ModelFacts()  # not read yet: unknown
@@ -81,3 +107,9 @@ def test_concurrency_is_batch_times_instances_at_least_the_instances(
 ) -> None:
     model = ModelOnInstance("m", max_batch_size=max_batch_size, instance_count=instance_count)
     assert model.concurrency == concurrency
+
+
+def test_a_model_on_an_instance_carries_its_facts() -> None:
+    facts = ModelFacts(max_batch_size=8, instance_count=2, max_queue_size=4, sequence_batching=True)
+    model = ModelOnInstance("m", ready_versions=frozenset({"1"}), **facts_of(facts))
+    assert facts_of(model) == facts_of(facts) and model.concurrency == 16
