@@ -210,7 +210,8 @@ class FlowControl:
         """A place at the holder with the most room, waiting in the admission queue (counted
         in `held`) while none has room; the holder and its place."""
         by_place = {self.place(u.address, decision.model): u for u in holders}
-        places = tuple(by_place)
+        # One order per set of places, so that requests waiting for the same set share a lane.
+        places = tuple(sorted(by_place, key=lambda p: p.address))
         if all(p.outstanding >= p.allowed for p in places):
             held.inc()
         place = await self._admission.wait_for_place(places, decision.priority, timeout, size, seq)
