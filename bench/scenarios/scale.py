@@ -15,11 +15,12 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from bench.report import BarGroup, ScenarioResult, Table, TargetCheck
+from bench.scenarios import Options, Say
 from router.contracts import (
     FleetSnapshot,
     InstanceSnapshot,
@@ -343,3 +344,7 @@ def _targets(measured: Sequence[dict[str, object]]) -> tuple[TargetCheck, ...]:
             worst < TARGET_P99_MS_AT_1000,
         ),
     )
+
+
+def scenario(options: Options, say: Say) -> ScenarioResult:
+    return run_scale(replace(QUICK if options.quick else FULL, seed=options.seed), say)
