@@ -15,6 +15,7 @@ import asyncio
 import math
 import os
 import random
+import sys
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -77,12 +78,14 @@ class CellResult:
     elapsed_s: float
     records_by_tag: Mapping[str, int] = field(default_factory=dict)
     triton_version: str = ""
+    start_attempts: int = 1
 
     def to_dict(self) -> dict[str, object]:
         return {
             "system": self.system,
             "workload": self.workload,
             "triton_version": self.triton_version,
+            "start_attempts": self.start_attempts,
             "repetition": self.repetition,
             "order": self.order,
             "seed": self.seed,
@@ -192,6 +195,16 @@ def _utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _start(system: System, bed: Testbed, workdir: Path) -> tuple[Deployment, int]:
+    """The system started, and how many tries it took: a start that fails (a process that
+    dies while coming up) is tried once more in a fresh folder, and the count is reported."""
+    try:
+        return system.start(bed, workdir), 1
+    except Exception as exc:  # retried once; the second failure propagates
+        print(f"{system.name}: start failed ({exc}); trying once more", file=sys.stderr)
+    return system.start(bed, workdir / "second-start"), 2
+
+
 def run_cell(
     system: System,
     bed: Testbed,
@@ -205,7 +218,7 @@ def run_cell(
     """Starts `system` on `bed`, warms it up, measures it, stops it (see the module docstring)."""
     started_utc, started = _utc(), time.perf_counter()
     seed = settings.seed * 1000 + repetition
-    deployment = system.start(bed, workdir)
+    deployment, attempts = _start(system, bed, workdir)
     label = f"{system.name} / {workload.name} #{repetition}"
     try:
         version = server_version(deployment.tritons[0].grpc_address)
@@ -282,6 +295,7 @@ def run_cell(
             elapsed_s=time.perf_counter() - started,
             records_by_tag=dict(sorted(by_tag.items())),
             triton_version=version,
+            start_attempts=attempts,
         )
     finally:
         deployment.stop()

@@ -170,13 +170,16 @@ def bootstrap_median(
     centre = percentile(kept, 50)
     if len(kept) == 1:
         return Interval(centre, centre, centre, 1)
-    medians = sorted(
-        percentile([kept[rng.randrange(len(kept))] for _ in kept], 50) for _ in range(resamples)
+    values_array = np.array(kept, dtype=float)
+    draws = np.random.default_rng(rng.getrandbits(64)).integers(
+        0, len(kept), size=(resamples, len(kept))
     )
+    # np.median of a resample holding inf is inf (inf + finite and inf + inf are both inf).
+    medians = np.sort(np.median(values_array[draws], axis=1))
     cut = (1 - confidence) / 2
     return Interval(
         centre,
-        medians[int(cut * (resamples - 1))],
-        medians[math.ceil((1 - cut) * (resamples - 1))],
+        float(medians[int(cut * (resamples - 1))]),
+        float(medians[math.ceil((1 - cut) * (resamples - 1))]),
         len(kept),
     )

@@ -47,12 +47,14 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
+        Scenario("comparison", "comparison", "Pointsman vs fair baselines, repeated, with CIs"),
         Scenario("seed-table", "seed_table", "round robin + load-on-miss vs Pointsman (+batcher)"),
         Scenario("overhead", "overhead", "direct vs sidecar vs minimal proxy vs nghttpx"),
         Scenario("batching", "batching", "decode cost by batch size; dynamic batcher on vs off"),
         Scenario("overload", "overload", "priority classes at three times capacity"),
         Scenario("route-propagation", "route_propagation", "fleet and policy changes to routing"),
         Scenario("scale", "scale", "router engines on simulated fleets"),
+        Scenario("scale-sweep", "scale_sweep", "holders per model, index, rebuild, PickTarget"),
     )
 }
 
