@@ -107,6 +107,7 @@ class Provenance:
     dirty: bool  # uncommitted changes to tracked files when the run started
     loadavg_start: tuple[float, float, float]  # 1, 5, 15 minutes
     loadavg_end: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    dirty_paths: tuple[str, ...] = ()  # which tracked files differed from the commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,9 +173,11 @@ def _git(*args: str) -> str:
 
 def provenance(loadavg_end: tuple[float, float, float] | None = None) -> Provenance:
     """The commit and dirtiness of this checkout, and the load average now (as the start)."""
+    changed = _git("status", "--porcelain", "--untracked-files=no").splitlines()
     return Provenance(
         commit=_git("rev-parse", "HEAD"),
-        dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
+        dirty=bool(changed),
+        dirty_paths=tuple(line[3:] for line in changed),
         loadavg_start=os.getloadavg(),
         loadavg_end=loadavg_end or (math.nan, math.nan, math.nan),
     )
@@ -233,7 +236,7 @@ def render_markdown(run: BenchRun) -> str:
     ]
     if run.provenance:
         p = run.provenance
-        state = " (uncommitted changes)" if p.dirty else ""
+        state = f" (uncommitted changes: {', '.join(p.dirty_paths)})" if p.dirty else ""
         lines.append(f"- commit: {p.commit or 'unknown'}{state}")
         lines.append(
             "- load average (1, 5, 15 min): start "

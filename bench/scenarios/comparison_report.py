@@ -3,7 +3,8 @@
 Every metric of every (workload, system) is reduced over its repetitions to a median and a
 percentile-bootstrap interval (bench.stats.bootstrap_median). The goals of issue 13 are
 reported, never asserted: on each shift workload, Pointsman's p99 at most 0.5x each fair
-baseline's (fair: not the worst case), at 1.5x its goodput or more, with no failed or timed-out
+baseline's (fair: not the worst case), at 1.5x its goodput or more (judged only where the load
+saturates: a closed loop, or an open loop at or above capacity), with no failed or timed-out
 request, and with intervals that do not overlap.
 """
 
@@ -17,6 +18,7 @@ from bench.baselines import FAIR_BASELINES
 from bench.cell import CellResult
 from bench.report import BarGroup, ScenarioResult, Table, TargetCheck, ratio
 from bench.stats import Interval, bootstrap_median
+from bench.workloads import WORKLOADS
 
 __all__ = ["METRICS", "aggregate", "comparison_result"]
 
@@ -107,6 +109,11 @@ def _goal_checks(aggregates: Aggregates) -> list[TargetCheck]:
         if not workload.startswith("shift") or "pointsman" not in systems:
             continue
         mine = systems["pointsman"]
+        repeated = mine["p99_ms"].samples > 1
+        # Below capacity every system that keeps up serves what is offered: goodput cannot
+        # tell them apart there, only a closed loop or an offer above capacity can.
+        shape = WORKLOADS.get(workload)
+        saturating = shape is None or shape.loop == "closed" or shape.load_factor >= 1.0
         errors = mine["failed"].median + mine["timed_out"].median
         checks.append(
             TargetCheck(
@@ -128,14 +135,14 @@ def _goal_checks(aggregates: Aggregates) -> list[TargetCheck]:
                 TargetCheck(
                     f"{workload}: goodput vs {baseline}",
                     ">= 1.5x",
-                    f"{goodput:.2f}x",
-                    goodput >= 1.5,
+                    f"{goodput:.2f}x" + ("" if saturating else " (offered below capacity)"),
+                    goodput >= 1.5 if saturating else None,
                 ),
                 TargetCheck(
                     f"{workload}: p99 and goodput intervals apart from {baseline}'s",
                     "no overlap",
-                    "apart" if apart else "overlap",
-                    apart if mine["p99_ms"].samples > 1 else None,
+                    ("apart" if apart else "overlap") if repeated else "one repetition",
+                    apart if repeated else None,
                 ),
             ]
     return checks

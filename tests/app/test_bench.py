@@ -306,7 +306,7 @@ def test_report_writes_json_markdown_and_png_with_provenance(tmp_path: Path) -> 
     assert document["schema"] == "pointsman-bench/2"
     assert document["machine"]["cores"] >= 1
     assert len(document["provenance"]["commit"]) == 40  # this checkout's HEAD
-    assert isinstance(document["provenance"]["dirty"], bool)
+    assert document["provenance"]["dirty"] is bool(document["provenance"]["dirty_paths"])
     assert len(document["provenance"]["loadavg_start"]) == 3
     # NaN (not measured) is null; an infinite latency (a timeout) is "inf".
     assert document["scenarios"][0]["data"] == {"p99": None, "tail": "inf"}

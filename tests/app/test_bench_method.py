@@ -256,11 +256,12 @@ def test_aggregation_and_goal_checks() -> None:
     p99 = checks["shift-open-80: p99 vs static-split"]
     assert p99.met is True and p99.measured == f"{102 / 402:.2f}x"
     goodput = checks["shift-open-80: goodput vs static-split"]
-    assert goodput.met is True and goodput.measured == f"{52 / 32:.2f}x"
+    # 80 % of capacity: goodput is reported but cannot decide (every system keeps up).
+    assert goodput.met is None and goodput.measured.startswith(f"{52 / 32:.2f}x")
     assert checks["shift-open-80: Pointsman failed + timed out (median)"].met is True
     assert checks["shift-open-80: p99 and goodput intervals apart from static-split's"].met
     # Every fair baseline is checked, never the worst case.
-    assert checks["shift-open-80: goodput vs everything-everywhere"].met is True
+    assert checks["shift-open-80: p99 vs everything-everywhere"].met is True
     assert not any(WORST_CASE in name for name in checks)
     json.dumps(result.data, default=str)  # plain data, ready for results.json
     assert len(result.data["cells"]) == 20  # type: ignore[arg-type]
