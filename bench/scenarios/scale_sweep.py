@@ -35,9 +35,9 @@ from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
 from router.config import RouterConfig
 from router.contracts import FleetSnapshot, InstanceSnapshot
+from router.decision import DecisionPolicy
 from router.plugins.registry import default_profile
 from router.routes import RouteBook
-from router.scheduling import Scheduler
 from router.server import start_router
 
 __all__ = ["SweepSettings", "holders_fleet", "run_scale_sweep", "scenario"]
@@ -122,7 +122,7 @@ def _measure(settings: SweepSettings, holders: int, rng: random.Random) -> dict[
     decisions, cpu_s = time_decisions(snapshot, settings.decisions, rng)
     first, again = [], []
     for _ in range(settings.rebuilds):
-        book = RouteBook(Scheduler(default_profile()), ttl_ms=5000)
+        book = RouteBook(DecisionPolicy(default_profile()), ttl_ms=5000)
         first += _timed(lambda book=book: book.rebuild(snapshot, NOW), 1)  # type: ignore[misc]
         again += _timed(lambda book=book: book.rebuild(snapshot, NOW), 1)  # type: ignore[misc]
     picks = asyncio.run(time_pick_target(snapshot, settings.grpc_picks, rng))
