@@ -165,7 +165,7 @@ async def test_ttl_zero_coalesces_but_keeps_nothing() -> None:
 # -- on real Tritons -----------------------------------------------------------------------------
 
 
-def _codegen_inferences(fleet: Fleet) -> int:
+def codegen_inferences(fleet: Fleet) -> int:
     """Triton's own count of codegen inferences, summed over every instance that has it."""
     total = 0
     for spec in fleet.tritons:
@@ -203,9 +203,9 @@ async def _send_all(
 
 
 def _after(fleet: Fleet, action: Callable[[], object]) -> int:
-    before = _codegen_inferences(fleet)
+    before = codegen_inferences(fleet)
     action()
-    return _codegen_inferences(fleet) - before
+    return codegen_inferences(fleet) - before
 
 
 @pytest.mark.triton
