@@ -4,9 +4,11 @@ never kept, the size bound, lease renewal and expiry, and Redis going away and c
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,6 +21,7 @@ from pointsman.errors import ConfigError, InvalidRequestError, NoReadyInstanceEr
 from sidecar.config import IdempotencyConfig, SidecarConfig, config_from_mapping
 from sidecar.idempotency import IdempotencyCache, Reuse, StoredStatusError
 from sidecar.idempotency_redis import RedisIdempotencyStore, idempotency_store, redacted
+from sidecar.main import add_arguments, build_config
 from sidecar.metrics import IdempotencyMetrics
 from tests.sidecar.test_idempotency import Executions
 from tests.support.redis_server import RedisServer
@@ -324,6 +327,20 @@ def test_the_config_picks_the_store(redis: RedisServer) -> None:
 def test_bad_idempotency_sections_are_refused(section: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_mapping({"idempotency": section})
+
+
+def test_flags_set_the_store_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("idempotency:\n  lease_s: 4\n  key_prefix: 'fleet-a:'\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = ["--idempotency-backend", "redis", "--idempotency-url", "redis://r:6379/1"]
+    config = build_config(parser.parse_args(["--config", str(path), *flags]))
+    assert config.idempotency == IdempotencyConfig(
+        backend="redis", url="redis://r:6379/1", lease_s=4, key_prefix="fleet-a:"
+    )
+    with pytest.raises(ConfigError, match=r"^idempotency\.url: required with backend: redis$"):
+        build_config(parser.parse_args(["--idempotency-backend", "redis"]))
 
 
 def test_logs_never_show_the_password() -> None:
