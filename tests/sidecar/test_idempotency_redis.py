@@ -11,19 +11,18 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from pointsman.errors import ConfigError, InvalidRequestError, NoReadyInstanceError
+from pointsman.errors import ConfigError, NoReadyInstanceError
 from sidecar.config import IdempotencyConfig, SidecarConfig, config_from_mapping
-from sidecar.idempotency import IdempotencyCache, Reuse, StoredStatusError
+from sidecar.idempotency import IdempotencyCache, Reuse
 from sidecar.idempotency_redis import RedisIdempotencyStore, idempotency_store, redacted
 from sidecar.main import add_arguments, build_config
 from sidecar.metrics import IdempotencyMetrics
-from tests.sidecar.test_idempotency import Executions
+from tests.sidecar.test_idempotency import Executions, errors_kept_unless_not_run
 from tests.support.redis_server import RedisServer
 
 KEY = ("codegen", "", "r-1")
@@ -137,25 +136,8 @@ async def test_replayed_for_the_ttl_then_run_again(sidecars: Sidecars) -> None:
 @pytest.mark.asyncio
 async def test_errors_kept_unless_the_request_did_not_run(sidecars: Sidecars) -> None:
     a, b = sidecars.store(), sidecars.store()
-    bad = Executions(error=InvalidRequestError("bad input"))
-    bad.release.set()
-    with pytest.raises(InvalidRequestError):
-        await a.run(KEY, bad)
-    with pytest.raises(StoredStatusError) as replayed:
-        await b.run(KEY, bad)  # the other sidecar replays it, code and message
-    assert replayed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert replayed.value.details() == "bad input"
-    assert bad.runs == 1
-
-    other = ("codegen", "", "r-2")
-    refused = Executions(error=NoReadyInstanceError("no instance"))
-    refused.release.set()
-    with pytest.raises(NoReadyInstanceError):
-        await a.run(other, refused)
-    assert await sidecars.redis.exists(a.state_key(other)) == 0  # freed, not kept
-    with pytest.raises(NoReadyInstanceError):
-        await b.run(other, refused)
-    assert refused.runs == 2
+    await errors_kept_unless_not_run(a, b)  # the same rule as in memory, across sidecars
+    assert await sidecars.redis.exists(a.state_key(("codegen", "", "r-9"))) == 0  # not kept
 
 
 @pytest.mark.asyncio
