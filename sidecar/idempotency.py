@@ -32,6 +32,7 @@ import grpc
 from pointsman.errors import status_of
 
 if TYPE_CHECKING:
+    from sidecar.config import SidecarConfig
     from sidecar.metrics import IdempotencyMetrics
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Reuse",
     "SingleFlight",
     "StoredStatusError",
+    "idempotency_store",
 ]
 
 # (model, version asked for, request id)
@@ -135,6 +137,22 @@ class SingleFlight(Generic[T]):
         finally:
             # Before the task ends, so a duplicate arriving after it starts afresh.
             self._running.pop(key, None)
+
+
+def idempotency_store(
+    config: SidecarConfig, metrics: IdempotencyMetrics
+) -> IdempotencyStore | None:
+    """The store `config` asks for; None when replay is off (`idempotency_ttl_s` 0)."""
+    if config.idempotency_ttl_s <= 0:
+        return None
+    if config.idempotency.backend == "redis":
+        # Imported only here: a sidecar with the memory store never loads the Redis client.
+        from sidecar.idempotency_redis import RedisIdempotencyStore
+
+        return RedisIdempotencyStore.from_config(
+            config.idempotency, ttl_s=config.idempotency_ttl_s, metrics=metrics
+        )
+    return IdempotencyCache(config.idempotency_ttl_s, config.idempotency_max_bytes, metrics=metrics)
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,11 +48,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from pointsman.errors import status_of
-from sidecar.config import IdempotencyConfig, SidecarConfig
+from sidecar.config import IdempotencyConfig
 from sidecar.idempotency import (
     NOT_RUN,
-    IdempotencyCache,
-    IdempotencyStore,
     Key,
     Reuse,
     SingleFlight,
@@ -60,7 +58,7 @@ from sidecar.idempotency import (
 )
 from sidecar.metrics import IdempotencyMetrics
 
-__all__ = ["RedisIdempotencyStore", "idempotency_store"]
+__all__ = ["RedisIdempotencyStore", "redacted"]
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +116,6 @@ return 1
 
 class _StoreDown(Exception):
     """A store call failed; the store is marked down and the request runs without it."""
-
-
-def idempotency_store(
-    config: SidecarConfig, metrics: IdempotencyMetrics
-) -> IdempotencyStore | None:
-    """The store `config` asks for; None when replay is off (`idempotency_ttl_s` 0)."""
-    if config.idempotency_ttl_s <= 0:
-        return None
-    if config.idempotency.backend == "redis":
-        return RedisIdempotencyStore.from_config(
-            config.idempotency, ttl_s=config.idempotency_ttl_s, metrics=metrics
-        )
-    return IdempotencyCache(config.idempotency_ttl_s, config.idempotency_max_bytes, metrics=metrics)
 
 
 def redacted(url: str) -> str:

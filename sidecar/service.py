@@ -32,7 +32,7 @@ from sidecar.balancer import pick
 from sidecar.config import SidecarConfig
 from sidecar.decide import Decider
 from sidecar.head import Context, forward_metadata, time_left
-from sidecar.idempotency_redis import idempotency_store
+from sidecar.idempotency import idempotency_store
 from sidecar.metrics import SidecarMetrics
 from sidecar.pipeline import InferencePipeline, outlier_detector
 from sidecar.router_picker import RouterPicker

@@ -18,8 +18,8 @@ from redis.asyncio import Redis
 
 from pointsman.errors import ConfigError, NoReadyInstanceError
 from sidecar.config import IdempotencyConfig, SidecarConfig, config_from_mapping
-from sidecar.idempotency import IdempotencyCache, Reuse
-from sidecar.idempotency_redis import RedisIdempotencyStore, idempotency_store, redacted
+from sidecar.idempotency import IdempotencyCache, Reuse, idempotency_store
+from sidecar.idempotency_redis import RedisIdempotencyStore, redacted
 from sidecar.main import add_arguments, build_config
 from sidecar.metrics import IdempotencyMetrics
 from tests.sidecar.test_idempotency import Executions, errors_kept_unless_not_run
