@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.fleet import Fleet
-from bench.priority_load import MODEL_INFER, codegen_request
+from bench.calls import INFER_METHOD, codegen_request
 from sidecar.config import IdempotencyConfig, SidecarConfig
 from sidecar.metrics import STORE_OPERATIONS
 from sidecar.server import SidecarServer, start_sidecar
@@ -53,7 +53,7 @@ async def _sidecar(fleet: Fleet, redis: RedisServer, seed: int) -> SidecarServer
 
 async def _send(sidecar: SidecarServer, request_id: str) -> bytes:
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
-        infer = channel.unary_unary(MODEL_INFER, request_serializer=None,
+        infer = channel.unary_unary(INFER_METHOD, request_serializer=None,
                                     response_deserializer=None)  # fmt: skip
         answer = await infer(REQUEST, metadata=(("x-request-id", request_id),), timeout=60)
     return bytes(answer)
