@@ -33,7 +33,7 @@ from sidecar.config import SidecarConfig
 from sidecar.decide import Decider
 from sidecar.flow import FlowControl
 from sidecar.head import Context, forward_metadata, time_left
-from sidecar.idempotency import IdempotencyCache
+from sidecar.idempotency import idempotency_store
 from sidecar.metrics import SidecarMetrics
 from sidecar.pipeline import InferencePipeline
 from sidecar.resilience import EjectionPolicy, OutlierDetector
@@ -91,6 +91,8 @@ class InferenceProxy:
         self._pool = pool
         self._rng = rng
         outliers = outlier_detector(config, clock)
+        # In memory or in Redis (None when replay is off); `start_sidecar` starts and closes it.
+        self.idempotency = idempotency_store(config, metrics.idempotency)
         self._decider = Decider(
             config,
             cache,
@@ -122,11 +124,7 @@ class InferenceProxy:
             self._decider,
             admission=admission,
             flow=flow,
-            idempotency=(
-                IdempotencyCache(config.idempotency_ttl_s, config.idempotency_max_bytes)
-                if config.idempotency_ttl_s > 0
-                else None
-            ),
+            idempotency=self.idempotency,
             outliers=outliers,
             metrics=metrics,
             tracer=tracer,
