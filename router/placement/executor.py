@@ -66,9 +66,10 @@ class PlacementExecutor:
 
     `snapshot` gives the current fleet view (queued requests, settling); `gpu_memory` an
     instance's latest GPU memory reading; `last_request_at` the clock time by which Triton's
-    counters last showed a request of (model, instance id), None if never; `on_routes_changed` asks for a route rebuild (the
-    router's route loop; a rebuild reads `book.draining`); `on_finished` hears of each job once
-    Triton has done it or it failed (the controller records decisions and footprints there).
+    counters last showed a request of (model, instance id), None if never; `on_routes_changed`
+    asks for a route rebuild (the router's route loop; a rebuild reads `book.draining`);
+    `on_finished` hears of each job once Triton has done it or it failed (the controller records
+    decisions and footprints there).
     """
 
     def __init__(

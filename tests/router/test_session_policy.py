@@ -31,7 +31,8 @@ from tests.support.loop_thread import LoopThread
         ({}, SessionPolicy("x-session-id", 8, 600.0)),
         ({"sessions": {"header": "x-conversation"}}, SessionPolicy("x-conversation", 8, 600.0)),
         ({"sessions": {"header": ""}}, SessionPolicy("", 8, 600.0)),
-        ({"sessions": {"max_in_flight": 2, "move_ttl_s": 30}}, SessionPolicy("x-session-id", 2, 30.0)),
+        ({"sessions": {"max_in_flight": 2, "move_ttl_s": 30}},
+         SessionPolicy("x-session-id", 2, 30.0)),
     ],
 )  # fmt: skip
 def test_sessions_section(data: dict[str, object], expected: SessionPolicy) -> None:

@@ -20,22 +20,24 @@ def request(tensor_bytes: int = 16, **parameters: tuple[str, object]) -> pb.Mode
     return message
 
 
+I64, U64, STR, BOOL = "int64_param", "uint64_param", "string_param", "bool_param"
+LONGEST = "é" * MAX_SEQUENCE_ID_CHARS
 CASES = [
     ("no parameters", request(), None),
-    ("other parameters only", request(priority=("uint64_param", 1)), None),
-    ("int64 id, start", request(sequence_id=("int64_param", 42), sequence_start=("bool_param", True)),
+    ("other parameters only", request(priority=(U64, 1)), None),
+    ("int64 id, start", request(sequence_id=(I64, 42), sequence_start=(BOOL, True)),
      SequenceStep(42, True, False)),
-    ("uint64 id, end", request(sequence_id=("uint64_param", 2**64 - 1), sequence_end=("bool_param", True)),
+    ("uint64 id, end", request(sequence_id=(U64, 2**64 - 1), sequence_end=(BOOL, True)),
      SequenceStep(2**64 - 1, False, True)),
-    ("negative int64 id is the same 64 bits", request(sequence_id=("int64_param", -1)),
+    ("negative int64 id is the same 64 bits", request(sequence_id=(I64, -1)),
      SequenceStep(2**64 - 1, False, False)),
-    ("string id", request(sequence_id=("string_param", "conv-7"), sequence_start=("bool_param", False)),
+    ("string id", request(sequence_id=(STR, "conv-7"), sequence_start=(BOOL, False)),
      SequenceStep("conv-7", False, False)),
-    ("longest string id", request(sequence_id=("string_param", "é" * MAX_SEQUENCE_ID_CHARS)),
-     SequenceStep("é" * MAX_SEQUENCE_ID_CHARS, False, False)),
-    ("id 0 is no sequence", request(sequence_id=("int64_param", 0), sequence_start=("bool_param", True)), None),
-    ('id "" is no sequence', request(sequence_id=("string_param", "")), None),
-    ("1 MiB tensor", request(1 << 20, sequence_id=("int64_param", 9)), SequenceStep(9, False, False)),
+    ("longest string id", request(sequence_id=(STR, LONGEST)),
+     SequenceStep(LONGEST, False, False)),
+    ("id 0 is no sequence", request(sequence_id=(I64, 0), sequence_start=(BOOL, True)), None),
+    ('id "" is no sequence', request(sequence_id=(STR, "")), None),
+    ("1 MiB tensor", request(1 << 20, sequence_id=(I64, 9)), SequenceStep(9, False, False)),
 ]  # fmt: skip
 
 

@@ -25,13 +25,15 @@ def _flag(request: object, name: str) -> bool:
     return tensor is not None and bool(tensor.as_numpy().reshape(-1)[0])
 
 
+def _value(request: object, name: str) -> int:
+    return int(pb_utils.get_input_tensor_by_name(request, name).as_numpy().flat[0])
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         # Holds the declared pointsman.memory_bytes, so placement counts real memory.
-        self.ballast = hold_declared(
-            config, lambda m: pb_utils.Logger.log_warn(f"accumulate: {m}")
-        )
+        self.ballast = hold_declared(config, lambda m: pb_utils.Logger.log_warn(f"accumulate: {m}"))
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 1000000))
         self.idle_s = idle_us / 1e6
         # correlation id -> (running sum, monotonic time of its last step)
@@ -43,8 +45,8 @@ class TritonPythonModel:
         for request in requests:
             value = 0
             if _flag(request, "READY"):
-                corrid = int(pb_utils.get_input_tensor_by_name(request, "CORRID").as_numpy().flat[0])
-                step = int(pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy().flat[0])
+                corrid = _value(request, "CORRID")
+                step = _value(request, "INPUT")
                 start = _flag(request, "START")
                 before = 0 if start else self.sums.get(corrid, (0, now))[0]
                 value = before + step
