@@ -2,7 +2,7 @@
 
 The handler answers with the instance's address; a held call stays in flight (counted in the
 sidecar's own in-flight count, what saturation is judged by) until the test releases it. The
-same behaviour on real Tritons: tests/integration/test_sessions.py.
+same behaviour on real Tritons: tests/integration/test_sequences.py.
 """
 
 from __future__ import annotations
