@@ -256,6 +256,8 @@ class Decider:
             if self._cold_picker is None:
                 raise
         else:
+            if head.sequence is None and not head.session:  # the common case, no await
+                return self._pick(candidates), True
             return await self._choose_among(head, decision, candidates, context), True
         wait_s = self._cold_start_wait_s
         remaining = time_left(context)

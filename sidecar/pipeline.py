@@ -17,9 +17,8 @@ may fail over only until its first response reaches the caller (`StreamFeed` rep
 messages sent so far), then it is bound to its instance. Errors become statuses in one place
 per handler (`status_of`), which also counts sheds and Triton's queue-full answers.
 
-A sequence step follows its plan (`Decision.sequence`, `sidecar.sequences`): never failed
-over to an instance without its state. Issue 15's back-off retries of Triton's queue-full
-answer belong to `_failover` (which already moves it to another holder) and to admission.
+A sequence step follows its plan (`Decision.sequence`, `sidecar.sequences`). Issue 15's
+back-off retries of Triton's queue-full answer belong to `_failover` and to admission.
 """
 
 from __future__ import annotations
@@ -330,10 +329,7 @@ class InferencePipeline:
             return None
         if not retryable(error.code(), error.details() or ""):
             return None
-        if plan is not None:
-            following = plan.next_start(tried)
-        else:
-            following = self._next_target(decision, tried)
+        following = self._next_target(decision, tried) if plan is None else plan.next_start(tried)
         if following is None:
             return None
         if not self._budget.try_spend():

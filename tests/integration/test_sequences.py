@@ -311,7 +311,8 @@ def test_kill_9_of_a_sequence_holder_fails_its_steps_clearly_and_spares_the_othe
         assert outcome.startswith(("StatusCode.ABORTED", "StatusCode.FAILED_PRECONDITION"))
         assert f"sequence {sid} of model 'accumulate'" in outcome and "lost" in outcome
     spared = {sid: outcomes[sid] for sid in ids if sid not in lost}
-    print(f"kill -9 of {victim}: its {len(lost)} live sequences failed with "
-          f"{sorted({outcomes[s].split(':')[0] for s in lost})}, e.g. {outcomes[lost[0]]!r}; "
-          f"{sum(o == 'ok' for o in spared.values())}/{len(spared)} others completed right")  # fmt: skip
+    codes = sorted({outcomes[s].split(":")[0] for s in lost})
+    right = sum(o == "ok" for o in spared.values())
+    print(f"kill -9 of {victim}: its {len(lost)} live sequences failed with {codes}, "
+          f"e.g. {outcomes[lost[0]]!r}; {right}/{len(spared)} others completed right")  # fmt: skip
     assert spared and all(o == "ok" for o in spared.values())
