@@ -3,10 +3,11 @@
 Triton's sequence batcher reads three entries of ModelInferRequest.parameters (field 4, a
 map<string, InferParameter>): `sequence_id` (int64, uint64 or string), `sequence_start` and
 `sequence_end` (bool). `peek_sequence` reads them in `sidecar.wire`'s style: top-level fields
-skipped by their length, and only the parameters entries looked into, with bounded varints
-(nested messages are not checked by `wire`'s walk, so a run of 0x80 bytes must not build a huge
-integer). A request below 64 KiB without the key bytes costs one byte search; the request head
-(`wire.RequestHead.parameters_at`) lets a request without parameters skip this module at all.
+skipped by their length, and only the parameters entries looked into, with the bounded field
+reader of `sidecar.prompt` (nested messages are not checked by `wire`'s walk, so a run of 0x80
+bytes must not build a huge integer). A request below 64 KiB without the key bytes costs one
+byte search; the request head (`wire.RequestHead.parameters_at`) lets a request without
+parameters skip this module at all.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from pointsman.errors import InvalidRequestError
-from sidecar.wire import _PARAMETERS_TAG, _SEARCH_BELOW, _read_varint
+from sidecar.prompt import _next_field, _varint
+from sidecar.wire import _PARAMETERS_TAG, _SEARCH_BELOW
 
 __all__ = ["MAX_SEQUENCE_ID_CHARS", "SequenceStep", "peek_sequence"]
 
@@ -56,7 +58,7 @@ def peek_sequence(data: bytes, start: int = 0) -> SequenceStep | None:
     values: dict[bytes, tuple[int, int, int]] = {}
     i = start
     while i < n:
-        tag, value_start, i = _field(data, i, n)
+        tag, value_start, i = _next_field(data, i, n)
         if tag == _PARAMETERS_TAG:
             key, parameter = _map_entry(data, value_start, i)
             if key in (_SEQUENCE_ID, _SEQUENCE_START, _SEQUENCE_END):
@@ -73,39 +75,6 @@ def peek_sequence(data: bytes, start: int = 0) -> SequenceStep | None:
     )
 
 
-def _bad(what: str, offset: int) -> InvalidRequestError:
-    return InvalidRequestError(f"malformed request: {what} at byte {offset}")
-
-
-def _bounded_varint(data: bytes, i: int, end: int) -> tuple[int, int]:
-    """The varint at data[i] (at most 10 bytes, within data[:end]) and the offset after it."""
-    try:
-        value, used = _read_varint(data[i : min(end, i + 10)], 0)
-    except IndexError:
-        raise _bad("truncated or overlong varint", i) from None
-    return value, i + used
-
-
-def _field(data: bytes, i: int, end: int) -> tuple[int, int, int]:
-    """(tag, value start, offset after) of the field at data[i], within data[:end]. A varint
-    field's value is read from its start; fixed-size fields are skipped."""
-    at = i
-    tag, i = _bounded_varint(data, i, end)
-    wire_type = tag & 7
-    if wire_type == 2:
-        length, i = _bounded_varint(data, i, end)
-        stop = i + length
-    elif wire_type == 0:
-        _, stop = _bounded_varint(data, i, end)
-    elif wire_type == 1 or wire_type == 5:
-        stop = i + (8 if wire_type == 1 else 4)
-    else:
-        raise _bad(f"unsupported wire type {wire_type}", at)
-    if stop > end:
-        raise _bad(f"field {tag >> 3} runs past its message", at)
-    return tag, i, stop
-
-
 # A map entry: key = field 1 (LEN), value = field 2 (LEN, an InferParameter).
 _ENTRY_KEY_TAG, _ENTRY_VALUE_TAG = 1 << 3 | 2, 2 << 3 | 2
 
@@ -116,13 +85,13 @@ def _map_entry(data: bytes, i: int, end: int) -> tuple[bytes, tuple[int, int, in
     key = b""
     parameter = (0, -1, -1)
     while i < end:
-        tag, start, i = _field(data, i, end)
+        tag, start, i = _next_field(data, i, end)
         if tag == _ENTRY_KEY_TAG:
             key = data[start:i]
         elif tag == _ENTRY_VALUE_TAG:
             j = start
             while j < i:  # InferParameter is a oneof: the last field set wins
-                value_tag, value_start, j = _field(data, j, i)
+                value_tag, value_start, j = _next_field(data, j, i)
                 parameter = (value_tag >> 3, value_start, j)
     return key, parameter
 
@@ -131,7 +100,7 @@ def _sequence_id(data: bytes, parameter: tuple[int, int, int]) -> int | str:
     kind, start, end = parameter
     if kind in (_INT64_PARAM, _UINT64_PARAM):
         # An int64 id is read as Triton reads it: the same 64 bits, unsigned.
-        return _bounded_varint(data, start, end)[0] & _MASK64
+        return _varint(data, start, end)[0] & _MASK64
     if kind == _STRING_PARAM:
         if end - start > 4 * MAX_SEQUENCE_ID_CHARS:
             chars = end - start  # too long whatever its encoding: not decoded
@@ -156,4 +125,4 @@ def _flag(data: bytes, parameter: tuple[int, int, int] | None, key: str) -> bool
     kind, start, end = parameter
     if kind != _BOOL_PARAM:
         raise InvalidRequestError(f"{key}: must be a bool parameter")
-    return _bounded_varint(data, start, end)[0] != 0
+    return _varint(data, start, end)[0] != 0
