@@ -149,7 +149,9 @@ class Decider:
         stream is bound to what its first message chose and its messages get no priority or
         queue timeout."""
         version, suffix = head.version, b""
-        if not version and self._picker is None:
+        # Sequences and sessions are routed from the tables in either mode: the version too.
+        by_tables = self._picker is None or head.sequence is not None or bool(head.session)
+        if not version and by_tables:
             version = self._policy_version(head)
             if version:
                 suffix = _version_field(version)

@@ -245,9 +245,9 @@ class SequenceAffinity:
         remaining: float | None,
     ) -> SequencePlan | None:
         """The plan for one step; None when the model has no sequence batcher (route the
-        request as any other). `candidates`: the holders of the step's (model, version); None
-        when none is ready (a step that continues a sequence may still find it on a departed
-        holder). Raises SequenceNotLiveError when nowhere could hold the sequence."""
+        request as any other) or nothing could hold the sequence. `candidates`: the holders of
+        the step's (model, version); None when none is ready (a step that continues a sequence
+        may still find it on a holder that just left)."""
         holders = [u.address for u in candidates.upstreams] if candidates is not None else []
         if holders:
             config = await self.configs.get(model, self._pool.get(holders[0]), remaining)
@@ -349,6 +349,9 @@ class SequenceAffinity:
             for address in after & departed.keys():
                 del departed[address]
         self._holders = current
+        for model in list(self._departed):
+            if not self._live_departed(model):  # forgets those gone longer than the idle time
+                del self._departed[model]
 
 
 def _key(sequence_id: int | str) -> int:

@@ -187,6 +187,13 @@ async def run_sequences(
     return answers
 
 
+async def start_all(through: Sidecar, fleet: SequenceFleet, ids: Iterable[int]) -> dict[int, str]:
+    """Starts each sequence (adding 1); where each started."""
+    for sid in ids:
+        await through.infer(step(sid, 1, start=True))
+    return {sid: a for a, sid, start in fleet.ran if start and isinstance(sid, int)}
+
+
 def expect_correct(answers: dict[int | str, list[tuple[str, int]]]) -> None:
     for sid, steps in answers.items():
         assert [total for _, total in steps] == [1, 3, 6, 10, 15][: len(steps)], sid
@@ -248,9 +255,7 @@ async def test_a_holder_added_mid_sequence_moves_no_live_sequence() -> None:
     fleet = SequenceFleet()
     s = sidecar(fleet)
     ids = list(range(1, 41))
-    for sid in ids:
-        await s.infer(step(sid, 1, start=True))
-    before = {sid: a for a, sid, start in fleet.ran if start}
+    before = await start_all(s, fleet, ids)
     s.cache.apply(routes((A, B, C, D), generation=2))  # D ranks first for about a quarter
     for sid in ids:
         assert total_of(await s.infer(step(sid, 2))) == (before[sid], 3)
@@ -270,9 +275,7 @@ async def test_a_holder_that_leaves_the_routes_keeps_its_live_sequences() -> Non
     fleet = SequenceFleet()
     one, two = sidecar(fleet), sidecar(fleet)
     ids = list(range(1, 31))
-    for sid in ids:
-        await one.infer(step(sid, 1, start=True))
-    on = {sid: a for a, sid, start in fleet.ran if start}
+    on = await start_all(one, fleet, ids)
     for s in (one, two):
         s.cache.apply(routes((B, C), generation=2))
     for k, s in ((2, one), (3, two)):
@@ -297,9 +300,7 @@ async def test_a_dead_instance_fails_its_sequences_clearly_and_no_step_runs_else
     fleet = SequenceFleet()
     s = sidecar(fleet)
     ids = list(range(1, 21))
-    for sid in ids:
-        await s.infer(step(sid, 1, start=True))
-    on = {sid: a for a, sid, start in fleet.ran if start}
+    on = await start_all(s, fleet, ids)
     victim = on[ids[0]]
     fleet.dead.add(victim)
     ran_before = len(fleet.ran)
