@@ -5,8 +5,8 @@ three instances, driven by stock `tritonclient.grpc` (`sequence_id`, `sequence_s
 `sequence_end`): interleaved sequences through one sidecar, then through two sidecars
 alternating per step, come back right; bad sequence input gets clear statuses; `kill -9` of the
 instance holding a live sequence fails its next step with a status naming the sequence, and the
-other sequences go on. Sessions (`x-session-id`) on `echo` and `slow`: each session on one
-instance while unsaturated, and a saturated holder moves a session once, counted. This module
+other sequences go on. Sessions (`x-session-id`) on `slow`: each session on one instance
+while unsaturated, and a saturated holder moves a session once, counted. This module
 kills one of its Tritons, so the kill runs last and the fleet is its own.
 """
 
@@ -34,13 +34,15 @@ from tests.support.loop_thread import LoopThread
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(300)]
 
-MODELS = ("accumulate", "echo", "slow")
+# Two Python models an instance: more stubs starting at once on a busy 2-core machine have
+# made Triton abort at start (boost::interprocess::lock_exception in the Python backend).
+MODELS = ("accumulate", "slow")
 PLACEMENT = {f"triton-{i}": MODELS for i in range(3)}
 POLICY = """\
 models:
   accumulate: {min_copies: 3, max_copies: 3}
-  echo: {min_copies: 3, max_copies: 3}
   slow: {min_copies: 3, max_copies: 3}
+  echo: {max_copies: 0}
   codegen: {max_copies: 0}
   codegen_stream: {max_copies: 0}
 sessions: {header: x-session-id, max_in_flight: 2}
@@ -120,6 +122,17 @@ def grew(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {i: after[i] - before[i] for i in after if after[i] != before[i]}
 
 
+def landed(fleet: Fleet, model: str, before: dict[str, int], requests: int) -> dict[str, int]:
+    """Where `requests` answered requests of `model` landed since `before`, by Triton's own
+    statistics (which count a request a moment after its answer: read until all show)."""
+    deadline = time.monotonic() + 5
+    while True:
+        counts = grew(before, successes(fleet, model))
+        if sum(counts.values()) >= requests or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
 def scraped(url: str, name: str, **labels: str) -> float:
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
@@ -164,7 +177,7 @@ def test_interleaved_sequences_through_the_sidecar_are_all_correct(fleet: Fleet)
     answers = run_interleaved([fleet.sidecar_address], list(range(1, 21)))
     seconds = time.monotonic() - started
     wrong = {sid: sums for sid, sums in answers.items() if sums != SUMS}
-    spread = grew(before, successes(fleet, "accumulate"))
+    spread = landed(fleet, "accumulate", before, 100)
     print(f"20 sequences x 5 steps through one sidecar: {100 - 5 * len(wrong)}/100 correct "
           f"in {seconds:.2f} s; steps per instance {spread}")  # fmt: skip
     assert wrong == {}
@@ -207,30 +220,34 @@ def test_bad_sequence_input_gets_a_clear_status(
                          sequence_end=end, client_timeout=10)  # fmt: skip
         assert refused.value.status() == code and words in (refused.value.message() or "")
         # Nothing ran, and the sidecar serves on.
-        assert successes(fleet, "accumulate") == before
         assert sequence_step(client, 99, 1, steps=1) == 1
+        assert sum(landed(fleet, "accumulate", before, 1).values()) == 1
 
 
 # -- sessions ---------------------------------------------------------------------------------
 
 
-def echo_turn(client: grpcclient.InferenceServerClient, session: str) -> None:
-    tensor = grpcclient.InferInput("INPUT0", [4], "FP32")
-    tensor.set_data_from_numpy(np.arange(4, dtype=np.float32))
-    client.infer("echo", [tensor], headers={"x-session-id": session}, client_timeout=10)
+def slow_turn(session: str, sleep_ms: int, address: str) -> None:
+    """One turn of `session` on `slow`, which answers after `sleep_ms`."""
+    values = grpcclient.InferInput("INPUT0", [1, 2], "FP32")
+    values.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
+    sleep = grpcclient.InferInput("SLEEP_MS", [1, 1], "INT32")
+    sleep.set_data_from_numpy(np.array([[sleep_ms]], dtype=np.int32))
+    with grpcclient.InferenceServerClient(address) as client:
+        client.infer("slow", [values, sleep], headers={"x-session-id": session},
+                     client_timeout=30)  # fmt: skip
 
 
 def test_sessions_stay_on_one_instance_while_unsaturated(fleet: Fleet) -> None:
     homes: dict[str, str] = {}
-    with grpcclient.InferenceServerClient(fleet.sidecar_address) as client:
-        for n in range(50):
-            session = f"conversation-{n}"
-            before = successes(fleet, "echo")
-            for _ in range(10):
-                echo_turn(client, session)
-            landed = grew(before, successes(fleet, "echo"))
-            assert list(landed.values()) == [10], (session, landed)
-            homes[session] = next(iter(landed))
+    for n in range(50):
+        session = f"conversation-{n}"
+        before = successes(fleet, "slow")
+        for _ in range(10):
+            slow_turn(session, 1, fleet.sidecar_address)
+        where = landed(fleet, "slow", before, 10)
+        assert list(where.values()) == [10], (session, where)
+        homes[session] = next(iter(where))
     spread = {i: list(homes.values()).count(i) for i in sorted(set(homes.values()))}
     moves = scraped(fleet.sidecar_metrics_url, "pointsman_sidecar_session_moves_total")
     print(f"50 sessions x 10 turns: each on one instance; sessions per instance {spread}; "
@@ -244,32 +261,26 @@ def test_a_saturated_holder_moves_a_session_once_and_counts_it(fleet: Fleet) -> 
     moves_before = scraped(url, "pointsman_sidecar_session_moves_total", model="slow")
 
     def turn(sleep_ms: int) -> None:
-        values = grpcclient.InferInput("INPUT0", [1, 2], "FP32")
-        values.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
-        sleep = grpcclient.InferInput("SLEEP_MS", [1, 1], "INT32")
-        sleep.set_data_from_numpy(np.array([[sleep_ms]], dtype=np.int32))
-        with grpcclient.InferenceServerClient(fleet.sidecar_address) as client:
-            client.infer("slow", [values, sleep], headers={"x-session-id": session},
-                         client_timeout=30)  # fmt: skip
+        slow_turn(session, sleep_ms, fleet.sidecar_address)
 
     before = successes(fleet, "slow")
     turn(1)
-    home = next(iter(grew(before, successes(fleet, "slow"))))
-    # Four turns at once, 1.5 s each: two fill the holder (max_in_flight 2), the third moves
+    (home,) = landed(fleet, "slow", before, 1)
+    # Four turns at once, 3 s each: two fill the holder (max_in_flight 2), the third moves
     # the session, the fourth follows the move.
     before = successes(fleet, "slow")
-    threads = [threading.Thread(target=turn, args=(1500,)) for _ in range(4)]
+    threads = [threading.Thread(target=turn, args=(3000,)) for _ in range(4)]
     for thread in threads:
         thread.start()
-        time.sleep(0.1)
+        time.sleep(0.2)  # in order, and all four well within the first two's 3 s
     for thread in threads:
         thread.join()
-    burst = grew(before, successes(fleet, "slow"))
+    burst = landed(fleet, "slow", before, 4)
     # Unsaturated again, later turns stay where the session moved.
     before = successes(fleet, "slow")
     for _ in range(5):
         turn(1)
-    after = grew(before, successes(fleet, "slow"))
+    after = landed(fleet, "slow", before, 5)
     moves = scraped(url, "pointsman_sidecar_session_moves_total", model="slow") - moves_before
     print(f"saturating load on a session's holder ({home}): burst landed {burst}, later turns "
           f"{after}, moves counted {moves:.0f}")  # fmt: skip
@@ -288,11 +299,15 @@ def test_kill_9_of_a_sequence_holder_fails_its_steps_clearly_and_spares_the_othe
     ids = list(range(2001, 2021))
     holder: dict[int, str] = {}
     with grpcclient.InferenceServerClient(fleet.sidecar_address) as client:
+        # Where each sequence lives, by Triton's own statistics after its first step; then
+        # the second steps, quickly (the model ends a sequence idle for 5 s).
+        before = successes(fleet, "accumulate")
         for sid in ids:
-            before = successes(fleet, "accumulate")
-            for k in (1, 2):
-                assert sequence_step(client, sid, k) == SUMS[k - 1]
-            (holder[sid],) = grew(before, successes(fleet, "accumulate"))
+            assert sequence_step(client, sid, 1) == SUMS[0]
+            (holder[sid],) = landed(fleet, "accumulate", before, 1)
+            before[holder[sid]] += 1
+        for sid in ids:
+            assert sequence_step(client, sid, 2) == SUMS[1]
         victim = holder[ids[0]]
         process = next(p for p in fleet.processes if p.name == victim)
         process.kill()  # SIGKILL

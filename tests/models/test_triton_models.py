@@ -529,7 +529,7 @@ def test_accumulate_keeps_a_sum_per_sequence_as_the_sidecar_expects(
     """The facts sidecar/sequences.py relies on, as this Triton shows them."""
     config = client.get_model_config("accumulate").config
     idle_s = config.sequence_batching.max_sequence_idle_microseconds / 1e6
-    assert idle_s == 2.0
+    assert idle_s == 5.0
     # Interleaved sequences, integer and string ids, each its own sum.
     assert _accumulate(client, 11, 5, start=True) == 5
     assert _accumulate(client, "eleven", 7, start=True) == 7
