@@ -180,6 +180,26 @@ class SidecarMetrics:
             ("model",),
             registry=registry,
         )
+        self.sequence_probes = Counter(
+            "pointsman_sidecar_sequence_probes",
+            "Steps of a sequence sent to an instance that did not hold it (refused there "
+            "without running, or unreachable) while looking for the one that does",
+            ("model",),
+            registry=registry,
+        )
+        self.sequence_failures = Counter(
+            "pointsman_sidecar_sequence_failures",
+            "Steps of a sequence that no instance held: ABORTED when its instance failed, "
+            "FAILED_PRECONDITION when it never started, ended or idled out",
+            ("model", "code"),
+            registry=registry,
+        )
+        self.session_moves = Counter(
+            "pointsman_sidecar_session_moves",
+            "Sessions moved to another holder because theirs was saturated",
+            ("model",),
+            registry=registry,
+        )
         registry.register(_LiveGauges(cache, pool))
         self._series: dict[tuple[str, str, str], RequestSeries] = {}
         self._by_labels: dict[tuple[str, str, str], RequestSeries] = {}
@@ -243,6 +263,18 @@ class SidecarMetrics:
     def queue_full(self, model: str) -> None:
         """Triton answered "Exceeds maximum queue size" for a request of `model`."""
         self.triton_queue_full.labels(self.model_label(model)).inc()
+
+    def sequence_probe(self, model: str) -> None:
+        """A sequence step went on to the next instance: the last one did not hold it."""
+        self.sequence_probes.labels(self.model_label(model)).inc()
+
+    def sequence_failed(self, model: str, code: grpc.StatusCode) -> None:
+        """A sequence step failed because no instance held its sequence."""
+        self.sequence_failures.labels(self.model_label(model), code.name).inc()
+
+    def session_move(self, model: str) -> None:
+        """A session left its saturated holder for another."""
+        self.session_moves.labels(self.model_label(model)).inc()
 
     def cold_start(self, model: str) -> None:
         """A request that waited for its model to load (counted once the sidecar can wait)."""

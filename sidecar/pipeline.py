@@ -19,8 +19,8 @@ may fail over only until its first response reaches the caller (`StreamFeed` rep
 messages sent so far), then it is bound to its instance. Errors become statuses in one place
 per handler (`status_of`), which also counts sheds and Triton's queue-full answers.
 
-Where the next features go (issues 12 and 15): a pinned sequence makes `_failover` answer
-None with the sequence's own status instead of moving it.
+A sequence step follows its plan (`Decision.sequence`, `sidecar.sequences`): it waits for a
+place at its planned instance only, and a queue-full refusal is resent there.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class InferencePipeline:
         decision: Decision | None = None
         code, message = _OK, ""
         try:
-            head = read_head(request, metadata)
+            head = read_head(request, metadata, session_header=self._decider.sessions.header)
             decision = self._decider.prepare(head, request)
             series = self._metrics.series(head.model, decision.version, INFER)
             if not head.request_id or self._idempotency is None:
@@ -131,14 +131,9 @@ class InferencePipeline:
             self._done(INFER, started, series, decision, span, code, message)
 
     async def _infer(
-        self,
-        head: CallHead,
-        decision: Decision,
-        series: RequestSeries,
-        request: bytes,
-        context: Context,
-        span: Span | None,
-    ) -> bytes:
+        self, head: CallHead, decision: Decision, series: RequestSeries, request: bytes,
+        context: Context, span: Span | None,
+    ) -> bytes:  # fmt: skip
         def send(upstream: Upstream, remaining: float | None, md: Metadata) -> Awaitable[bytes]:
             return upstream.infer(
                 decision.apply(request, remaining), timeout=remaining, metadata=md
@@ -177,7 +172,9 @@ class InferencePipeline:
                 first = await anext(requests)
             except StopAsyncIteration:
                 return  # the caller half-closed without a request: nothing to route
-            head = read_head(first, metadata, with_id=False)
+            head = read_head(
+                first, metadata, with_id=False, session_header=self._decider.sessions.header
+            )
             decision = self._decider.prepare(head, first, stream=True)
             series = self._metrics.series(head.model, decision.version, STREAM)
             # A stream holds one admission slot for its whole life.
@@ -249,8 +246,11 @@ class InferencePipeline:
                 # Checked before every attempt: an expired request is never forwarded.
                 remaining = time_left(context)
                 try:
-                    return await self._attempt(upstream, place, remaining, head.forward, send,
-                                               span, method, len(tried) + refusals)  # fmt: skip
+                    answer = await self._attempt(upstream, place, remaining, head.forward, send,
+                                                 span, method, len(tried) + refusals)  # fmt: skip
+                    if decision.sequence is not None:
+                        decision.sequence.answered(upstream)
+                    return answer
                 except grpc.aio.AioRpcError as error:
                     if feed is not None and not feed.replayable:
                         raise  # a response has reached the caller: bound to this instance
@@ -260,8 +260,9 @@ class InferencePipeline:
                         refusals += 1
                         series.queue_full_retries.inc()
                         upstream, place, ticket = await self._wait_place(
-                            None, decision, series, context, size, ticket, ()
-                        )
+                            None if decision.sequence is None else upstream,
+                            decision, series, context, size, ticket, (),
+                        )  # fmt: skip
                         continue
                     following = self._failover(decision, error, tried)
                     if following is None:
@@ -284,7 +285,10 @@ class InferencePipeline:
         """A place at the holder not yet tried with the most room, waiting in the admission
         queue while none has room; and the request's ticket (kept for later waits)."""
         ticket = self._admission.next_seq() if ticket < 0 else ticket
-        holders = self._holders(decision, tried) or [preferred or decision.first]  # type: ignore[list-item]
+        if decision.sequence is not None and preferred is not None:
+            holders = [preferred]  # a sequence step goes where its plan says only
+        else:
+            holders = self._holders(decision, tried) or [preferred or decision.first]  # type: ignore[list-item]
         upstream, place = await self._flow.wait(
             holders, decision, series.held, time_left(context), size, ticket
         )
@@ -339,12 +343,20 @@ class InferencePipeline:
     ) -> Upstream | None:
         """The instance to retry on after `error`, or None to give the caller the error:
         retries must be on, the error one after which Triton did not run the request, attempts
-        left, another candidate, and room in the retry budget."""
+        left, another candidate, and room in the retry budget. A step that continues a
+        sequence follows its plan alone (it raises when no instance holds the sequence)."""
+        plan = decision.sequence
+        if plan is not None and not plan.step.start:
+            return plan.next_step(error, tried)
         if not self._retry or len(tried) >= self._max_attempts:
             return None
         if not retryable(error.code(), error.details() or ""):
             return None
-        following = next(iter(self._holders(decision, tried)), None)
+        following = (
+            next(iter(self._holders(decision, tried)), None)
+            if plan is None
+            else plan.next_start(tried)
+        )
         if following is None:
             return None
         if not self._budget.try_spend():
@@ -380,15 +392,9 @@ class InferencePipeline:
             series.hits.inc()
 
     def _done(
-        self,
-        method: str,
-        started: float,
-        series: RequestSeries | None,
-        decision: Decision | None,
-        span: Span | None,
-        code: grpc.StatusCode,
-        message: str,
-    ) -> None:
+        self, method: str, started: float, series: RequestSeries | None,
+        decision: Decision | None, span: Span | None, code: grpc.StatusCode, message: str,
+    ) -> None:  # fmt: skip
         """A call ended with (code, message): its metrics, and its server span's last words."""
         (series or self._metrics.series("", "", method)).done(code, perf_counter() - started)
         if span is not None:
@@ -396,13 +402,9 @@ class InferencePipeline:
             RpcTracer.end(span, code, message, {MODEL: model, MODEL_VERSION: version})
 
     async def _abort(
-        self,
-        context: Context,
-        decision: Decision | None,
-        error: Exception,
-        code: grpc.StatusCode,
-        message: str,
-    ) -> NoReturn:
+        self, context: Context, decision: Decision | None, error: Exception,
+        code: grpc.StatusCode, message: str,
+    ) -> NoReturn:  # fmt: skip
         """Ends the call with (code, message), counting a shed request (with its retry hint in
         the trailing metadata) or Triton's queue-full answer."""
         model = "" if decision is None else decision.model

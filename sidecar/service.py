@@ -46,10 +46,11 @@ from sidecar.wire import peek_model
 __all__ = ["InferenceProxy"]
 
 SERVER_NAME = "pointsman-sidecar"
-# What a request through the sidecar can use; shared memory, sequences (no sticky routing),
-# tracing and logging settings are missing on purpose (see README.md).
-EXTENSIONS = ("classification", "model_configuration", "binary_tensor_data", "parameters",
-              "statistics")  # fmt: skip
+# What a request through the sidecar can use (`sequence`: every step of a sequence reaches the
+# instance holding it, sidecar/sequences.py); shared memory, tracing and logging settings are
+# missing on purpose (see README.md).
+EXTENSIONS = ("classification", "sequence", "model_configuration", "binary_tensor_data",
+              "parameters", "statistics")  # fmt: skip
 _REPOSITORY_STATE_RANK = {"READY": 0, "LOADING": 1, "UNLOADING": 2, "UNAVAILABLE": 3}
 
 
@@ -103,6 +104,7 @@ class InferenceProxy:
             tracer=tracer,
             picker=picker,
             cold_picker=cold_picker,
+            clock=clock,
         )
         admission = Admission(
             config.max_in_flight,
