@@ -161,9 +161,10 @@ def run(args: argparse.Namespace) -> int:
         tuple(results),
         replace(origin, loadavg_end=os.getloadavg()),
     )
-    paths = write_report(bench_run, out)
+    # A smoke run's bars mean nothing, and drawing them takes seconds.
+    paths = write_report(bench_run, out, plot=not args.quick)
     print((out / "results.md").read_text())
-    print("wrote " + ", ".join(str(p) for p in paths))
+    print("wrote " + ", ".join(str(p) for p in paths) + (" (quick: no PNG)" if args.quick else ""))
     if failed:
         _say(f"pointsman bench: failed: {', '.join(failed)}")
         return 1

@@ -346,9 +346,9 @@ def _plot(run: BenchRun, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(run: BenchRun, out_dir: Path) -> list[Path]:
-    """Writes results.json, results.md and results.png into `out_dir`; returns their paths.
-    Without matplotlib (the `bench` extra) the PNG is left out, with a message."""
+def write_report(run: BenchRun, out_dir: Path, *, plot: bool = True) -> list[Path]:
+    """Writes results.json, results.md and (with `plot`) results.png into `out_dir`; returns
+    their paths. Without matplotlib (the `bench` extra) the PNG is left out, with a message."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out_dir / f"results.{ext}" for ext in ("json", "md", "png"))
     document = {
@@ -361,6 +361,8 @@ def write_report(run: BenchRun, out_dir: Path) -> list[Path]:
     }
     json_path.write_text(json.dumps(_jsonable(document), indent=2) + "\n")
     md_path.write_text(render_markdown(run))
+    if not plot:
+        return [json_path, md_path]
     try:
         _plot(run, png_path)
     except ImportError:

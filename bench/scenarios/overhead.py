@@ -103,7 +103,7 @@ class OverheadSettings:
     h2load: bool = True  # drive with h2load too, where it is installed
 
 
-QUICK = OverheadSettings(duration_s=0.4, warmup_s=0.1, rounds=1, h2load=False)
+QUICK = OverheadSettings(duration_s=0.3, warmup_s=0.1, rounds=1, h2load=False)
 
 
 def request_body() -> bytes:

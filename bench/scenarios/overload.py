@@ -343,10 +343,10 @@ def scenario(options: Options, say: Say) -> ScenarioResult:
         settings = replace(
             settings,
             max_in_flight=(8,),
-            duration_s=1.0,
-            capacity_s=1.0,
-            unloaded_s=0.5,
-            warmup_s=0.3,
+            duration_s=0.5,
+            capacity_s=0.5,
+            unloaded_s=0.3,
+            warmup_s=0.2,
         )
     if options.duration_s:
         settings = replace(settings, duration_s=options.duration_s)

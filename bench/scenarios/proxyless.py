@@ -119,8 +119,12 @@ def measure_path(
     address: str, concurrency: int, settings: OverheadSettings, pids: Mapping[str, int]
 ) -> PathRun:
     """One run of the Python driver against `address`, with the CPU time of the processes in
-    `pids` ("client", "triton", "router", and "proxy" where the path has one)."""
-    window = CostWindow(pids)
+    `pids`: "triton", "router", and "proxy" where the path has one, each with its
+    descendants (Triton's model stubs, nghttpx's worker), and this process as "client"."""
+    samplers = {name: ProcessSampler([pid], descendants=True) for name, pid in pids.items()}
+    # Not this process's descendants: they are the processes under test.
+    samplers["client"] = ProcessSampler([os.getpid()])
+    window = CostWindow(samplers)
     run = python_run(address, concurrency, settings, around=window)
     calls = max(1, run.calls)
     return PathRun(
@@ -186,7 +190,6 @@ def run_proxyless(
             for path, process in serving.items():
                 wait_for_answer(addresses[path], process, timeout_s=60)
             base = {
-                "client": os.getpid(),
                 "triton": _pid(fleet, triton.instance_id),
                 "router": _pid(fleet, "router"),
             }
