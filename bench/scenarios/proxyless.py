@@ -63,13 +63,10 @@ MIN_ROUNDS_FOR_NOISE = 3
 
 
 class CostWindow:
-    """CPU time and peak RSS of named processes (each with its descendants) over a `with`
-    block, and the block's wall time."""
+    """CPU time and peak RSS of named processes over a `with` block, and its wall time."""
 
-    def __init__(self, pids: Mapping[str, int]) -> None:
-        self.samplers = {
-            name: ProcessSampler([pid], descendants=True) for name, pid in pids.items()
-        }
+    def __init__(self, samplers: Mapping[str, ProcessSampler]) -> None:
+        self.samplers = samplers
         self.elapsed_s = math.nan
         self._began = 0.0
 

@@ -30,7 +30,7 @@ from app.fleet import Fleet, FleetConfig
 from app.processes import ManagedProcess, stop_all
 from app.triton import TritonSpec, prepare_installation, triton_process, wait_until_ready
 
-__all__ = ["MODELS", "SharedFleet", "fleet_for", "merged", "one_triton"]
+__all__ = ["MODELS", "SharedFleet", "fleet_for", "merged", "one_triton", "shared_policy"]
 
 MODELS = ("add_one", "codegen")
 
@@ -46,6 +46,16 @@ def merged(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+def shared_policy(text: str) -> str:
+    """The shared fleet's policy file: overload's priority classes, and `text` (a policy
+    document, route-propagation's) over them."""
+    # Imported here: those scenarios import this module.
+    from bench.scenarios.overload import PRIORITY_POLICY
+
+    document = merged(yaml.safe_load(PRIORITY_POLICY), yaml.safe_load(text))
+    return yaml.safe_dump(document, sort_keys=False)
+
+
 class SharedFleet:
     """The quick run's fleet: started by the first `fleet()`, stopped by `close()`."""
 
@@ -55,8 +65,7 @@ class SharedFleet:
 
     def fleet(self) -> Fleet:
         if self._fleet is None:
-            # Imported here: the scenarios import this module for its type.
-            from bench.scenarios.route_propagation import SPLIT
+            from bench.scenarios.route_propagation import SPLIT  # see shared_policy
 
             run_dir = Path(tempfile.mkdtemp(prefix="pointsman-bench-quick-"))
             self._policy_file = run_dir / "policy.yaml"
@@ -78,13 +87,10 @@ class SharedFleet:
         return self._fleet
 
     def write_policy(self, text: str) -> None:
-        """Writes the policy file: the priority classes of overload, and `text` over them."""
-        from bench.scenarios.overload import PRIORITY_POLICY
-
+        """Writes the policy file (`shared_policy(text)`); the router reloads it."""
         if self._policy_file is None:
             raise RuntimeError("the shared fleet has not started")
-        document = merged(yaml.safe_load(PRIORITY_POLICY), yaml.safe_load(text))
-        self._policy_file.write_text(yaml.safe_dump(document, sort_keys=False))
+        self._policy_file.write_text(shared_policy(text))
 
     def close(self) -> None:
         if self._fleet is not None:
