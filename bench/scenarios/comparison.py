@@ -180,7 +180,8 @@ def run_comparison(
 
 # A smoke run: two systems, one closed-loop workload (so no capacity cell), one instance with
 # room for both models (a constrained one leaves requests waiting for a load that cannot
-# come, up to the deadline), one second per phase.
+# come, up to the deadline), a warm-up long enough for Pointsman's first loads, one second
+# measured.
 QUICK = ComparisonSettings(
     systems=("static-split", "pointsman"),
     workloads=("shift-closed",),
@@ -188,7 +189,7 @@ QUICK = ComparisonSettings(
     instances=1,
     models=2,
     models_per_instance=2,
-    cell=CellSettings(concurrency=4, max_tokens=4, warmup_s=1.0, duration_s=1.0, timeout_s=5.0),
+    cell=CellSettings(concurrency=4, max_tokens=4, warmup_s=2.0, duration_s=1.0, timeout_s=5.0),
 )
 
 
