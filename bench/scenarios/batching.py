@@ -54,6 +54,7 @@ class BatchingSettings:
     rounds: int = 3
     seed: int = 7
     triton: bool = True
+    tokens: int | None = None  # tokens per request; None: the model's own default
 
 
 def _parameter(key: str) -> str:
@@ -105,8 +106,12 @@ def _decode_steps_here(batches: list[int], steps: int, repeats: int) -> dict[int
     return per_step
 
 
-def _drive(address: str, concurrency: int, duration_s: float) -> LoadSummary:
-    bodies = [codegen_request(p, int(_parameter("tokens"))) for p in PROMPTS]
+def _tokens(settings: BatchingSettings) -> int:
+    return settings.tokens or int(_parameter("tokens"))
+
+
+def _drive(address: str, concurrency: int, duration_s: float, tokens: int) -> LoadSummary:
+    bodies = [codegen_request(p, tokens) for p in PROMPTS]
 
     async def run() -> LoadSummary:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -141,6 +146,7 @@ def _triton(
             "off": {k: v for k, v in shipped.items() if k != "dynamic_batching"},
         }
         loaded = "on"  # as shipped
+        tokens = _tokens(settings)
 
         def load(mode: str) -> None:
             nonlocal loaded
@@ -157,7 +163,9 @@ def _triton(
                     for concurrency in settings.concurrencies:
                         say(f"batching: round {round_index + 1}, batcher {mode}, c={concurrency}")
                         before = batch_counters([spec.metrics_url])
-                        summary = _drive(spec.grpc_address, concurrency, settings.duration_s)
+                        summary = _drive(
+                            spec.grpc_address, concurrency, settings.duration_s, tokens
+                        )
                         time.sleep(0.6)  # Triton refreshes its metrics every 250 ms here
                         batch = average_batch(before, batch_counters([spec.metrics_url]))
                         rows.append((mode, concurrency, summary, batch))
@@ -190,6 +198,7 @@ def run_batching(
             "rounds": settings.rounds,
             "duration_s": settings.duration_s,
             "concurrencies": list(settings.concurrencies),
+            "tokens": _tokens(settings),
         },
     }
     bars = []
@@ -209,7 +218,8 @@ def run_batching(
                 cells.append((mode, c, rps, p50, p99, batch, errors, [s for s, _ in runs]))
         tables.append(
             Table(
-                f"codegen through one Triton, closed loop, {settings.duration_s:g} s per run, "
+                f"codegen ({_tokens(settings)} tokens a request) through one Triton, closed loop, "
+                f"{settings.duration_s:g} s per run, "
                 f"{settings.rounds} rounds; median [95 % interval]",
                 ("batcher", "clients", "req/s", "p50 ms", "p99 ms", "avg batch", "errors"),
                 tuple(
@@ -261,7 +271,13 @@ def scenario(options: Options, say: Say) -> ScenarioResult:
     settings = BatchingSettings(seed=options.seed)
     if options.quick:
         settings = replace(
-            settings, steps=5, repeats=1, concurrencies=(8,), duration_s=0.5, rounds=1
+            settings,
+            steps=5,
+            repeats=1,
+            concurrencies=(8,),
+            duration_s=0.5,
+            rounds=1,
+            tokens=4,  # short requests: many of them in half a second, even on a busy machine
         )
     if options.duration_s:
         settings = replace(settings, duration_s=options.duration_s)
