@@ -5,8 +5,8 @@
     pointsman bench --scenario overhead --quick
 
 `--quick` shrinks every scenario to a smoke run of seconds: the scenarios that need one Triton
-share one small fleet (bench.scenarios.quick_fleet), while the others, which start their own
-systems, run beside them in a second `pointsman bench` process, so that the two lanes' waits
+share one small fleet (bench.scenarios.quick_fleet), while those that start their own systems
+run beside the others in a second `pointsman bench` process, so that the two lanes' waits
 (process starts and stops, model loads, fixed-length runs) overlap; the figures of a quick run
 show that the machinery works, not what anything is worth. `--duration` sets the measured
 seconds of each cell. Exit status: 0 when every scenario ran (whether or not targets were
@@ -37,7 +37,7 @@ from bench.report import (
     utc_now,
     write_report,
 )
-from bench.scenarios import ON_SHARED_FLEET, SCENARIOS, Options, run_scenario
+from bench.scenarios import OWN_SYSTEMS, SCENARIOS, Options, run_scenario
 from bench.scenarios.quick_fleet import SharedFleet
 
 __all__ = ["add_arguments", "run"]
@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out or Path(f"pointsman-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     started, origin = utc_now(), provenance()
     names = _chosen(args)
-    on_fleet = [n for n in names if n in ON_SHARED_FLEET]
-    beside = [n for n in names if n not in ON_SHARED_FLEET] if args.quick and on_fleet else []
+    here = [n for n in names if n not in OWN_SYSTEMS]
+    beside = [n for n in names if n in OWN_SYSTEMS] if args.quick and here else []
     with SharedFleet() if args.quick else nullcontext() as shared:
         options = Options(
             quick=args.quick,
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             shared=shared,
         )
         if beside:
-            results, failed = _two_lanes(on_fleet, beside, options, args)
+            results, failed = _two_lanes(here, beside, options, args)
         else:
             results, failed = _run_all(names, options)
     results.sort(key=lambda r: names.index(r.name))

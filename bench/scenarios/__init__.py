@@ -12,7 +12,8 @@
 - `proxyless`: direct vs proxyless (xDS from the router) vs sidecar vs nghttpx, CPU per request.
 
 `--quick` makes each a smoke run of seconds; the scenarios that need one Triton or a one-Triton
-fleet (`ON_SHARED_FLEET`) then share one (`quick_fleet.SharedFleet`, in `Options.shared`).
+fleet (`ON_SHARED_FLEET`) then share one (`quick_fleet.SharedFleet`, in `Options.shared`), and
+those that start their own systems (`OWN_SYSTEMS`) run beside them in a second process.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from bench.report import ScenarioResult
 if TYPE_CHECKING:
     from bench.scenarios.quick_fleet import SharedFleet
 
-__all__ = ["ON_SHARED_FLEET", "SCENARIOS", "Options", "Say", "Scenario", "run_scenario"]
+__all__ = [
+    "ON_SHARED_FLEET",
+    "OWN_SYSTEMS",
+    "SCENARIOS",
+    "Options",
+    "Say",
+    "Scenario",
+    "run_scenario",
+]
 
 Say = Callable[[str], None]
 
@@ -69,9 +78,10 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("proxyless", "proxyless", "direct vs proxyless xDS vs sidecar vs nghttpx"),
     )
 }
-# In quick mode these run on the quick run's one shared fleet (quick_fleet.SharedFleet); the
-# others start their own systems, or none.
+# In quick mode these run on the quick run's one shared fleet (quick_fleet.SharedFleet)...
 ON_SHARED_FLEET = frozenset({"overhead", "batching", "overload", "route-propagation", "proxyless"})
+# ... and these, which start their own systems cell by cell, in a second process beside them.
+OWN_SYSTEMS = frozenset({"comparison", "seed-table"})
 
 
 def run_scenario(name: str, options: Options, say: Say) -> ScenarioResult:

@@ -189,7 +189,14 @@ QUICK = ComparisonSettings(
     instances=1,
     models=2,
     models_per_instance=2,
-    cell=CellSettings(concurrency=4, max_tokens=4, warmup_s=2.0, duration_s=1.0, timeout_s=5.0),
+    cell=CellSettings(
+        concurrency=4,
+        max_tokens=4,
+        warmup_s=2.0,
+        duration_s=1.0,
+        timeout_s=5.0,
+        stop_in_background=True,
+    ),
 )
 
 

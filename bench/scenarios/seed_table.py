@@ -231,7 +231,13 @@ def scenario(options: Options, say: Say) -> ScenarioResult:
             models=2,
             models_per_instance=2,
             cell=replace(
-                settings.cell, concurrency=4, max_tokens=4, warmup_s=2, duration_s=1, timeout_s=5
+                settings.cell,
+                concurrency=4,
+                max_tokens=4,
+                warmup_s=2,
+                duration_s=1,
+                timeout_s=5,
+                stop_in_background=True,
             ),
             systems=("a", "c"),
         )
