@@ -33,7 +33,7 @@ from bench.testbed import Deployment, System, Testbed, server_version
 from bench.workloads import ModelChooser, Workload, on_off_arrivals
 from router.datalayer.triton_metrics import parse_triton_metrics
 
-__all__ = ["CellResult", "CellSettings", "average_batch", "run_cell"]
+__all__ = ["QUICK_CELL", "CellResult", "CellSettings", "average_batch", "run_cell"]
 
 Counters = dict[tuple[str, str], tuple[float, float]]
 
@@ -63,6 +63,19 @@ class CellSettings:
             "seed": self.seed,
             "stop_in_background": self.stop_in_background,
         }
+
+
+# The cell of a smoke run (`--quick`): 4 clients, 4 tokens, a warm-up long enough for a system
+# that starts empty to load its models, one second measured, a short deadline, and the system
+# stopped on a thread while the next cell starts.
+QUICK_CELL = CellSettings(
+    concurrency=4,
+    max_tokens=4,
+    warmup_s=2.0,
+    duration_s=1.0,
+    timeout_s=5.0,
+    stop_in_background=True,
+)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.baselines import SYSTEMS
-from bench.cell import CellResult, CellSettings, run_cell
+from bench.cell import QUICK_CELL, CellResult, CellSettings, run_cell
 from bench.report import ScenarioResult
 from bench.repository import bench_repository, copy_names, zipf_popularity
 from bench.scenarios import Options, Say
@@ -180,8 +180,7 @@ def run_comparison(
 
 # A smoke run: two systems, one closed-loop workload (so no capacity cell), one instance with
 # room for both models (a constrained one leaves requests waiting for a load that cannot
-# come, up to the deadline), a warm-up long enough for Pointsman's first loads, one second
-# measured.
+# come, up to the deadline), the quick cell.
 QUICK = ComparisonSettings(
     systems=("static-split", "pointsman"),
     workloads=("shift-closed",),
@@ -189,14 +188,7 @@ QUICK = ComparisonSettings(
     instances=1,
     models=2,
     models_per_instance=2,
-    cell=CellSettings(
-        concurrency=4,
-        max_tokens=4,
-        warmup_s=2.0,
-        duration_s=1.0,
-        timeout_s=5.0,
-        stop_in_background=True,
-    ),
+    cell=QUICK_CELL,
 )
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "request_body",
     "run_overhead",
     "scenario",
+    "settings_for",
     "wait_for_answer",
 ]
 
@@ -478,11 +479,16 @@ def _targets(
     )
 
 
-def scenario(options: Options, say: Say) -> ScenarioResult:
+def settings_for(options: Options) -> OverheadSettings:
+    """The settings the command line asks for (the proxyless scenario's too)."""
     settings = QUICK if options.quick else OverheadSettings()
     settings = replace(settings, seed=options.seed, progress=options.progress)
     if options.duration_s:
         settings = replace(settings, duration_s=options.duration_s)
     if options.repetitions:
         settings = replace(settings, rounds=options.repetitions)
-    return run_overhead(settings, say, options.shared)
+    return settings
+
+
+def scenario(options: Options, say: Say) -> ScenarioResult:
+    return run_overhead(settings_for(options), say, options.shared)

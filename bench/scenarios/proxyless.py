@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.fleet import Fleet, FleetConfig
@@ -42,12 +42,12 @@ from bench.scenarios.h2load import INSTALL_HINT, nghttpx_command
 from bench.scenarios.overhead import (
     MODEL,
     PATH_COLUMNS,
-    QUICK,
     OverheadSettings,
     PathFigures,
     measure_rounds,
     path_figures,
     python_run,
+    settings_for,
     wait_for_answer,
 )
 from bench.scenarios.quick_fleet import SharedFleet, fleet_for
@@ -203,8 +203,8 @@ def run_proxyless(
         finally:
             stop_all(nghttpx)
     if shared is not None:
-        notes.append("quick mode: on the quick run's shared fleet")
-    notes.append(f"logs: {fleet.run_dir}, {workdir}")
+        notes.append(f"quick mode: on the quick run's shared fleet (logs: {fleet.run_dir})")
+    notes.append(f"logs: {workdir}")
     result = _result(runs, settings, list(addresses), notes)
     result.data["triton_version"] = triton_version
     return result
@@ -350,10 +350,4 @@ def _noise_target(added: Interval, concurrency: int) -> TargetCheck:
 
 
 def scenario(options: Options, say: Say) -> ScenarioResult:
-    settings = QUICK if options.quick else OverheadSettings()
-    settings = replace(settings, seed=options.seed, progress=options.progress)
-    if options.duration_s:
-        settings = replace(settings, duration_s=options.duration_s)
-    if options.repetitions:
-        settings = replace(settings, rounds=options.repetitions)
-    return run_proxyless(settings, say, options.shared)
+    return run_proxyless(settings_for(options), say, options.shared)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.baselines.round_robin_load_on_miss import RoundRobinLoadOnMiss
-from bench.cell import CellResult, CellSettings, run_cell
+from bench.cell import QUICK_CELL, CellResult, CellSettings, run_cell
 from bench.pointsman_fleet import PointsmanSystem
 from bench.report import BarGroup, ScenarioResult, Table, TargetCheck, ratio
 from bench.repository import bench_repository, copy_names, zipf_popularity
@@ -230,15 +230,7 @@ def scenario(options: Options, say: Say) -> ScenarioResult:
             instances=1,
             models=2,
             models_per_instance=2,
-            cell=replace(
-                settings.cell,
-                concurrency=4,
-                max_tokens=4,
-                warmup_s=2,
-                duration_s=1,
-                timeout_s=5,
-                stop_in_background=True,
-            ),
+            cell=replace(QUICK_CELL, seed=options.seed, progress=options.progress),
             systems=("a", "c"),
         )
     if options.duration_s:
