@@ -9,12 +9,14 @@ by at least the number of answers h2load counted, and fails the run otherwise.
 from __future__ import annotations
 
 import re
+import shutil
 import struct
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+from app.processes import ManagedProcess, ProcessSpec, free_port
 from bench.calls import INFER_METHOD
 from bench.loadgen import CallRecord
 from bench.stats import LoadSummary, summarize
@@ -25,6 +27,7 @@ __all__ = [
     "h2load_command",
     "h2load_run",
     "nghttpx_command",
+    "nghttpx_process",
     "parse_h2load_log",
     "triton_successes",
 ]
@@ -53,6 +56,20 @@ def nghttpx_command(port: int, upstream: str, log_dir: Path) -> list[str]:
         "--accesslog-file=/dev/null",
         f"--pid-file={log_dir / 'nghttpx.pid'}",
     ]
+
+
+def nghttpx_process(
+    upstream: str, log_dir: Path, notes: list[str]
+) -> tuple[ManagedProcess, str] | None:
+    """nghttpx in front of `upstream` on a free port (not started yet) and its address; None,
+    with a note saying so, where nghttpx is not installed."""
+    if not shutil.which("nghttpx"):
+        notes.append(f"nghttpx not found: its column is skipped ({INSTALL_HINT})")
+        return None
+    port = free_port()
+    argv = nghttpx_command(port, upstream, log_dir)
+    process = ManagedProcess(ProcessSpec("nghttpx", argv, log_path=log_dir / "nghttpx.log"))
+    return process, f"127.0.0.1:{port}"
 
 
 def _milliseconds(seconds: float) -> str:

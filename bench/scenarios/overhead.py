@@ -42,7 +42,7 @@ from bench.loadgen import Request, run_closed_loop
 from bench.report import BarGroup, ScenarioResult, Table, TargetCheck, ratio
 from bench.scenarios import Options, Say
 from bench.scenarios.comparison import interleaved
-from bench.scenarios.h2load import INSTALL_HINT, h2load_run, nghttpx_command
+from bench.scenarios.h2load import INSTALL_HINT, h2load_run, nghttpx_process
 from bench.scenarios.quick_fleet import SharedFleet, one_triton
 from bench.stats import Interval, LoadSummary, bootstrap_median, summarize
 from bench.testbed import server_version
@@ -102,6 +102,14 @@ class OverheadSettings:
     seed: int = 7
     progress: bool = False
     h2load: bool = True  # drive with h2load too, where it is installed
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "duration_s": self.duration_s,
+            "warmup_s": self.warmup_s,
+            "rounds": self.rounds,
+            "concurrencies": list(self.concurrencies),
+        }
 
 
 QUICK = OverheadSettings(duration_s=0.3, warmup_s=0.1, rounds=1, h2load=False)
@@ -305,15 +313,9 @@ def _proxies(
     ]
     paths["sidecar"] = f"127.0.0.1:{sidecar_port}"
     paths["minimal proxy"] = f"127.0.0.1:{proxy_port}"
-    if shutil.which("nghttpx"):
-        port = free_port()
-        argv = nghttpx_command(port, triton.grpc_address, workdir)
-        processes.append(
-            ManagedProcess(ProcessSpec("nghttpx", argv, log_path=workdir / "nghttpx.log"))
-        )
-        paths["nghttpx"] = f"127.0.0.1:{port}"
-    else:
-        notes.append(f"nghttpx not found: its column is skipped ({INSTALL_HINT})")
+    if nghttpx := nghttpx_process(triton.grpc_address, workdir, notes):
+        processes.append(nghttpx[0])
+        paths["nghttpx"] = nghttpx[1]
     return processes, paths
 
 
@@ -435,13 +437,7 @@ def _result(
         targets=_targets(added, settings, drivers),
         notes=tuple(notes),
         data={
-            "settings": {
-                "duration_s": settings.duration_s,
-                "warmup_s": settings.warmup_s,
-                "rounds": settings.rounds,
-                "concurrencies": list(settings.concurrencies),
-                "drivers": drivers,
-            },
+            "settings": {**settings.describe(), "drivers": drivers},
             "cells": figures,
         },
     )

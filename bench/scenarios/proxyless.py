@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -34,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.fleet import Fleet, FleetConfig
-from app.processes import ManagedProcess, ProcessSpec, free_port, stop_all
+from app.processes import ManagedProcess, stop_all
 from bench.procstats import ProcessSampler
 from bench.report import BarGroup, ScenarioResult, Table, TargetCheck
 from bench.scenarios import Options, Say
-from bench.scenarios.h2load import INSTALL_HINT, nghttpx_command
+from bench.scenarios.h2load import nghttpx_process
 from bench.scenarios.overhead import (
     MODEL,
     PATH_COLUMNS,
@@ -171,16 +170,10 @@ def run_proxyless(
         # What serves each path (its exit ends the wait for an answer).
         serving = {"proxyless": _process(fleet, "router"), "sidecar": _process(fleet, "sidecar")}
         nghttpx: list[ManagedProcess] = []
-        if shutil.which("nghttpx"):
-            port = free_port()
-            argv = nghttpx_command(port, triton.grpc_address, workdir)
-            nghttpx.append(
-                ManagedProcess(ProcessSpec("nghttpx", argv, log_path=workdir / "nghttpx.log"))
-            )
-            addresses["nghttpx"] = f"127.0.0.1:{port}"
-            serving["nghttpx"] = nghttpx[0]
-        else:
-            notes.append(f"nghttpx not found: its column is skipped ({INSTALL_HINT})")
+        if found := nghttpx_process(triton.grpc_address, workdir, notes):
+            nghttpx.append(found[0])
+            addresses["nghttpx"] = found[1]
+            serving["nghttpx"] = found[0]
         try:
             for process in nghttpx:
                 process.start()
@@ -326,12 +319,7 @@ def _result(
             "On a shared, busy machine compare cells within one run only.",
         ),
         data={
-            "settings": {
-                "duration_s": settings.duration_s,
-                "warmup_s": settings.warmup_s,
-                "rounds": settings.rounds,
-                "concurrencies": list(settings.concurrencies),
-            },
+            "settings": settings.describe(),
             "cells": [c.to_dict() for c in cells],
         },
     )
