@@ -4,10 +4,10 @@ A one-Triton fleet serves `add_one` (`app.fleet.Fleet`: the Triton, the router, 
 xDS, and a sidecar that follows the router, as in a pod); nghttpx proxies to the Triton (a
 compiled data plane, for reference). The proxyless path is the channel `xds:///add_one` with
 GRPC_XDS_BOOTSTRAP naming the router: gRPC's own xDS client picks the instance and connects
-straight to Triton. One driver for all four paths, overhead's (bench.scenarios.overhead: the
-Python load generator, grpc.aio, raw bytes, in this process), at concurrency 1 and 64, and
-overhead's method: rotated rounds, medians over rounds with 95 % bootstrap intervals, the added
-latency taken per round against that round's direct run.
+straight to Triton. One driver for all four paths and overhead's method (bench.scenarios.paths:
+the Python load generator, grpc.aio, raw bytes, in this process; rotated rounds, medians over
+rounds with 95 % bootstrap intervals, the added latency taken per round against that round's
+direct run), at concurrency 1 and 64.
 
 CPU per request over each run (warm-up included, divided by every call made): this process
 (the client: the load generator and gRPC, the xDS client's balancer included), the proxy (the
@@ -38,11 +38,11 @@ from bench.procstats import ProcessSampler
 from bench.report import BarGroup, ScenarioResult, Table, TargetCheck
 from bench.scenarios import Options, Say
 from bench.scenarios.h2load import nghttpx_process
-from bench.scenarios.overhead import (
+from bench.scenarios.paths import (
     MODEL,
     PATH_COLUMNS,
-    OverheadSettings,
     PathFigures,
+    PathSettings,
     measure_rounds,
     path_figures,
     python_run,
@@ -112,7 +112,7 @@ class PathRun:
 
 
 def measure_path(
-    address: str, concurrency: int, settings: OverheadSettings, pids: Mapping[str, int]
+    address: str, concurrency: int, settings: PathSettings, pids: Mapping[str, int]
 ) -> PathRun:
     """One run of the Python driver against `address`, with the CPU time of the processes in
     `pids`: "triton", "router", and "proxy" where the path has one, each with its
@@ -143,7 +143,7 @@ def _process(fleet: Fleet, name: str) -> ManagedProcess:
 
 
 def run_proxyless(
-    settings: OverheadSettings, say: Say = lambda _line: None, shared: SharedFleet | None = None
+    settings: PathSettings, say: Say = lambda _line: None, shared: SharedFleet | None = None
 ) -> ScenarioResult:
     """Measures every path; on `shared`'s fleet when given, else on a fleet of its own."""
     workdir = Path(tempfile.mkdtemp(prefix="pointsman-bench-proxyless-"))
@@ -252,7 +252,7 @@ def _cells(runs: Mapping[tuple[int, str], list[PathRun]], seed: int) -> list[_Ce
 
 def _result(
     runs: Mapping[tuple[int, str], list[PathRun]],
-    settings: OverheadSettings,
+    settings: PathSettings,
     paths: list[str],
     notes: list[str],
 ) -> ScenarioResult:

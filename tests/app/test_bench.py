@@ -62,7 +62,7 @@ from bench.report import (
 from bench.repository import model_config, zipf_popularity
 from bench.scenarios import ON_SHARED_FLEET, SCENARIOS
 from bench.scenarios.h2load import grpc_frame, h2load_command, parse_h2load_log
-from bench.scenarios.overhead import OverheadSettings, measure_rounds, path_figures
+from bench.scenarios.paths import PathSettings, measure_rounds, path_figures
 from bench.scenarios.quick_fleet import merged, shared_policy
 from bench.scenarios.route_propagation import ALL_ON_TWO, SPLIT
 from bench.scenarios.scale import QUICK, run_scale
@@ -384,7 +384,7 @@ def test_an_interval_reads_as_median_and_bounds_from_two_samples_on(
 
 
 def test_rounds_rotate_the_paths_and_keep_every_run_in_round_order() -> None:
-    settings = OverheadSettings(rounds=3, concurrencies=(1, 64))
+    settings = PathSettings(rounds=3, concurrencies=(1, 64))
     order: list[tuple[int, str]] = []
 
     def measure(path: str, concurrency: int) -> str:

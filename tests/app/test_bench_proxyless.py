@@ -12,7 +12,7 @@ import random
 import pytest
 
 from bench.procstats import ProcessSampler
-from bench.scenarios.overhead import OverheadSettings
+from bench.scenarios.paths import PathSettings
 from bench.scenarios.proxyless import CostWindow, PathRun, _cells, _noise_target, _result
 from bench.stats import LoadSummary, bootstrap_median
 
@@ -78,7 +78,7 @@ def test_figures_per_path_take_cpu_medians_and_the_proxy_only_where_there_is_one
     assert sidecar["client + proxy"].median == 720.0
     direct = cells["direct"].cpu_us_per_request
     assert direct["proxy"].samples == 0 and direct["client + proxy"].median == 210.0
-    settings = OverheadSettings(rounds=3, concurrencies=(1,))
+    settings = PathSettings(rounds=3, concurrencies=(1,))
     result = _result(runs, settings, ["direct", "proxyless", "sidecar"], [])
     (target,) = result.targets
     assert target.met is True  # added p50 per round: 0.1, -0.1, 0.0
