@@ -203,9 +203,10 @@ def _two_lanes(
         lane = subprocess.Popen([*argv, "--out", folder], stdout=subprocess.DEVNULL)
         try:
             results, failed = _run_all(here, options)
+        except BaseException:  # Ctrl-C included: the second lane stops too
+            lane.terminate()
+            raise
         finally:
-            if sys.exc_info()[0] is not None:
-                lane.terminate()
             lane.wait()
         document = Path(folder, "results.json")
         entries = json.loads(document.read_text())["scenarios"] if document.exists() else []
