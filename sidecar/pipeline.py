@@ -387,9 +387,9 @@ class InferencePipeline:
 
     @staticmethod
     def _routed(series: RequestSeries, decision: Decision) -> None:
-        series.routed.inc()
+        series.routed += 1
         if decision.hit:
-            series.hits.inc()
+            series.hits += 1
 
     def _done(
         self, method: str, started: float, series: RequestSeries | None,
