@@ -14,7 +14,7 @@ power-of-two pick from the compiled route (`sidecar.balancer`), skipping ejected
 model ready nowhere asks the router for a load and waits for it (the cold path). In
 per-request mode the router's PickTarget gives an ordered list (its policy may choose the
 version); without an answer the tables decide. Where the attempts go after a failure is the
-attempt loop's business (`sidecar.pipeline`), from the same candidates (`Decider.candidates`).
+attempt loop's business (`sidecar.attempts`), from the same candidates (`Decider.candidates`).
 
 Affinity (issue 12), in `_choose_among`, before the balancer's random pick, over the
 holders `candidates(...)`, in table mode and per-request mode alike (the router knows neither

@@ -148,6 +148,7 @@ class SidecarMetrics:
         self._series: dict[tuple[str, str, str], RequestSeries] = {}
         self._by_labels: dict[tuple[str, str, str], RequestSeries] = {}
         self.attempts = AttemptCounts()
+        self._idempotent: dict[str, Counter] = {}
         registry.register(RequestCollector(self._by_labels.values, self.attempts))
         # A model or version that leaves the tables must fall back to `_unknown`.
         cache.subscribe(self._series.clear)
@@ -190,6 +191,13 @@ class SidecarMetrics:
     def attempt(self, instance: str, code: grpc.StatusCode) -> None:
         """One attempt on `instance` (a Triton address from a route) ended with `code`."""
         self.attempts.add(instance, code)
+
+    def idempotent_request(self, outcome: str) -> None:
+        """A request with an id was answered by `outcome` (executed, coalesced, ...)."""
+        counter = self._idempotent.get(outcome)
+        if counter is None:
+            counter = self._idempotent[outcome] = self.idempotent.labels(outcome)
+        counter.inc()
 
     def budget_exhausted(self, model: str) -> None:
         """A failed attempt that the retry budget did not let the sidecar retry."""
