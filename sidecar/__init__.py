@@ -9,7 +9,8 @@ peek_model(raw_request)                                             (sidecar.wir
 MockTransport, MockContext: the request path without Triton         (sidecar.testing)
 
 One ModelInfer: sidecar.head (read) -> sidecar.decide (where, what to set) ->
-sidecar.pipeline (admission, idempotency, the attempt loop) -> sidecar.upstream.
+sidecar.pipeline (admission, idempotency) -> sidecar.attempts (the attempt loop) ->
+sidecar.upstream.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ power-of-two pick from the compiled route (`sidecar.balancer`), skipping ejected
 model ready nowhere asks the router for a load and waits for it (the cold path). In
 per-request mode the router's PickTarget gives an ordered list (its policy may choose the
 version); without an answer the tables decide. Where the attempts go after a failure is the
-attempt loop's business (`sidecar.pipeline`), from the same candidates (`Decider.candidates`).
+attempt loop's business (`sidecar.attempts`), from the same candidates (`Decider.candidates`).
 
 Affinity (issue 12), in `_choose_among`, before the balancer's random pick, over the
 holders `candidates(...)`, in table mode and per-request mode alike (the router knows neither
@@ -148,20 +148,24 @@ class Decider:
         """The version, class and fields of a call whose (first) request is `request`. A
         stream is bound to what its first message chose and its messages get no priority or
         queue timeout."""
-        version, suffix = head.version, b""
+        version, pinned = head.version, ""
         # Sequences and sessions are routed from the tables in either mode: the version too.
         by_tables = self._picker is None or head.sequence is not None or bool(head.session)
         if not version and by_tables:
-            version = self._policy_version(head)
-            if version:
-                suffix = _version_field(version)
+            version = pinned = self._policy_version(head)
         priority = self._cache.priorities.resolve(head.priority)
         if stream:
-            return Decision(head.model, version, priority, suffix, False)
+            return Decision(head.model, version, priority, _suffix(pinned, 0), False)
+        # A request without parameters sets neither its priority nor its queue timeout: no
+        # need to look (`head.parameters_at`), and its first attempt need not look either.
+        at = head.parameters_at
         level = priority.triton_priority
-        if level and not sets_parameter(request, "priority"):
-            suffix += _priority_field(level)
-        return Decision(head.model, version, priority, suffix, self._queue_timeout)
+        if level and at >= 0 and sets_parameter(request, "priority", at):
+            level = 0
+        queue_timeout = self._queue_timeout
+        if queue_timeout is None and at < 0:
+            queue_timeout = True
+        return Decision(head.model, version, priority, _suffix(pinned, level), queue_timeout)
 
     def _policy_version(self, head: CallHead) -> str:
         """The version an unpinned request gets: the x-model-version header, else the route's
@@ -336,9 +340,13 @@ def _version_field(version: str) -> bytes:
     return model_version_field(version)
 
 
-@lru_cache(maxsize=64)
-def _priority_field(level: int) -> bytes:
-    return uint64_parameter_field("priority", level)
+@lru_cache(maxsize=1024)
+def _suffix(version: str, level: int) -> bytes:
+    """What `prepare` appends: the version's field ("": none) and the Triton priority's (0:
+    none), built once per pair."""
+    return (_version_field(version) if version else b"") + (
+        uint64_parameter_field("priority", level) if level else b""
+    )
 
 
 def sets_queue_timeout(request: bytes) -> bool:

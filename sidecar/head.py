@@ -24,7 +24,7 @@ from pointsman.errors import DeadlineExpiredError
 from pointsman.versions import PIN_HEADER
 from sidecar.sequence_wire import SequenceStep, peek_sequence
 from sidecar.upstream import Metadata
-from sidecar.wire import peek_model, peek_request
+from sidecar.wire import peek_request
 
 __all__ = [
     "PRIORITY_HEADER",
@@ -48,8 +48,8 @@ _HOP_BY_HOP = frozenset({"user-agent", "content-type", "te"})
 class CallHead:
     """What one inference call asks for, as read from its bytes and metadata."""
 
-    __slots__ = ("forward", "metadata", "model", "pinned_version", "priority", "request_id",
-                 "sequence", "session", "version")  # fmt: skip
+    __slots__ = ("forward", "metadata", "model", "parameters_at", "pinned_version", "priority",
+                 "request_id", "sequence", "session", "version")  # fmt: skip
 
     def __init__(
         self,
@@ -62,6 +62,7 @@ class CallHead:
         forward: Metadata,
         sequence: SequenceStep | None = None,
         session: str = "",
+        parameters_at: int = -1,
     ) -> None:
         self.model = model
         # The version the request names; "" for none (the decision stage may choose one).
@@ -79,6 +80,9 @@ class CallHead:
         self.sequence = sequence
         # The session header's value; "" for none (or session affinity off).
         self.session = session
+        # Where the request's first parameters entry starts; -1: it has none, so it sets
+        # neither a priority nor a queue timeout (the decision stage then looks no further).
+        self.parameters_at = parameters_at
 
     def headers(self) -> dict[str, str]:
         """The caller's text metadata, for the policy's header rules (built when asked)."""
@@ -96,18 +100,14 @@ def read_head(
     malformed bytes or sequence parameters. `with_id`: read the request's `id` too (a stream's
     first message is routed by its model alone). `session_header`: the metadata key naming a
     session ("" none)."""
-    if with_id:
-        name, version, body_id, parameters_at = peek_request(request)
-        sequence = None if parameters_at < 0 else peek_sequence(request, parameters_at)
-    else:
-        (name, version), body_id = peek_model(request), ""
-        sequence = peek_sequence(request)
+    name, version, body_id, parameters_at = peek_request(request, with_id=with_id)
+    sequence = None if parameters_at < 0 else peek_sequence(request, parameters_at)
     request_id = priority = session = ""
     pinned: str | None = None
     forward: list[tuple[str, Any]] = []
     for item in metadata or ():
         key = item[0]
-        if _hop_local(key):
+        if key in _HOP_BY_HOP or key[0] == ":" or key.startswith("grpc-"):  # `_hop_local`
             continue
         forward.append(item)
         if key[0] == "x" and isinstance(item[1], str):
@@ -129,6 +129,7 @@ def read_head(
         tuple(forward),
         sequence,
         session,
+        parameters_at,
     )
 
 

@@ -6,9 +6,10 @@ are served at /metrics when `metrics_listen` is set. README.md lists every metri
 Label values stay bounded whatever callers send: a model is named only if a route table (or a
 static route) knows it, and a version only if some candidate lists it as ready; anything else
 is `_unknown`. Request ids never become labels. On the request path a request costs one dict
-lookup for its pre-resolved series (per model, version and method) and a few increments; the
-gauges (in flight per instance, route-table age) are read from the pool and the route cache
-when Prometheus scrapes, so the request path does not touch them.
+lookup for its pre-resolved series (per model, version and method) and a few additions to
+plain numbers, no lock (`sidecar.request_counts`: summed into the exported families at scrape
+time); the gauges (in flight per instance, route-table age) are read from the pool and the
+route cache when Prometheus scrapes, so the request path does not touch them.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sidecar.request_counts import (
+    DURATION_BUCKETS_S,
+    AttemptCounts,
+    RequestCollector,
+    RequestSeries,
+)
 from sidecar.routes import RouteCache
 from sidecar.upstream import UpstreamPool
 
@@ -32,10 +39,6 @@ __all__ = [
     "SidecarMetrics",
 ]
 
-# From 1 ms (a small request on a warm instance) to 30 s (a long generation or stream).
-DURATION_BUCKETS_S = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-)  # fmt: skip
 # The label value for a model or version no route knows (typos, probes, malformed requests).
 UNKNOWN = "_unknown"
 # The version label of a request that pins no version.
@@ -45,33 +48,6 @@ _PRIORITY_LABELS = frozenset(str(p) for p in range(10))
 _OTHER = "_other"
 # The `operation` label of idempotency store errors (sidecar/idempotency_redis.py).
 STORE_OPERATIONS = ("acquire", "renew", "finish", "probe", "subscribe")
-
-
-class RequestSeries:
-    """The pre-resolved children one (model, version, method) records into."""
-
-    __slots__ = ("_codes", "_requests", "duration", "held", "hits", "method", "model",
-                 "queue_full_retries", "retries", "routed")  # fmt: skip
-
-    def __init__(self, metrics: SidecarMetrics, model: str, version: str, method: str) -> None:
-        self.model = model
-        self.method = method
-        self.duration = metrics.request_duration.labels(model, version, method)
-        self.routed = metrics.routed.labels(model)
-        self.hits = metrics.affinity_hits.labels(model)
-        self.retries = metrics.retries.labels(model)
-        self.held = metrics.held.labels(model)
-        self.queue_full_retries = metrics.queue_full_retries.labels(model)
-        self._requests = metrics.requests
-        self._codes: dict[grpc.StatusCode, Counter] = {}
-
-    def done(self, code: grpc.StatusCode, seconds: float) -> None:
-        """One request ended with `code` after `seconds`."""
-        self.duration.observe(seconds)
-        counter = self._codes.get(code)
-        if counter is None:
-            counter = self._codes[code] = self._requests.labels(self.model, self.method, code.name)
-        counter.inc()
 
 
 class SidecarMetrics:
@@ -89,26 +65,6 @@ class SidecarMetrics:
     ) -> None:
         self.registry = registry
         self._cache = cache
-        self.request_duration = Histogram(
-            "pointsman_sidecar_request_duration_seconds",
-            "Time from a ModelInfer call (or a whole ModelStreamInfer stream) arriving to its "
-            "answer, whatever the status; version is the requested one, 'default' if none",
-            ("model", "version", "method"),
-            buckets=DURATION_BUCKETS_S,
-            registry=registry,
-        )
-        self.requests = Counter(
-            "pointsman_sidecar_requests",
-            "ModelInfer calls and ModelStreamInfer streams answered, by gRPC status",
-            ("model", "method", "code"),
-            registry=registry,
-        )
-        self.upstream_attempts = Counter(
-            "pointsman_sidecar_upstream_attempts",
-            "Inference calls and streams sent to a Triton instance, by the status it answered",
-            ("instance", "code"),
-            registry=registry,
-        )
         self.retries = Counter(
             "pointsman_sidecar_retries",
             "Extra attempts on another instance after an attempt failed before any response "
@@ -168,18 +124,6 @@ class SidecarMetrics:
             ("model",),
             registry=registry,
         )
-        self.routed = Counter(
-            "pointsman_sidecar_routed",
-            "Requests sent to an instance chosen by route table or router pick",
-            ("model",),
-            registry=registry,
-        )
-        self.affinity_hits = Counter(
-            "pointsman_sidecar_affinity_hits",
-            "Routed requests whose chosen instance had the model (and version) ready",
-            ("model",),
-            registry=registry,
-        )
         self.sequence_probes = Counter(
             "pointsman_sidecar_sequence_probes",
             "Steps of a sequence sent to an instance that did not hold it (refused there "
@@ -203,7 +147,9 @@ class SidecarMetrics:
         registry.register(_LiveGauges(cache, pool))
         self._series: dict[tuple[str, str, str], RequestSeries] = {}
         self._by_labels: dict[tuple[str, str, str], RequestSeries] = {}
-        self._attempts: dict[tuple[str, grpc.StatusCode], Counter] = {}
+        self.attempts = AttemptCounts()
+        self._idempotent: dict[str, Counter] = {}
+        registry.register(RequestCollector(self._by_labels.values, self.attempts))
         # A model or version that leaves the tables must fall back to `_unknown`.
         cache.subscribe(self._series.clear)
 
@@ -230,7 +176,13 @@ class SidecarMetrics:
         labels = (model_label, version_label, method)
         series = self._by_labels.get(labels)
         if series is None:
-            series = self._by_labels[labels] = RequestSeries(self, *labels)
+            model_label = labels[0]
+            series = self._by_labels[labels] = RequestSeries(
+                *labels,
+                retries=self.retries.labels(model_label),
+                held=self.held.labels(model_label),
+                queue_full_retries=self.queue_full_retries.labels(model_label),
+            )
         if UNKNOWN not in labels:
             # Only names a route knows are remembered: bogus names cannot grow this dict.
             self._series[(model, version, method)] = series
@@ -238,11 +190,13 @@ class SidecarMetrics:
 
     def attempt(self, instance: str, code: grpc.StatusCode) -> None:
         """One attempt on `instance` (a Triton address from a route) ended with `code`."""
-        counter = self._attempts.get((instance, code))
+        self.attempts.add(instance, code)
+
+    def idempotent_request(self, outcome: str) -> None:
+        """A request with an id was answered by `outcome` (executed, coalesced, ...)."""
+        counter = self._idempotent.get(outcome)
         if counter is None:
-            counter = self._attempts[(instance, code)] = self.upstream_attempts.labels(
-                instance, code.name
-            )
+            counter = self._idempotent[outcome] = self.idempotent.labels(outcome)
         counter.inc()
 
     def budget_exhausted(self, model: str) -> None:

@@ -1,7 +1,7 @@
 """Failover rules of the sidecar: which errors to retry, how many retries the fleet can take,
 and which instances to avoid for a while.
 
-Pure logic with an injected clock; the attempt loop (`sidecar.pipeline`) applies it on the
+Pure logic with an injected clock; the attempt loop (`sidecar.attempts`) applies it on the
 request path. (The queue timeout Triton gets from the caller's deadline: `sidecar.decide`.)
 
 - `retryable(code, details)`: a Triton answer (or connection failure) after which the same

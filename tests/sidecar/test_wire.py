@@ -320,3 +320,13 @@ def test_parameters_appended_are_what_protobuf_reads(
 def test_negative_uint64_parameter_is_refused() -> None:
     with pytest.raises(ValueError, match="priority"):
         uint64_parameter_field("priority", -1)
+
+
+def test_int64_parameters_of_every_varint_size_are_what_protobuf_reads() -> None:
+    # The field's head is cached per size of the value's varint: each size, at both ends.
+    values = [0, 1, -1, -(2**63), 2**63 - 1]
+    values += [v for size in range(1, 10) for v in (2 ** (7 * size) - 1, 2 ** (7 * size))]
+    data = pb.ModelInferRequest(model_name="codegen").SerializeToString()
+    for value in values:
+        out = pb.ModelInferRequest.FromString(data + int64_parameter_field("timeout", value))
+        assert out.parameters["timeout"].int64_param == (value + 2**63) % 2**64 - 2**63, value

@@ -1,0 +1,246 @@
+"""Stage 3 of an inference call: the attempt loop.
+
+`AttemptLoop.run` sends a decided call (`sidecar.decide`) until an instance answers: each
+attempt within the caller's remaining deadline, at a place of the instance's flow control
+(`sidecar.flow`: held in the admission queue while Triton's queue would be full, resent after
+Triton's queue-full refusal), failing over to another instance after an answer that says the
+request did not run, while attempts and the retry budget last (`sidecar.resilience`). Each
+attempt is counted in the instance's in-flight requests, its attempt metric and outlier
+record and, with tracing on, a CLIENT span whose traceparent goes to Triton.
+
+What one attempt sends is the handler's business (`Send`): the unary handler's call, or a
+stream's whole forwarding (`sidecar.pipeline`); a stream may fail over only while its
+`StreamFeed` can replay. A sequence step follows its plan (`Decision.sequence`,
+`sidecar.sequences`): it waits for a place at its planned instance only, and a queue-full
+refusal is resent there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import grpc
+from opentelemetry.trace import Span
+
+from pointsman.clock import Clock, monotonic
+from pointsman.errors import status_of
+from sidecar.admission import Admission
+from sidecar.config import SidecarConfig
+from sidecar.decide import Decider, Decision
+from sidecar.flow import FlowControl, Place, queue_full
+from sidecar.head import CallHead, Context, time_left
+from sidecar.metrics import RequestSeries, SidecarMetrics
+from sidecar.resilience import OutlierDetector, RetryBudget, counts_against_instance, retryable
+from sidecar.stream_feed import StreamFeed
+from sidecar.tracing import ATTEMPT, ATTEMPTS, INSTANCE, RpcTracer
+from sidecar.upstream import SERVICE, Metadata, Upstream
+
+__all__ = ["AttemptLoop", "Send"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# One attempt: (instance, remaining time, metadata to send) -> its answer.
+Send = Callable[[Upstream, float | None, Metadata], Awaitable[T]]
+
+_OK = grpc.StatusCode.OK
+_CANCELLED = grpc.StatusCode.CANCELLED
+
+
+class AttemptLoop:
+    """The attempts of every call of one sidecar (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        decider: Decider,
+        *,
+        admission: Admission,
+        flow: FlowControl,
+        outliers: OutlierDetector,
+        metrics: SidecarMetrics,
+        tracer: RpcTracer | None = None,
+        clock: Clock = monotonic,
+    ) -> None:
+        self._decider = decider
+        self._admission = admission
+        self._flow = flow
+        self._places = flow.places  # (address, model) -> Place: read on every attempt
+        self._outliers = outliers
+        self._metrics = metrics
+        self._tracer = tracer
+        self._retry = config.retry_unavailable
+        self._max_attempts = config.max_attempts
+        self._budget = RetryBudget(
+            ratio=config.retry_budget_ratio,
+            min_retries=config.retry_budget_min,
+            window_s=config.retry_budget_window_s,
+            clock=clock,
+        )
+
+    async def run(
+        self, head: CallHead, decision: Decision, series: RequestSeries, context: Context,
+        span: Span | None, method: str, send: Send[T], size: int, feed: StreamFeed | None = None,
+    ) -> T:  # fmt: skip
+        """`send` on the chosen instance, then on others while `_failover` allows (for a
+        stream: only while its `feed` can replay); each attempt at a place of flow control,
+        and resent after Triton refused it for a full queue."""
+        upstream = decision.first
+        assert upstream is not None, "choose() names the first instance"
+        tried = [upstream]
+        refusals = 0
+        ticket = -1  # its place in the arrival order, once it waited for a place
+        self._budget.record_request()
+        try:
+            place = self._places.get((upstream.address, decision.model)) or self._flow.place(
+                upstream.address, decision.model
+            )
+            if place.outstanding < place.allowed:  # flow control: one compare while not full
+                place.outstanding += 1
+            else:
+                upstream, place, ticket = await self._wait_place(
+                    upstream, decision, series, context, size, ticket, ()
+                )
+            while True:
+                # Checked before every attempt: an expired request is never forwarded.
+                remaining = time_left(context)
+                try:
+                    answer = await self._attempt(upstream, place, remaining, head.forward, send,
+                                                 span, method, len(tried) + refusals)  # fmt: skip
+                    if decision.sequence is not None:
+                        decision.sequence.answered(upstream)
+                    return answer
+                except grpc.aio.AioRpcError as error:
+                    if feed is not None and not feed.replayable:
+                        raise  # a response has reached the caller: bound to this instance
+                    if refusals < self._flow.max_retries and queue_full(
+                        error.code(), error.details() or ""
+                    ):  # Triton did not run it: wait for a place again (flow control)
+                        refusals += 1
+                        series.queue_full_retries.inc()
+                        upstream, place, ticket = await self._wait_place(
+                            None if decision.sequence is None else upstream,
+                            decision, series, context, size, ticket, (),
+                        )  # fmt: skip
+                        continue
+                    following = self._failover(decision, error, tried)
+                    if following is None:
+                        raise
+                    tried.append(following)
+                    series.retries.inc()
+                    upstream, place = following, self._flow.place(following.address, decision.model)
+                    if not self._admission.take(place):
+                        upstream, place, ticket = await self._wait_place(
+                            following, decision, series, context, size, ticket, tried[:-1]
+                        )
+        finally:
+            if span is not None:
+                span.set_attributes({INSTANCE: upstream.address, ATTEMPTS: len(tried) + refusals})
+
+    async def _wait_place(
+        self, preferred: Upstream | None, decision: Decision, series: RequestSeries,
+        context: Context, size: int, ticket: int, tried: Sequence[Upstream],
+    ) -> tuple[Upstream, Place, int]:  # fmt: skip
+        """A place at the holder not yet tried with the most room, waiting in the admission
+        queue while none has room; and the request's ticket (kept for later waits)."""
+        ticket = self._admission.next_seq() if ticket < 0 else ticket
+        if decision.sequence is not None and preferred is not None:
+            holders = [preferred]  # a sequence step goes where its plan says only
+        else:
+            holders = self._holders(decision, tried) or [preferred or decision.first]  # type: ignore[list-item]
+        upstream, place = await self._flow.wait(
+            holders, decision, series.held, time_left(context), size, ticket
+        )
+        return upstream, place, ticket
+
+    async def _attempt(
+        self, upstream: Upstream, place: Place, remaining: float | None, md: Metadata,
+        send: Send[T], span: Span | None, method: str, number: int,
+    ) -> T:  # fmt: skip
+        """One attempt at a `place` taken for it (given back at the end), counted in the
+        instance's in-flight requests while it runs, then in its attempt metric and outlier
+        record; with tracing on, in a CLIENT span whose traceparent goes to Triton, so
+        Triton's spans are its children."""
+        client: Span | None = None
+        if span is not None:
+            assert self._tracer is not None
+            client, ctx = self._tracer.client_span(
+                span, f"{method} upstream", SERVICE, method,
+                {INSTANCE: upstream.address, ATTEMPT: number}, address=upstream.address,
+            )  # fmt: skip
+            md = self._tracer.propagate(md, ctx)
+        code, message = _OK, ""
+        upstream.in_flight += 1
+        try:
+            return await send(upstream, remaining, md)
+        except grpc.aio.AioRpcError as error:
+            code, message = error.code(), error.details() or ""
+            if counts_against_instance(code, message):
+                self._instance_failed(upstream.address)
+            elif queue_full(code, message):
+                self._flow.refused(place)
+            raise
+        except asyncio.CancelledError:
+            code = _CANCELLED
+            raise
+        except Exception as error:  # e.g. the caller's side of a stream went away
+            code, message = status_of(error)
+            raise
+        finally:
+            upstream.in_flight -= 1
+            if code is _OK:
+                self._outliers.success(upstream.address)
+                if place.allowed < place.limit or place.strikes:  # back from a refusal
+                    place.served()
+            self._admission.release(place)
+            self._metrics.attempt(upstream.address, code)
+            if client is not None:
+                RpcTracer.end(client, code, message)
+
+    def _failover(
+        self, decision: Decision, error: grpc.aio.AioRpcError, tried: Sequence[Upstream]
+    ) -> Upstream | None:
+        """The instance to retry on after `error`, or None to give the caller the error:
+        retries must be on, the error one after which Triton did not run the request, attempts
+        left, another candidate, and room in the retry budget. A step that continues a
+        sequence follows its plan alone (it raises when no instance holds the sequence)."""
+        plan = decision.sequence
+        if plan is not None and not plan.step.start:
+            return plan.next_step(error, tried)
+        if not self._retry or len(tried) >= self._max_attempts:
+            return None
+        if not retryable(error.code(), error.details() or ""):
+            return None
+        following = (
+            next(iter(self._holders(decision, tried)), None)
+            if plan is None
+            else plan.next_start(tried)
+        )
+        if following is None:
+            return None
+        if not self._budget.try_spend():
+            self._metrics.budget_exhausted(decision.model)
+            return None
+        return following
+
+    def _holders(self, decision: Decision, tried: Sequence[Upstream]) -> list[Upstream]:
+        """The instances not yet tried, best first: the router's fallbacks (per-request
+        mode), then the route table's candidates, least busy first; ejected ones left out."""
+        ordered = [u for u in decision.targets or () if u not in tried]
+        table = self._decider.table_targets(decision.model, decision.version)
+        ordered.extend(
+            sorted((u for u in table if u not in tried and u not in ordered),
+                   key=lambda u: u.in_flight)
+        )  # fmt: skip
+        ejected = self._outliers.is_ejected
+        return [u for u in ordered if not ejected(u.address)]
+
+    def _instance_failed(self, address: str) -> None:
+        ejected_for = self._outliers.failure(address)
+        if ejected_for is not None:
+            self._metrics.ejection(address)
+            log.warning("ejected %s from picks for %.1fs after repeated failures",
+                        address, ejected_for)  # fmt: skip
