@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from pointsman.prefix_routing import PrefixRouting
+
 __all__ = [
     "Candidate",
     "Filter",
@@ -196,10 +198,13 @@ class ScoredCandidate:
 
 @dataclass(frozen=True, slots=True)
 class SchedulingCycle:
-    """Inputs shared by every plugin in one cycle. `now` comes from the injected clock."""
+    """Inputs shared by every plugin in one cycle. `now` comes from the injected clock;
+    `prefix` is the policy's prefix routing of the requested model (None: the model declares
+    no prompt input, prefix routing is off)."""
 
     request: RoutingRequest
     now: float
+    prefix: PrefixRouting | None = None
 
 
 @runtime_checkable

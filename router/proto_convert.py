@@ -43,6 +43,7 @@ def request_from_proto(request: pb.PickTargetRequest) -> RoutingRequest:
         model_name=request.model_name,
         model_version=request.model_version,
         headers={name.lower(): value for name, value in request.headers.items()},
+        affinity_key=request.affinity_key,
     )
 
 
@@ -87,6 +88,7 @@ def table_to_proto(table: ModelRoutes, ttl_ms: int) -> pb.RouteTable:
         generation=table.generation,
         default_version=table.default_version,
         version_policy=None if rules.is_empty else rules_to_proto(rules),
+        prefix_routing=None if table.prefix_routing is None else table.prefix_routing.to_proto(),
     )
 
 

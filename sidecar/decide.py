@@ -16,9 +16,12 @@ per-request mode the router's PickTarget gives an ordered list (its policy may c
 version); without an answer the tables decide. Where the attempts go after a failure is the
 attempt loop's business (`sidecar.pipeline`), from the same candidates (`Decider.candidates`).
 
-Where the next rules go (issues 12 and 14): sequence and session affinity, and a prompt-prefix
-key (bounded-load consistent hashing over the holders), are each a choice made in `_pick`
-from the head, before the balancer's random pick; the holders are `candidates(...)`.
+Prefix routing (issue 14): for a model whose route asks for it, `prepare` peeks the prompt's
+prefix key (`sidecar.prefix_routing.prefix_key`); `_pick` then chooses by bounded-load
+rendezvous hashing over the candidates instead of the balancer's random pick, and per-request
+mode passes the key to PickTarget (`affinity_key`). Where the next rules go (issue 12):
+sequence and session affinity are each a choice made in `_pick` from the head, before the
+balancer's random pick; the holders are `candidates(...)`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import grpc
 from opentelemetry.trace import Span
 
 from pointsman.errors import NoReadyInstanceError, PointsmanError
+from pointsman.prefix_routing import key_text
 from pointsman.versions import select_version
+from sidecar import prefix_routing
 from sidecar.admission import PriorityClass
 from sidecar.balancer import CandidateSet, pick, pick_avoiding
 from sidecar.config import SidecarConfig
@@ -39,7 +44,7 @@ from sidecar.metrics import SidecarMetrics
 from sidecar.resilience import OutlierDetector
 from sidecar.router_picker import ROUTER_SERVICE, RouterPicker, RouterUnreachableError
 from sidecar.routes import NoRouteTablesError, RouteCache
-from sidecar.tracing import INSTANCE, MODEL, RpcTracer
+from sidecar.tracing import INSTANCE, MODEL, PREFIX_ROUTE, RpcTracer
 from sidecar.upstream import Metadata, Upstream, UpstreamPool
 from sidecar.wire import (
     int64_parameter_field,
@@ -64,8 +69,8 @@ class Decision:
     """Where one call goes and what is appended to its bytes; `prepare` makes it, `choose`
     names the instance."""
 
-    __slots__ = ("first", "hit", "model", "priority", "queue_timeout", "suffix", "targets",
-                 "version")  # fmt: skip
+    __slots__ = ("first", "hit", "model", "prefix_epsilon", "prefix_key", "prefix_outcome",
+                 "priority", "queue_timeout", "suffix", "targets", "version")  # fmt: skip
 
     def __init__(
         self,
@@ -89,6 +94,12 @@ class Decision:
         self.first: Upstream | None = None
         self.targets: list[Upstream] | None = None
         self.hit = False
+        # Prefix routing (set by `prepare` when the model's route asks for it): the prompt
+        # prefix's key (None: no key) and the route's epsilon; the outcome, set by `choose`
+        # ("" for a model without prefix routing; sidecar.prefix_routing names the others).
+        self.prefix_key: int | None = None
+        self.prefix_epsilon = 0.0
+        self.prefix_outcome = ""
 
     def apply(self, request: bytes, remaining: float | None) -> bytes:
         """The bytes one attempt sends: `request` with the sidecar's fields, in one copy (none
@@ -142,11 +153,18 @@ class Decider:
                 suffix = _version_field(version)
         priority = self._cache.priorities.resolve(head.priority)
         if stream:
-            return Decision(head.model, version, priority, suffix, False)
-        level = priority.triton_priority
-        if level and not sets_parameter(request, "priority"):
-            suffix += _priority_field(level)
-        return Decision(head.model, version, priority, suffix, self._queue_timeout)
+            decision = Decision(head.model, version, priority, suffix, False)
+        else:
+            level = priority.triton_priority
+            if level and not sets_parameter(request, "priority"):
+                suffix += _priority_field(level)
+            decision = Decision(head.model, version, priority, suffix, self._queue_timeout)
+        route = self._cache.routes.get(head.model)
+        if route is not None and route.prefix_routing is not None:
+            decision.prefix_key = prefix_routing.prefix_key(route, request)
+            decision.prefix_epsilon = route.prefix_routing.epsilon
+            decision.prefix_outcome = prefix_routing.NO_KEY
+        return decision
 
     def _policy_version(self, head: CallHead) -> str:
         """The version an unpinned request gets: the x-model-version header, else the route's
@@ -169,16 +187,20 @@ class Decider:
             # Route tables list only instances with the model ready (static routes are
             # assumed to serve every version): a table pick is always an affinity hit.
             decision.first, decision.hit = await self._table_pick(head, decision, context)
-            return
-        first, targets, hit, chosen = await self._router_targets(
-            head, decision.version, time_left(context), span
-        )
-        if chosen and not decision.version:  # the router's policy chose the version
-            decision.suffix += _version_field(chosen)
-        if targets is not None and self._outliers.any_ejected:
-            ejected = self._outliers.is_ejected
-            first = next((u for u in targets if not ejected(u.address)), first)
-        decision.first, decision.targets, decision.hit = first, targets, hit
+        else:
+            first, targets, hit, chosen = await self._router_targets(
+                head, decision, time_left(context), span
+            )
+            if chosen and not decision.version:  # the router's policy chose the version
+                decision.suffix += _version_field(chosen)
+            if targets is not None and self._outliers.any_ejected:
+                ejected = self._outliers.is_ejected
+                first = next((u for u in targets if not ejected(u.address)), first)
+            decision.first, decision.targets, decision.hit = first, targets, hit
+        if decision.prefix_outcome:
+            self._metrics.prefix_routed(decision.model, decision.prefix_outcome)
+            if span is not None:
+                span.set_attribute(PREFIX_ROUTE, decision.prefix_outcome)
 
     def candidates(self, name: str, version: str) -> CandidateSet:
         """The instances that serve (name, version) by the route tables; raises NOT_FOUND
@@ -191,11 +213,18 @@ class Decider:
             raise NoReadyInstanceError(name, version)
         return candidates
 
-    def _pick(self, candidates: CandidateSet) -> Upstream:
-        """`pick`, skipping instances that outlier detection has ejected while others exist
-        (the check costs one truth test while none is ejected)."""
-        if self._outliers.any_ejected:
-            return pick_avoiding(candidates, self._rng, self._outliers.is_ejected)
+    def _pick(self, candidates: CandidateSet, decision: Decision) -> Upstream:
+        """The prefix key's bounded-load holder when the decision has a key, else `pick`;
+        either skips instances that outlier detection has ejected while others exist (the
+        check costs one truth test while none is ejected)."""
+        avoid = self._outliers.is_ejected if self._outliers.any_ejected else None
+        if decision.prefix_key is not None:
+            upstream, decision.prefix_outcome = prefix_routing.choose(
+                decision.prefix_key, candidates, decision.prefix_epsilon, avoid
+            )
+            return upstream
+        if avoid is not None:
+            return pick_avoiding(candidates, self._rng, avoid)
         return pick(candidates, self._rng)
 
     async def _table_pick(
@@ -206,7 +235,7 @@ class Decider:
         request waits for that load, up to `cold_start_wait_s` and the caller's deadline."""
         name, version = decision.model, decision.version
         try:
-            return self._pick(self.candidates(name, version)), True
+            return self._pick(self.candidates(name, version), decision), True
         except NoRouteTablesError:
             raise
         except NoReadyInstanceError:
@@ -232,13 +261,15 @@ class Decider:
         return self._pool.get(answer.target.grpc_address), False
 
     async def _router_targets(
-        self, head: CallHead, version: str, timeout: float | None, span: Span | None
+        self, head: CallHead, decision: Decision, timeout: float | None, span: Span | None
     ) -> tuple[Upstream, list[Upstream] | None, bool, str]:
         """Per-request mode: the first instance to try, the router's further ones, whether
         the first had the model (and version) ready (an affinity hit), and the version the
-        router's policy chose; without an answer from the router, a table pick."""
+        router's policy chose; without an answer from the router, a table pick. A prefix key
+        goes to the router as the request's `affinity_key`."""
         assert self._picker is not None
-        name = head.model
+        name, version = head.model, decision.version
+        key = "" if decision.prefix_key is None else key_text(decision.prefix_key)
         headers = {k: v for k, v in head.forward if isinstance(v, str)}
         pick_md: Metadata = ()
         pick_span: Span | None = None
@@ -253,13 +284,17 @@ class Decider:
             headers.update((k, v) for k, v in pick_md if isinstance(v, str))
         code, message = _OK, ""
         try:
-            answer = await self._picker.pick(name, version, headers, timeout, metadata=pick_md)
+            answer = await self._picker.pick(
+                name, version, headers, timeout, metadata=pick_md, affinity_key=key
+            )
             targets = [t for t in (answer.target, *answer.fallbacks) if t.grpc_address]
+            if key:
+                decision.prefix_outcome = prefix_routing.ROUTER
             if pick_span is not None and targets:
                 pick_span.set_attribute(INSTANCE, targets[0].grpc_address)
         except RouterUnreachableError as error:
             code, message = _UNAVAILABLE, str(error)
-            return self._pick(self.candidates(name, version)), None, True, ""
+            return self._pick(self.candidates(name, version), decision), None, True, ""
         except grpc.aio.AioRpcError as error:
             code, message = error.code(), error.details() or ""
             raise

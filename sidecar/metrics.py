@@ -153,12 +153,23 @@ class SidecarMetrics:
             ("model",),
             registry=registry,
         )
+        self.prefix_routing = Counter(
+            "pointsman_sidecar_prefix_routing",
+            "Requests of models with prefix routing, by how their instance was chosen: the "
+            "prompt prefix's preferred holder, a later holder because the preferred was over "
+            "its load bound (load_fallback), the usual pick for want of a key (no_key), or "
+            "the router's PickTarget given the key (router)",
+            ("model", "outcome"),
+            registry=registry,
+        )
         registry.register(_LiveGauges(cache, pool))
         self._series: dict[tuple[str, str, str], RequestSeries] = {}
         self._by_labels: dict[tuple[str, str, str], RequestSeries] = {}
         self._attempts: dict[tuple[str, grpc.StatusCode], Counter] = {}
+        self._prefix: dict[tuple[str, str], Counter] = {}
         # A model or version that leaves the tables must fall back to `_unknown`.
         cache.subscribe(self._series.clear)
+        cache.subscribe(self._prefix.clear)
 
     def series(self, model: str, version: str, method: str) -> RequestSeries:
         """Where a request for (model, version) by `method` records; cheap after the first."""
@@ -195,6 +206,16 @@ class SidecarMetrics:
         if counter is None:
             counter = self._attempts[(instance, code)] = self.upstream_attempts.labels(
                 instance, code.name
+            )
+        counter.inc()
+
+    def prefix_routed(self, model: str, outcome: str) -> None:
+        """A request of `model` (one with prefix routing, so a route knows it) was routed with
+        `outcome` (one of sidecar.prefix_routing.OUTCOMES)."""
+        counter = self._prefix.get((model, outcome))
+        if counter is None:
+            counter = self._prefix[(model, outcome)] = self.prefix_routing.labels(
+                self.model_label(model), outcome
             )
         counter.inc()
 
