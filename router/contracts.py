@@ -79,6 +79,18 @@ class ModelOnInstance:
     # Inferences per model execution over the recent window (nv_inference_count delta over
     # nv_inference_exec_count delta): how well Triton's batcher is batching. 0 = no executions.
     average_batch_size: float = 0.0
+    # Prompt blocks the model looked up in its prefix cache over the recent window, and of
+    # those found there (its custom metrics prefix_cache_{lookup,hit}_blocks_total); 0 for a
+    # model without a prefix cache.
+    prefix_cache_lookup_blocks: float = 0.0
+    prefix_cache_hit_blocks: float = 0.0
+
+    @property
+    def prefix_cache_hit_ratio(self) -> float | None:
+        """Hits over lookups in the window; None without lookups."""
+        if self.prefix_cache_lookup_blocks <= 0:
+            return None
+        return min(1.0, self.prefix_cache_hit_blocks / self.prefix_cache_lookup_blocks)
 
     @property
     def is_ready(self) -> bool:

@@ -143,6 +143,8 @@ def _instance(inst: InstanceSnapshot, now: float) -> pb.Instance:
             state=state,
             pending_requests=m.pending_requests,
             declared_memory_bytes=m.declared_memory_bytes,
+            prefix_cache_lookup_blocks=m.prefix_cache_lookup_blocks,
+            prefix_cache_hit_ratio=m.prefix_cache_hit_ratio or 0.0,
         )
         for m in inst.models.values()
         for versions, state in (
@@ -189,6 +191,11 @@ def models_to_proto(
             route_table=table_to_proto(table, ttl_ms) if table else None,
             copies=len(ready),
         )
+        lookups = sum(m.prefix_cache_lookup_blocks for _, m in on if m)
+        if lookups > 0:
+            summary.prefix_cache_lookup_blocks = lookups
+            hits = sum(m.prefix_cache_hit_blocks for _, m in on if m)
+            summary.prefix_cache_hit_ratio = min(1.0, hits / lookups)
         if placement is not None:
             _add_placement(summary, placement(name))
         summaries.append(summary)
