@@ -4,7 +4,8 @@ Inputs: `request.affinity_key` (PickTarget's `affinity_key`: a sidecar sends its
 key) and `cycle.prefix` (the model's `prefix_routing` in the policy); per candidate its gRPC
 address, the model's `pending_requests` and `candidate.assumed_inflight`.
 Formula: the candidates are the key's holders; each holder's load is q = pending_requests +
-assumed_inflight (queue-depth's q). The chosen holder is the first in the key's rendezvous order
+assumed_inflight (queue-depth's q: Triton's queue plus the router's picks of the last two
+metric intervals, so the bound caps each holder's share of the model's recent picks). The chosen holder is the first in the key's rendezvous order
 whose load, this request added, stays within ceil((1 + epsilon) x mean) (consistent hashing
 with bounded loads, `pointsman.affinity.choose_holder`, the choice sidecars make over the same
 addresses): it scores 1.0, every other candidate 0.0. Without a key, or for a model without
