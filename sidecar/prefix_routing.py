@@ -6,8 +6,9 @@ For a model whose route table carries the policy's `prefix_routing` (the model d
 prompt input), `prefix_key` peeks the prompt's first bytes from the raw request
 (`sidecar.prompt`, no parse) and hashes its leading blocks (`pointsman.prefix.prefix_key`).
 `choose` picks among the route's candidates by rendezvous hashing with bounded loads
-(`pointsman.affinity.choose_holder`, over the candidates' addresses): the key's first holder
-whose load stays within ceil((1 + epsilon) x mean), this request added. A holder's load is
+(`pointsman.affinity.choose_holder`'s rule, over the candidates' addresses, with the key's
+order kept per route): the key's first holder whose load stays within ceil((1 + epsilon) x
+mean), this request added. A holder's load is
 this sidecar's in-flight requests there divided by its route weight (the router's view of the
 fleet: an instance it weighs 0.5 counts each request twice), the measure the balancer compares.
 Every sidecar ranks the holders of a key alike, so sidecars that share no state agree on the
@@ -25,9 +26,10 @@ the call's span (`pointsman.prefix_route`):
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Final
 
-from pointsman.affinity import choose_holder
+from pointsman.affinity import bounded_rank, rendezvous_order
 from sidecar.balancer import CandidateSet
 from sidecar.prompt import prompt_prefix_key
 from sidecar.routes import Route
@@ -60,16 +62,21 @@ def choose(
 ) -> tuple[Upstream, str]:
     """The instance for a request with `key`, and the outcome (PREFERRED or LOAD_FALLBACK).
     `avoid` names instances to leave out (ejected) while some other candidate remains."""
-    upstreams = candidates.upstreams
+    upstreams, weights = candidates.upstreams, candidates.weights
     if len(upstreams) == 1:
         return upstreams[0], PREFERRED
-    by_address: dict[str, Upstream] = {}
-    loads: dict[str, float] = {}
-    for upstream, weight in zip(upstreams, candidates.weights, strict=True):
-        if avoid is None or not avoid(upstream.address):
-            by_address[upstream.address] = upstream
-            loads[upstream.address] = upstream.in_flight / weight
-    if not by_address:  # every one avoided: a doubtful instance beats none
-        return choose(key, candidates, epsilon)
-    choice = choose_holder(key, tuple(by_address), loads, epsilon)
-    return by_address[choice.holder], LOAD_FALLBACK if choice.fell_back else PREFERRED
+    order = _order(key, candidates)
+    if avoid is not None:
+        kept = tuple(i for i in order if not avoid(upstreams[i].address))
+        order = kept or order  # every one avoided: a doubtful instance beats none
+    rank = bounded_rank([upstreams[i].in_flight / weights[i] for i in order], epsilon)
+    return upstreams[order[rank]], LOAD_FALLBACK if rank else PREFERRED
+
+
+@lru_cache(maxsize=8192)
+def _order(key: int, candidates: CandidateSet) -> tuple[int, ...]:
+    """The candidates' indices in the key's rendezvous order over their addresses. Kept per
+    (key, candidate set): a route's sets are made once per table, and popular prefixes repeat,
+    so most requests skip the hashing (a set is hashed by identity; a new table, new sets)."""
+    index = {upstream.address: i for i, upstream in enumerate(candidates.upstreams)}
+    return tuple(index[a] for a in rendezvous_order(key, list(index)))
