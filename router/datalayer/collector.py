@@ -6,8 +6,9 @@ one kept-alive connection (scrape.py), reading only the families routing uses
 (triton_metrics.py), at a phase of the interval fixed per instance (`scrape_phase`) so that a
 large fleet's scrapes are spread over time.
 Rates (inferences per second, average batch size, prefix-cache hit ratio) come from counter
-deltas over a window of recent scrapes. A model version seen LOADING and later READY is reported to `on_model_loaded`
-with the time between the two sightings: its load time, give or take one poll interval.
+deltas over a window of recent scrapes. A model version seen LOADING and later READY is
+reported to `on_model_loaded` with the time between the two sightings: its load time, give or
+take one poll interval.
 A change wakes whoever waits on `FleetCollector.changed`; `snapshot()` copies the current
 state into a `FleetSnapshot` that scheduling reads without locks or I/O.
 

@@ -2,8 +2,8 @@
 
 `RequestDelta`: requests one instance answered per model version between two scrapes (what
 placement measures demand from); `CounterWindow`: inferences, executions and prefix-cache
-blocks per model over the last seconds of scrapes (throughput, average batch size, hit ratio); `GpuMemoryReading`: the latest
-nv_gpu_memory_used_bytes.
+blocks per model over the last seconds of scrapes (throughput, average batch size, hit
+ratio); `GpuMemoryReading`: the latest nv_gpu_memory_used_bytes.
 """
 
 from __future__ import annotations

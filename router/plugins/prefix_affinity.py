@@ -5,13 +5,14 @@ key) and `cycle.prefix` (the model's `prefix_routing` in the policy); per candid
 address, the model's `pending_requests` and `candidate.assumed_inflight`.
 Formula: the candidates are the key's holders; each holder's load is q = pending_requests +
 assumed_inflight (queue-depth's q: Triton's queue plus the router's picks of the last two
-metric intervals, so the bound caps each holder's share of the model's recent picks). The chosen holder is the first in the key's rendezvous order
-whose load, this request added, stays within ceil((1 + epsilon) x mean) (consistent hashing
-with bounded loads, `pointsman.affinity.choose_holder`, the choice sidecars make over the same
-addresses): it scores 1.0, every other candidate 0.0. Without a key, or for a model without
-prefix routing, every candidate scores 0.0, so the scorer changes neither the other scores'
-ranking nor the route tables' weights. Give it a weight above the sum of the others' (the
-default profile's 10 against 7) so the chosen holder is the pick.
+metric intervals, so the bound caps each holder's share of the model's recent picks). The
+chosen holder is the first in the key's rendezvous order whose load, this request added,
+stays within ceil((1 + epsilon) x mean) (consistent hashing with bounded loads,
+`pointsman.affinity.choose_holder`, the choice sidecars make over the same addresses): it
+scores 1.0, every other candidate 0.0. Without a key, or for a model without prefix routing,
+every candidate scores 0.0, so the scorer changes neither the other scores' ranking nor the
+route tables' weights. Give it a weight above the sum of the others' (the default profile's
+10 against 7) so the chosen holder is the pick.
 Parameters: none (epsilon and the key's blocks are the model's `prefix_routing`).
 """
 
