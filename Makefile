@@ -64,7 +64,7 @@ lint: install check-protos check-ops
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Seed table, data-plane overhead and scale: results.json/.md/.png in ./pointsman-bench-TIME/.
+# Every scenario of pointsman bench (about 5 hours): results.json/.md/.png in ./pointsman-bench-TIME/.
 bench: install
 	$(VENV)/bin/pointsman bench --scenario all
 

@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from app.arguments import positive_seconds
+from app.policy_command import add_policy_parser
+from app.xds_command import add_xds_bootstrap_parser
 from pointsman import __version__
 
 __all__ = ["main"]
@@ -174,109 +177,6 @@ def _cmd_top(args: argparse.Namespace) -> int:
         return 2
 
 
-def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from pointsman.errors import ConfigError
-    from router.policy import load_policy
-
-    try:
-        policy = load_policy(args.file)
-    except ConfigError as exc:
-        message = str(exc)
-        # File errors already start with the path; field errors get it in front.
-        prefix = "" if message.startswith(str(args.file)) else f"{args.file}: "
-        print(f"{prefix}{message}", file=sys.stderr)
-        return 2
-    print(f"ok {policy.version}")
-    return 0
-
-
-def _cmd_policy_rpc(args: argparse.Namespace) -> int:
-    """`policy reload` (ReloadPolicy) and `policy show` (GetPolicy): prints the answer.
-
-    0: answered; 2: the router refused the file (INVALID_ARGUMENT, naming the field);
-    1: the router did not answer.
-    """
-    import grpc
-
-    from pointsman.auth import bearer_metadata, load_admin_token
-    from pointsman.errors import ConfigError
-    from pointsman.router.v1 import router_pb2 as pb
-    from pointsman.router.v1 import router_pb2_grpc as pb_grpc
-    from pointsman.tls import sync_channel, tls_from_args
-
-    rpc = args.policy_command
-    try:
-        token = load_admin_token(args.token_file, where="--token-file")
-        tls = tls_from_args(args, "tls", where="--tls")
-        channel = sync_channel(args.router, tls)
-    except ConfigError as exc:
-        print(f"pointsman policy {rpc}: {exc}", file=sys.stderr)
-        return 2
-    with channel:
-        stub = pb_grpc.RouterServiceStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            if rpc == "reload":
-                reloaded = stub.ReloadPolicy(
-                    pb.ReloadPolicyRequest(), timeout=args.timeout, metadata=bearer_metadata(token)
-                )
-                state = "changed" if reloaded.changed else "unchanged"
-                print(f"policy {reloaded.policy_version} {state}")
-            else:
-                shown = stub.GetPolicy(pb.GetPolicyRequest(), timeout=args.timeout)
-                loaded = (
-                    time.strftime(
-                        "%Y-%m-%d %H:%M:%S %Z", time.localtime(shown.loaded_unix_ms / 1000)
-                    )
-                    if shown.loaded_unix_ms
-                    else "an unknown time"
-                )
-                print(f"# policy {shown.policy_version} from {shown.source}, active since {loaded}")
-                print(shown.policy_yaml, end="" if shown.policy_yaml.endswith("\n") else "\n")
-        except grpc.RpcError as exc:
-            code = exc.code() if callable(getattr(exc, "code", None)) else None
-            details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                print(f"policy refused, the running policy stays: {details}", file=sys.stderr)
-                return 2
-            name = code.name if code is not None else "error"
-            print(
-                f"pointsman policy {rpc}: router {args.router}: {name}: {details}", file=sys.stderr
-            )
-            return 1
-    return 0
-
-
-def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from pointsman.tls import add_tls_arguments
-
-    policy = sub.add_parser("policy", help="check a policy file; show or reload the router's")
-    actions = policy.add_subparsers(dest="policy_command", required=True)
-    check = actions.add_parser(
-        "check", help="validate a policy file without applying it: 'ok VERSION' or the error"
-    )
-    check.add_argument("file", type=Path, metavar="FILE")
-    check.set_defaults(func=_cmd_policy_check)
-    for name, help_text in (
-        ("reload", "make the router read its policy file now; prints the version active"),
-        ("show", "print the router's active policy and its version"),
-    ):
-        action = actions.add_parser(name, help=help_text)
-        action.add_argument(
-            "--router", default="127.0.0.1:8101", metavar="HOST:PORT", help="the router to ask"
-        )
-        action.add_argument(
-            "--timeout", type=_positive_seconds, default=5.0, help="seconds to wait for it"
-        )
-        action.add_argument(
-            "--token-file",
-            type=Path,
-            metavar="FILE",
-            help="admin bearer token to send (default: $POINTSMAN_ADMIN_TOKEN, if set)",
-        )
-        add_tls_arguments(action, "tls", "the channel to the router", listening=False)
-        action.set_defaults(func=_cmd_policy_rpc)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from pointsman.tls import add_tls_arguments
     from router import main as router_main
@@ -309,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--router", default="127.0.0.1:8101", metavar="HOST:PORT", help="the router to ask"
     )
     top.add_argument(
-        "--interval", type=_positive_seconds, default=1.0, help="seconds between refreshes"
+        "--interval", type=positive_seconds, default=1.0, help="seconds between refreshes"
     )
     top.add_argument(
         "--once", action="store_true", help="print one frame and exit (1 if the router is down)"
@@ -327,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     webhook.add_arguments(inject)
     inject.set_defaults(func=webhook.run)
 
-    _add_policy_parser(sub)
-    _add_xds_bootstrap_parser(sub)
+    add_policy_parser(sub)
+    add_xds_bootstrap_parser(sub)
 
     from bench import command as bench_command
 
@@ -338,73 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench_command.add_arguments(bench)
     bench.set_defaults(func=bench_command.run)
     return parser
-
-
-def _cmd_xds_bootstrap(args: argparse.Namespace) -> int:
-    from router.xds.bootstrap import BootstrapTls, bootstrap_json
-
-    tls = None
-    if args.tls_ca or args.tls_cert or args.tls_key:
-        if bool(args.tls_cert) != bool(args.tls_key):
-            print("pointsman xds-bootstrap: --tls-cert and --tls-key go together", file=sys.stderr)
-            return 2
-        tls = BootstrapTls(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
-    triton_tls = None
-    if args.triton_ca or args.triton_cert or args.triton_key:
-        if bool(args.triton_cert) != bool(args.triton_key):
-            print(
-                "pointsman xds-bootstrap: --triton-cert and --triton-key go together",
-                file=sys.stderr,
-            )
-            return 2
-        triton_tls = BootstrapTls(
-            ca_file=args.triton_ca, cert_file=args.triton_cert, key_file=args.triton_key
-        )
-    text = bootstrap_json(args.router, tls=tls, triton_tls=triton_tls, node_id=args.node_id)
-    if args.output:
-        args.output.write_text(text)
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-def _add_xds_bootstrap_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    boot = sub.add_parser(
-        "xds-bootstrap",
-        help="print the xDS bootstrap of proxyless clients (the file GRPC_XDS_BOOTSTRAP names)",
-    )
-    boot.add_argument(
-        "--router",
-        action="append",
-        required=True,
-        metavar="HOST:PORT",
-        help="the router's address as clients reach it; repeat for fallback replicas",
-    )
-    boot.add_argument("--tls-ca", default="", metavar="FILE", help="CA of the router's TLS cert")
-    boot.add_argument("--tls-cert", default="", metavar="FILE", help="client cert (mutual TLS)")
-    boot.add_argument("--tls-key", default="", metavar="FILE", help="key of --tls-cert")
-    boot.add_argument(
-        "--triton-ca",
-        default="",
-        metavar="FILE",
-        help="CA of Triton's TLS cert, when the router has triton_tls (the client's channel "
-        "then needs grpc.xds_channel_credentials)",
-    )
-    boot.add_argument("--triton-cert", default="", metavar="FILE", help="client cert for Triton")
-    boot.add_argument("--triton-key", default="", metavar="FILE", help="key of --triton-cert")
-    boot.add_argument("--node-id", default="pointsman-proxyless", help="the client's node id")
-    boot.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
-    boot.set_defaults(func=_cmd_xds_bootstrap)
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

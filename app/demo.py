@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter
+from collections.abc import Callable
 
+import grpc
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from app.fleet import Fleet, FleetConfig
-from app.workload import RequestRecord, WorkloadMix, percentile, run_closed_loop
+from bench.calls import PROMPTS, TritonCalls, codegen_request
+from bench.loadgen import CallRecord, LoadRun, Request, run_closed_loop
+from bench.stats import summarize_by_tag
 from router.datalayer.triton_metrics import TritonMetrics, parse_triton_metrics
 
 __all__ = ["run_demo"]
@@ -36,21 +41,44 @@ def run_demo(config: FleetConfig, *, duration_s: float, concurrency: int) -> int
         for spec in fleet.tritons:
             console.print(f"  {spec.instance_id}: {', '.join(spec.load_models) or '-'}")
         before = {s.instance_id: _scrape(s.metrics_url) for s in fleet.tritons}
-        records = _drive(console, fleet.sidecar_address, duration_s, concurrency)
+        run = _drive(console, fleet.sidecar_address, duration_s, concurrency)
         after = {s.instance_id: _scrape(s.metrics_url) for s in fleet.tritons}
         for death in fleet.check_children():
             console.print(f"[red]{death}")
     finally:
         console.print("stopping the fleet ...")
         fleet.stop()
-    _summarise(console, records, before, after, duration_s)
-    errors = sum(1 for r in records if r.status != "OK")
-    return 0 if records and errors <= len(records) * 0.01 else 1
+    _summarise(console, run, before, after)
+    errors = sum(1 for r in run.records if r.status != "OK")
+    return 0 if run.records and errors <= len(run.records) * 0.01 else 1
 
 
-def _drive(
-    console: Console, address: str, duration_s: float, concurrency: int
-) -> list[RequestRecord]:
+UNARY_MODEL, STREAM_MODEL = "codegen", "codegen_stream"
+STREAM_FRACTION = 0.25
+MAX_TOKENS = 16
+SEED = 7
+
+
+def _mixed_requests(calls: TritonCalls, concurrency: int) -> Callable[[int, float], Request]:
+    """Each client's next request: streaming `codegen_stream` (read to the last token) for a
+    quarter of them, unary `codegen` otherwise, with a seeded random prompt."""
+    bodies = {
+        model: [codegen_request(p, MAX_TOKENS, model=model) for p in PROMPTS]
+        for model in (UNARY_MODEL, STREAM_MODEL)
+    }
+    rngs = [random.Random(SEED * 1000 + worker) for worker in range(concurrency)]
+
+    def make(worker: int, _at: float) -> Request:
+        rng = rngs[worker]
+        if rng.random() < STREAM_FRACTION:
+            body = rng.choice(bodies[STREAM_MODEL])
+            return Request(calls.stream(body, MAX_TOKENS), STREAM_MODEL)
+        return Request(calls.unary(rng.choice(bodies[UNARY_MODEL])), UNARY_MODEL)
+
+    return make
+
+
+def _drive(console: Console, address: str, duration_s: float, concurrency: int) -> LoadRun:
     with Progress(
         TextColumn("[bold]traffic"),
         BarColumn(),
@@ -61,61 +89,60 @@ def _drive(
         task = progress.add_task("traffic", total=duration_s, done=0, errors=0)
         counts = Counter[str]()
 
-        def on_record(record: RequestRecord) -> None:
+        def on_record(record: CallRecord) -> None:
             counts["done"] += 1
             counts["errors"] += record.status != "OK"
 
-        async def drive() -> list[RequestRecord]:
-            work = asyncio.create_task(
-                run_closed_loop(
-                    address,
-                    duration_s=duration_s,
-                    concurrency=concurrency,
-                    mix=WorkloadMix(),
-                    on_record=on_record,
+        async def drive() -> LoadRun:
+            async with grpc.aio.insecure_channel(address) as channel:
+                work = asyncio.create_task(
+                    run_closed_loop(
+                        _mixed_requests(TritonCalls(channel), concurrency),
+                        concurrency=concurrency,
+                        duration_s=duration_s,
+                        on_record=on_record,
+                    )
                 )
-            )
-            loop = asyncio.get_running_loop()
-            began = loop.time()
-            while not work.done():
+                loop = asyncio.get_running_loop()
+                began = loop.time()
+                while not work.done():
+                    progress.update(
+                        task,
+                        completed=min(duration_s, loop.time() - began),
+                        done=counts["done"],
+                        errors=counts["errors"],
+                    )
+                    await asyncio.sleep(0.2)
                 progress.update(
-                    task,
-                    completed=min(duration_s, loop.time() - began),
-                    done=counts["done"],
-                    errors=counts["errors"],
+                    task, completed=duration_s, done=counts["done"], errors=counts["errors"]
                 )
-                await asyncio.sleep(0.2)
-            progress.update(
-                task, completed=duration_s, done=counts["done"], errors=counts["errors"]
-            )
-            return await work
+                return await work
 
         return asyncio.run(drive())
 
 
 def _summarise(
     console: Console,
-    records: list[RequestRecord],
+    run: LoadRun,
     before: dict[str, TritonMetrics],
     after: dict[str, TritonMetrics],
-    duration_s: float,
 ) -> None:
-    by_model: defaultdict[str, list[RequestRecord]] = defaultdict(list)
-    for record in records:
-        by_model[record.model].append(record)
-    latency = Table(title=f"Through the sidecar: {len(records)} requests in {duration_s:.0f}s")
-    for column in ("model", "requests", "req/s", "p50 ms", "p99 ms", "errors"):
+    latency = Table(
+        title=f"Through the sidecar: {len(run.records)} requests in {run.elapsed_s:.0f}s"
+    )
+    columns = ("model", "requests", "req/s", "p50 ms", "p99 ms", "first token p50 ms", "errors")
+    for column in columns:
         latency.add_column(column, justify="right" if column != "model" else "left")
-    for model, recs in sorted(by_model.items()):
-        ok = [r.latency_s * 1000 for r in recs if r.status == "OK"]
-        errors = Counter(r.status for r in recs if r.status != "OK")
+    for model, summary in summarize_by_tag(run.records, run.elapsed_s).items():
+        streamed = model == STREAM_MODEL
         latency.add_row(
-            model + (" (stream, full)" if recs[0].streaming else ""),
-            str(len(recs)),
-            f"{len(recs) / duration_s:.1f}",
-            f"{percentile(ok, 50):.1f}",
-            f"{percentile(ok, 99):.1f}",
-            ", ".join(f"{k} {v}" for k, v in errors.items()) or "0",
+            model + (" (stream, full)" if streamed else ""),
+            str(summary.requests),
+            f"{summary.requests / run.elapsed_s:.1f}",
+            f"{summary.p50_ms:.1f}",
+            f"{summary.p99_ms:.1f}",
+            f"{summary.ttft_p50_ms:.1f}" if streamed else "-",
+            ", ".join(f"{k} {v}" for k, v in summary.errors_by_status.items()) or "0",
         )
     console.print(latency)
 

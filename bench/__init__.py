@@ -1,10 +1,12 @@
-"""`pointsman bench`: numbers measured on the user's own machine, side by side, in one run.
+"""`pointsman bench`: every benchmark's one home (see bench/README.md).
 
-- `loadgen`: the load generator (open and closed loop, unary and streaming gRPC calls, full
-  latency record, errors by status).
-- `scenarios/`: `seed_table` (round robin vs Pointsman vs Pointsman + batching on real
-  Tritons), `overhead` (direct vs sidecar vs nghttpx on a trivial model), `scale` (the
-  router's engines on simulated fleets).
-- `report`: results as JSON, a markdown table and a PNG plot, with the machine's description.
-- `command`: the CLI subcommand that ties them together.
+- `loadgen`: THE load generator: open loop (scheduled arrivals, latency from the scheduled
+  time) and closed loop (N clients); `calls`: its unary and streaming Triton gRPC calls;
+  `stats`: percentiles (timeouts as infinite latency), bootstrap intervals; `workloads`:
+  Zipf popularity, shifts, bursts, streaming.
+- `testbed`, `pointsman_fleet`, `baselines/`: the systems compared on one testbed;
+  `cell`: one measured (system, workload) run; `placement_watch`, `procstats`: loads, CPU and
+  RSS measured alike for every system; `repository`: model copies made at run time.
+- `scenarios/`: what `pointsman bench --scenario NAME` runs; `report`: results.json (schema
+  in bench/README.md), results.md and results.png; `command`: the CLI subcommand.
 """

@@ -1,44 +1,48 @@
 """`pointsman bench`: runs the chosen scenarios and writes results.json, .md and .png.
 
     pointsman bench --scenario all --out bench/results/reference
-    pointsman bench --scenario overhead --duration 5 --quick
+    pointsman bench --scenario comparison --repetitions 5
+    pointsman bench --scenario overhead --quick
 
-`--quick` shrinks every scenario to a smoke run (seconds, not minutes); `--duration` sets the
-measured seconds of seed-table and of each overhead cell. Exit status: 0 when every scenario
-ran (whether or not targets were met: they are reported, not enforced), 1 when one failed.
+`--quick` shrinks every scenario to a smoke run (seconds to a few minutes, not hours);
+`--duration` sets the measured seconds of each cell. Exit status: 0 when every scenario ran
+(whether or not targets were met: they are reported, not enforced), 1 when one failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from bench.report import BenchRun, ScenarioResult, machine_info, utc_now, write_report
+from bench.report import BenchRun, ScenarioResult, machine_info, provenance, utc_now, write_report
+from bench.scenarios import SCENARIOS, Options, run_scenario
 
-__all__ = ["SCENARIOS", "add_arguments", "run"]
-
-SCENARIOS = ("seed-table", "overhead", "scale")
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scenario",
+        action="append",
         choices=(*SCENARIOS, "all"),
-        default="all",
-        help="seed-table: round robin vs Pointsman vs Pointsman + batching on 3 real Tritons; "
-        "overhead: direct vs sidecar vs nghttpx on add_one; scale: the router's engines on "
-        "simulated fleets (default: all)",
+        help="; ".join(f"{s.name}: {s.help}" for s in SCENARIOS.values())
+        + " (repeatable; default: all)",
     )
     parser.add_argument(
-        "--duration",
-        type=_positive_seconds,
-        help="measured seconds: seed-table per system (default 30), overhead per cell (8)",
+        "--duration", type=_positive_seconds, help="measured seconds of each cell or run"
+    )
+    parser.add_argument("--repetitions", type=_positive_int, help="repetitions (rounds) per cell")
+    parser.add_argument(
+        "--systems", type=_names, default=(), help="comparison: systems, comma-separated"
+    )
+    parser.add_argument(
+        "--workloads", type=_names, default=(), help="comparison: workloads, comma-separated"
     )
     parser.add_argument(
         "--out",
@@ -60,66 +64,67 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _seed_table(args: argparse.Namespace) -> ScenarioResult:
-    from bench.scenarios.seed_table import SeedTableSettings, run_seed_table
-
-    settings = SeedTableSettings(seed=args.seed, progress=not args.no_progress)
-    if args.quick:
-        settings = replace(
-            settings, models=4, models_per_instance=2, concurrency=8, warmup_s=5, duration_s=5
-        )
-    if args.duration:
-        settings = replace(settings, duration_s=args.duration)
-    return run_seed_table(settings, _say)
-
-
-def _overhead(args: argparse.Namespace) -> ScenarioResult:
-    from bench.scenarios.overhead import OverheadSettings, run_overhead
-
-    settings = OverheadSettings(progress=not args.no_progress)
-    if args.quick:
-        settings = replace(settings, duration_s=1.0, warmup_s=0.3)
-    if args.duration:
-        settings = replace(settings, duration_s=args.duration)
-    return run_overhead(settings, _say)
-
-
-def _scale(args: argparse.Namespace) -> ScenarioResult:
-    from bench.scenarios.scale import FULL, QUICK, run_scale
-
-    return run_scale(replace(QUICK if args.quick else FULL, seed=args.seed), _say)
+def _chosen(args: argparse.Namespace) -> list[str]:
+    named = args.scenario or ["all"]
+    return list(SCENARIOS) if "all" in named else list(dict.fromkeys(named))
 
 
 def _command_line(args: argparse.Namespace, out: Path) -> str:
     """The command that reproduces this run."""
-    words = ["pointsman", "bench", "--scenario", args.scenario, "--seed", str(args.seed)]
+    words = ["pointsman", "bench"]
+    for name in args.scenario or ["all"]:
+        words += ["--scenario", name]
+    words += ["--seed", str(args.seed)]
     if args.duration:
         words += ["--duration", f"{args.duration:g}"]
+    if args.repetitions:
+        words += ["--repetitions", str(args.repetitions)]
+    if args.systems:
+        words += ["--systems", ",".join(args.systems)]
+    if args.workloads:
+        words += ["--workloads", ",".join(args.workloads)]
     if args.quick:
         words.append("--quick")
     return shlex.join([*words, "--out", str(out)])
 
 
 def run(args: argparse.Namespace) -> int:
-    chosen = SCENARIOS if args.scenario == "all" else (args.scenario,)
     out: Path = args.out or Path(f"pointsman-bench-{time.strftime('%Y%m%d-%H%M%S')}")
-    started = utc_now()
+    options = Options(
+        quick=args.quick,
+        duration_s=args.duration,
+        seed=args.seed,
+        progress=not args.no_progress,
+        repetitions=args.repetitions,
+        systems=args.systems,
+        workloads=args.workloads,
+    )
+    started, origin = utc_now(), provenance()
     results: list[ScenarioResult] = []
     triton_version = ""
     failed: list[str] = []
-    runners: dict[str, Callable[[argparse.Namespace], ScenarioResult]] = {
-        "seed-table": _seed_table,
-        "overhead": _overhead,
-        "scale": _scale,
-    }
-    for name in chosen:
+    for name in _chosen(args):
         _say(f"pointsman bench: {name}")
         try:
-            result = runners[name](args)
+            result = run_scenario(name, options, _say)
         except Exception as exc:  # one broken scenario must not lose the others' figures
             traceback.print_exc()
             _say(f"pointsman bench: {name} failed: {exc}")
@@ -128,7 +133,11 @@ def run(args: argparse.Namespace) -> int:
         results.append(result)
         triton_version = triton_version or str(result.data.get("triton_version", ""))
     bench_run = BenchRun(
-        _command_line(args, out), started, machine_info(triton_version), tuple(results)
+        _command_line(args, out),
+        started,
+        machine_info(triton_version),
+        tuple(results),
+        replace(origin, loadavg_end=os.getloadavg()),
     )
     paths = write_report(bench_run, out)
     print((out / "results.md").read_text())

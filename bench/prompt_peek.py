@@ -32,8 +32,7 @@ from tritonclient.grpc import service_pb2 as triton_pb
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.workload import codegen_inputs  # noqa: E402
-from bench.loadgen import infer_request_bytes  # noqa: E402
+from bench.calls import codegen_inputs, infer_request_bytes  # noqa: E402
 from pointsman.prefix import PrefixBlocks  # noqa: E402
 from sidecar.prompt import peek_prompt, prompt_prefix_chain, prompt_prefix_key  # noqa: E402
 from sidecar.wire import peek_model  # noqa: E402

@@ -12,21 +12,28 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+# The results.json layout, documented in bench/README.md ("Result schema"); bump on a change.
+SCHEMA = "pointsman-bench/2"
+
 __all__ = [
+    "SCHEMA",
     "BarGroup",
     "BenchRun",
     "MachineInfo",
+    "Provenance",
     "ScenarioResult",
     "Table",
     "TargetCheck",
     "format_cell",
     "machine_info",
+    "provenance",
     "ratio",
     "render_markdown",
     "utc_now",
@@ -93,11 +100,23 @@ class MachineInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Provenance:
+    """Which code measured, and how busy the machine was."""
+
+    commit: str  # `git rev-parse HEAD`, "" outside a git checkout
+    dirty: bool  # uncommitted changes to tracked files when the run started
+    loadavg_start: tuple[float, float, float]  # 1, 5, 15 minutes
+    loadavg_end: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    dirty_paths: tuple[str, ...] = ()  # which tracked files differed from the commit
+
+
+@dataclass(frozen=True, slots=True)
 class BenchRun:
     command: str
     started_utc: str
     machine: MachineInfo
     scenarios: tuple[ScenarioResult, ...]
+    provenance: Provenance | None = None
 
 
 def _read(path: str) -> str:
@@ -135,6 +154,33 @@ def _os_name() -> str:
         distribution = ""
     kernel = f"{platform.system()} {platform.release()}"
     return f"{kernel} ({distribution})" if distribution else kernel
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip()
+
+
+def provenance(loadavg_end: tuple[float, float, float] | None = None) -> Provenance:
+    """The commit and dirtiness of this checkout, and the load average now (as the start)."""
+    changed = _git("status", "--porcelain", "--untracked-files=no").splitlines()
+    return Provenance(
+        commit=_git("rev-parse", "HEAD"),
+        dirty=bool(changed),
+        dirty_paths=tuple(line[3:] for line in changed),
+        loadavg_start=os.getloadavg(),
+        loadavg_end=loadavg_end or (math.nan, math.nan, math.nan),
+    )
 
 
 def machine_info(triton_server: str = "") -> MachineInfo:
@@ -187,8 +233,18 @@ def render_markdown(run: BenchRun) -> str:
         f"- command: `{run.command}`",
         f"- started: {run.started_utc}",
         f"- machine: {run.machine.describe()}",
-        "",
     ]
+    if run.provenance:
+        p = run.provenance
+        state = f" (uncommitted changes: {', '.join(p.dirty_paths)})" if p.dirty else ""
+        lines.append(f"- commit: {p.commit or 'unknown'}{state}")
+        lines.append(
+            "- load average (1, 5, 15 min): start "
+            + ", ".join(f"{v:.2f}" for v in p.loadavg_start)
+            + "; end "
+            + ", ".join(f"{v:.2f}" for v in p.loadavg_end)
+        )
+    lines.append("")
     for scenario in run.scenarios:
         lines += [f"## {scenario.title}", ""]
         for table in scenario.tables:
@@ -210,9 +266,10 @@ def render_markdown(run: BenchRun) -> str:
 
 
 def _jsonable(value: object) -> object:
-    """NaN is not JSON: it becomes null."""
+    """NaN and infinities are not JSON: NaN (not measured) becomes null, an infinite latency
+    (a timeout in the tail) the string "inf"."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -235,7 +292,7 @@ def _plot(run: BenchRun, path: Path) -> None:
     for ax in axes.flat[len(groups) :]:
         ax.axis("off")
     for ax, (scenario_title, group) in zip(axes.flat, groups, strict=False):
-        values = [0.0 if math.isnan(v) else v for v in group.values]
+        values = [v if math.isfinite(v) else 0.0 for v in group.values]  # inf: labelled, not drawn
         bars = ax.bar(range(len(values)), values, color=[f"C{i % 10}" for i in range(len(values))])
         ax.set_xticks(range(len(values)), group.labels, rotation=20, ha="right", fontsize=8)
         ax.set_title(f"{scenario_title}\n{group.title}", fontsize=9)
@@ -255,8 +312,10 @@ def write_report(run: BenchRun, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out_dir / f"results.{ext}" for ext in ("json", "md", "png"))
     document = {
+        "schema": SCHEMA,
         "command": run.command,
         "started_utc": run.started_utc,
+        "provenance": asdict(run.provenance) if run.provenance else None,
         "machine": asdict(run.machine),
         "scenarios": [asdict(s) for s in run.scenarios],
     }

@@ -1,32 +1,26 @@
 """Scenario `overhead`: what the data plane adds, on a model that does almost nothing.
 
-One real Triton serves `add_one` (FP32[16] + 1). The same requests go three ways: straight to
-Triton, through the Pointsman sidecar (its own process, a static route, as in a pod) and
-through nghttpx (Debian `nghttp2-proxy`: a C HTTP/2 proxy, the reference for a compiled data
-plane). Two drivers: the project's Python load generator (grpc.aio, raw bytes) and h2load
-(Debian `nghttp2-client`, C) posting a length-prefixed gRPC body over HTTP/2; each at
-concurrency 1 (one call at a time) and 64 (64 streams on one connection). Reported: p50/p99,
-throughput, and what each proxy adds over direct.
-
-h2load cannot read gRPC trailers (a gRPC error still answers HTTP 200), so Triton's success
-counter must grow by at least the number of answers h2load counted; otherwise the run fails.
-A missing nghttpx or h2load skips its column with the command to install it.
+One real Triton serves `add_one` (FP32[16] + 1). The same requests go four ways: straight to
+Triton; through the Pointsman sidecar (its own process, a static route, as in a pod); through
+the least a Python proxy can be (`MINIMAL_PROXY`: 20 lines of grpc.aio with uvloop, one fixed
+upstream, no parsing, no routing), which separates the sidecar's own cost from grpc.aio's;
+and through nghttpx (a C HTTP/2 proxy, the reference for a compiled data plane). Two drivers:
+the project's load generator (grpc.aio, raw bytes) and h2load (C); each at concurrency 1 and
+64. Each round runs every path once, in a rotated order, so drift hits every path alike;
+the figures are medians over rounds with 95 % bootstrap intervals, and the added latency is
+taken per round against that round's direct run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import re
+import random
 import shutil
-import struct
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -36,18 +30,15 @@ from tritonclient.grpc import service_pb2 as triton_pb
 
 from app.processes import ManagedProcess, ProcessSpec, free_port, stop_all
 from app.triton import TritonSpec, prepare_installation, triton_process, wait_until_ready
-from bench.loadgen import (
-    INFER_METHOD,
-    CallRecord,
-    LoadSummary,
-    infer_request_bytes,
-    run_closed_loop,
-    summarize,
-    unary_call,
-)
-from bench.report import BarGroup, ScenarioResult, Table, TargetCheck, ratio
+from bench.calls import INFER_METHOD, TritonCalls, infer_request_bytes
+from bench.loadgen import Request, run_closed_loop
+from bench.report import BarGroup, ScenarioResult, Table, TargetCheck
+from bench.scenarios import Options, Say
+from bench.scenarios.h2load import INSTALL_HINT, h2load_run, nghttpx_command
+from bench.stats import Interval, LoadSummary, bootstrap_median, summarize
+from bench.testbed import server_version
 
-__all__ = ["OverheadSettings", "h2load_command", "nghttpx_command", "run_overhead"]
+__all__ = ["MINIMAL_PROXY", "OverheadSettings", "check_answer", "request_body", "run_overhead"]
 
 MODEL = "add_one"
 VALUES = np.arange(16, dtype=np.float32)
@@ -55,7 +46,26 @@ VALUES = np.arange(16, dtype=np.float32)
 TARGET_ADDED_P50_MS = 0.35
 TARGET_ADDED_P99_MS = 0.7
 TARGET_THROUGHPUT_RATIO = 0.25
-INSTALL_HINT = "apt-get install -y nghttp2-proxy nghttp2-client"
+
+# The floor for comparison: the least a grpc.aio proxy can do (one fixed upstream, no peek,
+# no routing, no metadata, no deadline), with uvloop and a registered raw-bytes handler.
+MINIMAL_PROXY = """
+import sys, grpc, uvloop
+async def main(port, upstream):
+    channel = grpc.aio.insecure_channel(upstream)
+    call = channel.unary_unary(sys.argv[3], request_serializer=None,
+                               response_deserializer=None, _registered_method=True)
+    async def infer(request, context):
+        return await call(request)
+    server = grpc.aio.server()
+    server.add_registered_method_handlers(
+        "inference.GRPCInferenceService",
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)})
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+uvloop.run(main(sys.argv[1], sys.argv[2]))
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +73,8 @@ class OverheadSettings:
     duration_s: float = 8.0
     warmup_s: float = 1.0
     concurrencies: tuple[int, ...] = (1, 64)
+    rounds: int = 3
+    seed: int = 7
     progress: bool = False
 
 
@@ -72,77 +84,11 @@ def request_body() -> bytes:
     return infer_request_bytes(MODEL, [tensor], ["OUTPUT0"])
 
 
-def grpc_frame(message: bytes) -> bytes:
-    """gRPC's length-prefixed message: no compression flag, 4-byte big-endian length."""
-    return b"\x00" + struct.pack(">I", len(message)) + message
-
-
 def check_answer(response: bytes) -> None:
     answer = triton_pb.ModelInferResponse.FromString(response)
     out = np.frombuffer(answer.raw_output_contents[0], dtype=np.float32)
     if not np.array_equal(out, VALUES + 1):
         raise RuntimeError(f"add_one answered {out}, expected {VALUES + 1}")
-
-
-def nghttpx_command(port: int, upstream: str, log_dir: Path) -> list[str]:
-    """nghttpx as a plaintext HTTP/2 (h2c) proxy to one gRPC upstream; one worker."""
-    host, _, upstream_port = upstream.rpartition(":")
-    return [
-        "nghttpx",
-        "--conf=/dev/null",
-        f"--frontend=127.0.0.1,{port};no-tls",
-        f"--backend={host},{upstream_port};;proto=h2",
-        "--workers=1",
-        "--no-ocsp",
-        "--no-via",
-        "--no-server-push",
-        f"--errorlog-file={log_dir / 'nghttpx-error.log'}",
-        "--accesslog-file=/dev/null",
-        f"--pid-file={log_dir / 'nghttpx.pid'}",
-    ]
-
-
-def h2load_command(
-    address: str, body_file: Path, duration_s: float, concurrency: int, log_file: Path
-) -> list[str]:
-    """h2load with one connection and `concurrency` streams, posting gRPC frames; every
-    request's latency goes to `log_file` (start us, HTTP status, duration us; tab-separated).
-    h2load takes whole seconds: see `h2load_seconds`."""
-    return [
-        "h2load",
-        f"--duration={h2load_seconds(duration_s)}",
-        "--warm-up-time=1",
-        "--clients=1",
-        f"--max-concurrent-streams={concurrency}",
-        "--threads=1",
-        f"--data={body_file}",
-        "--header=content-type: application/grpc",
-        "--header=te: trailers",
-        f"--log-file={log_file}",
-        f"http://{address}{INFER_METHOD}",
-    ]
-
-
-def h2load_seconds(duration_s: float) -> int:
-    return max(1, round(duration_s))
-
-
-def parse_h2load_log(text: str, duration_s: float) -> LoadSummary:
-    """h2load's per-request log as a LoadSummary: HTTP 200 is OK, anything else HTTP_<code>."""
-    records = []
-    for line in text.splitlines():
-        fields = line.split("\t")
-        if len(fields) < 3:
-            continue
-        status = "OK" if fields[1] == "200" else f"HTTP_{fields[1]}"
-        records.append(CallRecord(0.0, int(fields[2]) / 1e6, status))
-    return summarize(records, duration_s)
-
-
-def triton_successes(metrics_url: str) -> int:
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    pattern = rf'^nv_inference_request_success\{{[^}}]*model="{MODEL}"[^}}]*\}} (\S+)'
-    return int(sum(float(m.group(1)) for m in re.finditer(pattern, text, re.M)))
 
 
 def _wait_for_answer(address: str, process: ManagedProcess, timeout_s: float = 30.0) -> None:
@@ -164,186 +110,204 @@ def _wait_for_answer(address: str, process: ManagedProcess, timeout_s: float = 3
             time.sleep(0.2)
 
 
-def _python_run(
-    address: str, concurrency: int, settings: OverheadSettings, label: str
-) -> LoadSummary:
+def _python_run(address: str, concurrency: int, settings: OverheadSettings) -> LoadSummary:
     async def run() -> LoadSummary:
         async with grpc.aio.insecure_channel(address) as channel:
-            make = unary_call(channel, request_body(), timeout_s=30)
-            return await run_closed_loop(
-                lambda _worker: make(),
+            calls = TritonCalls(channel, timeout_s=30)
+            body = request_body()
+            done = await run_closed_loop(
+                lambda _worker, _at: Request(calls.unary(body)),
                 concurrency=concurrency,
                 duration_s=settings.duration_s,
                 warmup_s=settings.warmup_s,
-                label=label,
                 progress=settings.progress,
             )
+            return summarize(done.records, done.elapsed_s)
 
     return asyncio.run(run())
 
 
-def _h2load_run(
-    address: str, concurrency: int, settings: OverheadSettings, metrics_url: str, tmp: Path
-) -> LoadSummary:
-    body_file = tmp / "body.bin"
-    body_file.write_bytes(grpc_frame(request_body()))
-    log_file = tmp / "h2load.log"
-    log_file.unlink(missing_ok=True)
-    before = triton_successes(metrics_url)
-    done = subprocess.run(
-        h2load_command(address, body_file, settings.duration_s, concurrency, log_file),
-        capture_output=True,
-        text=True,
-        check=False,
+def _python_process(name: str, argv: Sequence[str], workdir: Path) -> ManagedProcess:
+    return ManagedProcess(
+        ProcessSpec(name=name, argv=[sys.executable, *argv], log_path=workdir / f"{name}.log")
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr or done.stdout}")
-    summary = parse_h2load_log(log_file.read_text(), h2load_seconds(settings.duration_s))
-    time.sleep(0.6)  # Triton refreshes its metrics every 250 ms here
-    served = triton_successes(metrics_url) - before
-    if served < summary.ok:  # h2load's warm-up requests are served too, hence "<"
-        raise RuntimeError(
-            f"{address}: h2load counted {summary.ok} answers but Triton served {served}: "
-            "some answers were gRPC errors"
+
+
+def _start_paths(
+    triton: TritonSpec, workdir: Path, notes: list[str]
+) -> tuple[list[ManagedProcess], dict[str, str]]:
+    """The processes of every path (Triton first) and each path's address."""
+    processes = [triton_process(triton, prepare_installation())]
+    paths = {"direct": triton.grpc_address}
+    sidecar_port, proxy_port = free_port(), free_port()
+    config = workdir / "sidecar.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1:{sidecar_port}\nstatic_routes:\n  {MODEL}: [{triton.grpc_address}]\n"
+    )
+    processes.append(
+        _python_process(
+            "sidecar",
+            ["-m", "app", "sidecar", "--config", str(config), "--log-level", "WARNING"],
+            workdir,
         )
-    return summary
+    )
+    paths["sidecar"] = f"127.0.0.1:{sidecar_port}"
+    processes.append(
+        _python_process(
+            "minimal-proxy",
+            ["-c", MINIMAL_PROXY, str(proxy_port), triton.grpc_address, INFER_METHOD],
+            workdir,
+        )
+    )
+    paths["minimal proxy"] = f"127.0.0.1:{proxy_port}"
+    if shutil.which("nghttpx"):
+        port = free_port()
+        argv = nghttpx_command(port, triton.grpc_address, workdir)
+        processes.append(
+            ManagedProcess(ProcessSpec("nghttpx", argv, log_path=workdir / "nghttpx.log"))
+        )
+        paths["nghttpx"] = f"127.0.0.1:{port}"
+    else:
+        notes.append(f"nghttpx not found: its column is skipped ({INSTALL_HINT})")
+    return processes, paths
 
 
-def run_overhead(
-    settings: OverheadSettings, progress: Callable[[str], None] = lambda _line: None
-) -> ScenarioResult:
+Cells = dict[tuple[str, int, str], list[LoadSummary]]
+
+
+def run_overhead(settings: OverheadSettings, say: Say = lambda _line: None) -> ScenarioResult:
     workdir = Path(tempfile.mkdtemp(prefix="pointsman-bench-overhead-"))
     triton = TritonSpec.on_free_ports(
         "bench-triton", load_models=(MODEL,), log_path=workdir / "triton.log"
     )
-    processes = [triton_process(triton, prepare_installation())]
-    paths: dict[str, str] = {"direct": triton.grpc_address}
-    sidecar_port = free_port()
-    sidecar_config = workdir / "sidecar.yaml"
-    sidecar_config.write_text(
-        f"listen: 127.0.0.1:{sidecar_port}\nstatic_routes:\n  {MODEL}: [{triton.grpc_address}]\n"
-    )
-    processes.append(
-        ManagedProcess(
-            ProcessSpec(
-                name="sidecar",
-                argv=[
-                    sys.executable,
-                    "-m",
-                    "app",
-                    "sidecar",
-                    "--config",
-                    str(sidecar_config),
-                    "--log-level",
-                    "WARNING",
-                ],
-                log_path=workdir / "sidecar.log",
-            )
-        )
-    )
-    paths["sidecar"] = f"127.0.0.1:{sidecar_port}"
     notes: list[str] = []
-    if shutil.which("nghttpx"):
-        nghttpx_port = free_port()
-        processes.append(
-            ManagedProcess(
-                ProcessSpec(
-                    name="nghttpx",
-                    argv=nghttpx_command(nghttpx_port, triton.grpc_address, workdir),
-                    log_path=workdir / "nghttpx.log",
-                )
-            )
-        )
-        paths["nghttpx"] = f"127.0.0.1:{nghttpx_port}"
-    else:
-        notes.append(f"nghttpx not found: its column is skipped ({INSTALL_HINT})")
+    processes, paths = _start_paths(triton, workdir, notes)
     drivers = ["python"]
     if shutil.which("h2load"):
         drivers.append("h2load")
     else:
         notes.append(f"h2load not found: only the Python driver ran ({INSTALL_HINT})")
-
-    results: dict[tuple[str, int, str], LoadSummary] = {}
+    cells: Cells = {}
     try:
         for proc in processes:
             proc.start()
         wait_until_ready(triton.grpc_address, [MODEL], 60, processes[0])
-        with grpcclient.InferenceServerClient(triton.grpc_address) as client:
-            triton_version = str(client.get_server_metadata().version)
+        triton_version = server_version(triton.grpc_address)
         for proc, address in zip(processes[1:], list(paths.values())[1:], strict=True):
             _wait_for_answer(address, proc)
-        for driver in drivers:
-            for concurrency in settings.concurrencies:
-                for path, address in paths.items():
-                    label = f"overhead: {driver} c={concurrency} {path}"
-                    progress(label)
-                    if driver == "python":
-                        summary = _python_run(address, concurrency, settings, label)
-                    else:
-                        summary = _h2load_run(
-                            address, concurrency, settings, triton.metrics_url, workdir
+        names = list(paths)
+        for round_index in range(settings.rounds):
+            order = names[round_index % len(names) :] + names[: round_index % len(names)]
+            for driver in drivers:
+                for concurrency in settings.concurrencies:
+                    for path in order:
+                        say(f"overhead: round {round_index + 1} {driver} c={concurrency} {path}")
+                        summary = (
+                            _python_run(paths[path], concurrency, settings)
+                            if driver == "python"
+                            else h2load_run(
+                                paths[path],
+                                request_body(),
+                                settings.duration_s,
+                                concurrency,
+                                metrics_url=triton.metrics_url,
+                                model=MODEL,
+                                tmp=workdir,
+                            )
                         )
-                    results[(driver, concurrency, path)] = summary
+                        cells.setdefault((driver, concurrency, path), []).append(summary)
     finally:
         stop_all(processes[::-1])
     notes.append(f"logs: {workdir}")
-    result = _result(results, settings, drivers, list(paths), notes)
+    result = _result(cells, settings, drivers, list(paths), notes)
     result.data["triton_version"] = triton_version
     return result
 
 
+def _interval(values: Sequence[float], seed: int) -> Interval:
+    return bootstrap_median(values, random.Random(seed))
+
+
+def _ci(interval: Interval) -> str:
+    return interval.text()
+
+
 def _result(
-    results: dict[tuple[str, int, str], LoadSummary],
+    cells: Cells,
     settings: OverheadSettings,
     drivers: list[str],
     paths: list[str],
     notes: list[str],
 ) -> ScenarioResult:
     rows = []
-    for (driver, concurrency, path), summary in results.items():
-        direct = results[(driver, concurrency, "direct")]
+    figures: list[dict[str, object]] = []
+    added: dict[tuple[str, int, str], tuple[Interval, Interval, Interval]] = {}
+    for (driver, concurrency, path), runs in cells.items():
+        direct = cells[(driver, concurrency, "direct")]
+        p50 = _interval([r.p50_ms for r in runs], settings.seed)
+        p99 = _interval([r.p99_ms for r in runs], settings.seed)
+        rps = _interval([r.throughput_rps for r in runs], settings.seed)
+        plus50 = _interval([r.p50_ms - d.p50_ms for r, d in zip(runs, direct, strict=True)], 1)
+        plus99 = _interval([r.p99_ms - d.p99_ms for r, d in zip(runs, direct, strict=True)], 1)
+        share = _interval(
+            [r.throughput_rps / d.throughput_rps for r, d in zip(runs, direct, strict=True)], 1
+        )
+        added[(driver, concurrency, path)] = (plus50, plus99, share)
+        is_direct = path == "direct"
         rows.append(
             (
                 driver,
                 concurrency,
                 path,
-                summary.p50_ms,
-                summary.p99_ms,
-                summary.throughput_rps,
-                math.nan if path == "direct" else summary.p50_ms - direct.p50_ms,
-                math.nan if path == "direct" else summary.p99_ms - direct.p99_ms,
-                ratio(summary.throughput_rps, direct.throughput_rps),
-                summary.errors,
+                _ci(p50),
+                _ci(p99),
+                _ci(rps),
+                "-" if is_direct else _ci(plus50),
+                "-" if is_direct else _ci(plus99),
+                "-" if is_direct else _ci(share),
+                sum(r.errors for r in runs),
             )
+        )
+        figures.append(
+            {
+                "driver": driver,
+                "concurrency": concurrency,
+                "path": path,
+                "p50_ms": p50.to_dict(),
+                "p99_ms": p99.to_dict(),
+                "throughput_rps": rps.to_dict(),
+                "added_p50_ms": plus50.to_dict(),
+                "added_p99_ms": plus99.to_dict(),
+                "throughput_vs_direct": share.to_dict(),
+                "rounds": [r.to_dict() for r in runs],
+            }
         )
     bars = []
     for driver in drivers:
-        for concurrency in settings.concurrencies:
-            key = [(driver, concurrency, p) for p in paths]
-            if concurrency == 1:
-                bars.append(
-                    BarGroup(
-                        f"p99 latency, {driver}, concurrency 1",
-                        "ms",
-                        tuple(paths),
-                        tuple(results[k].p99_ms for k in key),
-                    )
-                )
-            else:
-                bars.append(
-                    BarGroup(
-                        f"throughput, {driver}, concurrency {concurrency}",
-                        "requests/s",
-                        tuple(paths),
-                        tuple(results[k].throughput_rps for k in key),
-                    )
-                )
+        high = max(settings.concurrencies)
+        bars.append(
+            BarGroup(
+                f"added p50, {driver}, concurrency 1",
+                "ms",
+                tuple(paths[1:]),
+                tuple(added[(driver, 1, p)][0].median for p in paths[1:]),
+            )
+        )
+        bars.append(
+            BarGroup(
+                f"throughput vs direct, {driver}, concurrency {high}",
+                "share",
+                tuple(paths[1:]),
+                tuple(added[(driver, high, p)][2].median for p in paths[1:]),
+            )
+        )
     return ScenarioResult(
         name="overhead",
-        title="Overhead: direct vs sidecar vs nghttpx on add_one",
+        title="Overhead: direct vs sidecar vs minimal proxy vs nghttpx on add_one",
         tables=(
             Table(
-                f"add_one FP32[16], one Triton, {settings.duration_s:g} s per cell",
+                f"add_one FP32[16], one Triton, {settings.duration_s:g} s per run, "
+                f"{settings.rounds} rounds; median [95 % bootstrap interval] over rounds",
                 (
                     "driver",
                     "concurrency",
@@ -360,52 +324,56 @@ def _result(
             ),
         ),
         bars=tuple(bars),
-        targets=_targets(results, settings, drivers),
+        targets=_targets(added, settings, drivers),
         notes=tuple(notes),
         data={
-            "duration_s": settings.duration_s,
-            "cells": [
-                {"driver": d, "concurrency": c, "path": p, **s.to_dict()}
-                for (d, c, p), s in results.items()
-            ],
+            "settings": {
+                "duration_s": settings.duration_s,
+                "rounds": settings.rounds,
+                "concurrencies": list(settings.concurrencies),
+            },
+            "cells": figures,
         },
     )
 
 
 def _targets(
-    results: dict[tuple[str, int, str], LoadSummary],
+    added: dict[tuple[str, int, str], tuple[Interval, Interval, Interval]],
     settings: OverheadSettings,
     drivers: list[str],
 ) -> tuple[TargetCheck, ...]:
-    checks = []
-    low = min(settings.concurrencies)
-    high = max(settings.concurrencies)
-    latency_driver = "python"  # a gRPC client, as applications call Triton
-    direct = results[(latency_driver, low, "direct")]
-    sidecar = results[(latency_driver, low, "sidecar")]
-    for name, added, target in (
-        ("sidecar adds, p50", sidecar.p50_ms - direct.p50_ms, TARGET_ADDED_P50_MS),
-        ("sidecar adds, p99", sidecar.p99_ms - direct.p99_ms, TARGET_ADDED_P99_MS),
-    ):
-        checks.append(
-            TargetCheck(
-                f"{name} ({latency_driver}, concurrency {low})",
-                f"<= {target} ms",
-                f"{added:.3f} ms",
-                added <= target,
-            )
-        )
+    low, high = min(settings.concurrencies), max(settings.concurrencies)
+    plus50, plus99, _ = added[("python", low, "sidecar")]
     throughput_driver = "h2load" if "h2load" in drivers else "python"
-    share = ratio(
-        results[(throughput_driver, high, "sidecar")].throughput_rps,
-        results[(throughput_driver, high, "direct")].throughput_rps,
-    )
-    checks.append(
+    share = added[(throughput_driver, high, "sidecar")][2].median
+    return (
+        TargetCheck(
+            f"sidecar adds, p50 (python, concurrency {low})",
+            f"<= {TARGET_ADDED_P50_MS} ms",
+            f"{plus50.median:.3f} ms",
+            plus50.median <= TARGET_ADDED_P50_MS,
+        ),
+        TargetCheck(
+            f"sidecar adds, p99 (python, concurrency {low})",
+            f"<= {TARGET_ADDED_P99_MS} ms",
+            f"{plus99.median:.3f} ms",
+            plus99.median <= TARGET_ADDED_P99_MS,
+        ),
         TargetCheck(
             f"sidecar throughput vs direct ({throughput_driver}, concurrency {high})",
             f">= {TARGET_THROUGHPUT_RATIO:.0%}",
             f"{share:.1%}",
             share >= TARGET_THROUGHPUT_RATIO,
-        )
+        ),
     )
-    return tuple(checks)
+
+
+def scenario(options: Options, say: Say) -> ScenarioResult:
+    settings = OverheadSettings(seed=options.seed, progress=options.progress)
+    if options.quick:
+        settings = replace(settings, duration_s=1.0, warmup_s=0.3, rounds=1)
+    if options.duration_s:
+        settings = replace(settings, duration_s=options.duration_s)
+    if options.repetitions:
+        settings = replace(settings, rounds=options.repetitions)
+    return run_overhead(settings, say)

@@ -15,16 +15,15 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from bench.report import BarGroup, ScenarioResult, Table, TargetCheck
+from bench.scenarios import Options, Say
+from bench.synthetic import synthetic_instance
 from router.contracts import (
     FleetSnapshot,
-    InstanceSnapshot,
-    MemorySource,
-    ModelOnInstance,
     RoutingRequest,
 )
 from router.datalayer.triton_metrics import parse_triton_metrics
@@ -86,33 +85,12 @@ def synthetic_fleet(shape: FleetShape, rng: random.Random, now: float) -> FleetS
     """`shape.instances` healthy, fresh instances; instance i holds models i*k .. i*k+k-1
     (mod the model count), k = models_per_instance, with random queues, rates and memory."""
     k = shape.models_per_instance
-    instances = []
-    for i in range(shape.instances):
-        names = sorted({f"model-{(i * k + j) % shape.models}" for j in range(k)})
-        models = {
-            name: ModelOnInstance(
-                name=name,
-                ready_versions=frozenset({"1"}),
-                pending_requests=rng.randrange(0, 8),
-                declared_memory_bytes=FOOTPRINT,
-                average_batch_size=rng.uniform(1, 8),
-            )
-            for name in names
-        }
-        instances.append(
-            InstanceSnapshot(
-                instance_id=f"triton-{i}",
-                grpc_address=f"10.0.{i // 250}.{i % 250}:8001",
-                healthy=True,
-                refreshed_at=now,
-                models=models,
-                memory_used_bytes=FOOTPRINT * len(models),
-                memory_budget_bytes=FOOTPRINT * (k + 2),
-                memory_source=MemorySource.DECLARED,
-                inferences_per_second=rng.uniform(0, 500),
-                pending_requests=sum(m.pending_requests for m in models.values()),
-            )
+    instances = [
+        synthetic_instance(
+            i, sorted({f"model-{(i * k + j) % shape.models}" for j in range(k)}), rng, now
         )
+        for i in range(shape.instances)
+    ]
     return FleetSnapshot(
         taken_at=now,
         instances=tuple(instances),
@@ -338,3 +316,7 @@ def _targets(measured: Sequence[dict[str, object]]) -> tuple[TargetCheck, ...]:
             worst < TARGET_P99_MS_AT_1000,
         ),
     )
+
+
+def scenario(options: Options, say: Say) -> ScenarioResult:
+    return run_scale(replace(QUICK if options.quick else FULL, seed=options.seed), say)

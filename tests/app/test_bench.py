@@ -1,5 +1,6 @@
-"""`pointsman bench`: the load generator's statistics, the report files, the scale scenario in
-quick mode, and one quick end-to-end run of the overhead scenario against a real Triton."""
+"""`pointsman bench`: the load generator (open and closed loop, timeouts, streams, no coordinated
+omission), the report files, the scale scenarios in quick mode, and quick end-to-end runs of the
+overhead scenario and of streaming calls against a real Triton."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 import random
 import shutil
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -24,18 +26,16 @@ from app.triton import (
     triton_process,
     wait_until_ready,
 )
-from app.workload import codegen_inputs
+from bench.calls import TritonCalls, codegen_inputs, infer_request_bytes
+from bench.cell import average_batch
 from bench.loadgen import (
-    Call,
     CallRecord,
-    LoadSummary,
-    infer_request_bytes,
+    Request,
+    fixed_arrivals,
     poisson_arrivals,
     run_closed_loop,
     run_open_loop,
     status_of,
-    stream_call,
-    summarize,
 )
 from bench.report import (
     BarGroup,
@@ -45,22 +45,28 @@ from bench.report import (
     TargetCheck,
     format_cell,
     machine_info,
+    provenance,
     write_report,
 )
-from bench.scenarios.overhead import grpc_frame, parse_h2load_log
+from bench.repository import model_config, zipf_popularity
+from bench.scenarios.h2load import grpc_frame, parse_h2load_log
 from bench.scenarios.scale import QUICK, run_scale
-from bench.scenarios.seed_table import average_batch, model_config, zipf_popularity
+from bench.stats import LoadSummary, summarize
+from tests.support.fakes import FakeClock
 
-# --- statistics -------------------------------------------------------------------------------
+# --- the load generator ------------------------------------------------------------------------
+
+
+def _ok(ms: float, tag: str = "") -> CallRecord:
+    return CallRecord(tag, 0.0, ms / 1e3, "OK")
 
 
 def test_percentiles_come_from_the_full_record_of_successes() -> None:
-    records = [CallRecord(0.0, ms / 1e3, "OK") for ms in range(1, 101)]  # 1..100 ms
-    records += [CallRecord(0.0, 5.0, "UNAVAILABLE")] * 3 + [CallRecord(0.0, 0.0, "NOT_FOUND")]
+    records = [_ok(ms) for ms in range(1, 101)]  # 1..100 ms
+    records += [CallRecord("", 0.0, 5.0, "UNAVAILABLE")] * 3 + [CallRecord("", 0.0, 0, "NOT_FOUND")]
     summary = summarize(records, elapsed_s=4.0)
-    assert summary.requests == 104
-    assert summary.ok == 100
-    assert summary.errors == 4
+    assert (summary.requests, summary.ok, summary.errors, summary.failed) == (104, 100, 4, 4)
+    assert summary.timed_out == 0
     assert summary.errors_by_status == {"NOT_FOUND": 1, "UNAVAILABLE": 3}
     assert summary.throughput_rps == pytest.approx(25.0)
     # Linear interpolation between ranks; the failed calls' 5 s never reach the percentiles.
@@ -71,12 +77,21 @@ def test_percentiles_come_from_the_full_record_of_successes() -> None:
     assert summary.mean_ms == pytest.approx(50.5)
 
 
+def test_a_timeout_is_an_infinite_latency_in_the_tail() -> None:
+    records = [_ok(ms) for ms in range(1, 99)] + [CallRecord("", 0.0, 9.0, "DEADLINE_EXCEEDED")] * 2
+    summary = summarize(records, elapsed_s=1.0)
+    assert (summary.ok, summary.timed_out, summary.failed) == (98, 2, 0)
+    assert summary.p50_ms == pytest.approx(50.5)  # the median of 98 successes and 2 infinities
+    assert summary.p99_ms == math.inf and summary.max_ms == math.inf
+    assert summary.mean_ms == pytest.approx(49.5)  # over the successes only
+
+
 @pytest.mark.parametrize(
     ("records", "ok", "p99_is_nan"),
     [
         ([], 0, True),
-        ([CallRecord(0.0, 0.002, "OK")], 1, False),
-        ([CallRecord(0.0, 0.002, "INTERNAL")], 0, True),
+        ([CallRecord("", 0.0, 0.002, "OK")], 1, False),
+        ([CallRecord("", 0.0, 0.002, "INTERNAL")], 0, True),
     ],
 )
 def test_summary_of_empty_single_and_all_failed(
@@ -87,7 +102,14 @@ def test_summary_of_empty_single_and_all_failed(
     assert math.isnan(summary.p99_ms) is p99_is_nan
 
 
-def test_poisson_arrivals_are_seeded_and_spaced_by_the_rate() -> None:
+def test_stream_records_give_time_to_first_token_and_inter_token_gaps() -> None:
+    stream = CallRecord("m", 0.0, 0.050, "OK", first_response_s=0.010, inter_response_s=(0.01,) * 4)
+    summary = summarize([stream, _ok(5.0)], elapsed_s=1.0)
+    assert summary.ttft_p50_ms == pytest.approx(10.0)
+    assert summary.itl_p50_ms == pytest.approx(10.0) and summary.itl_p99_ms == pytest.approx(10.0)
+
+
+def test_arrival_schedules_are_seeded_and_spaced_by_the_rate() -> None:
     first = poisson_arrivals(1000.0, 20.0, random.Random(3))
     assert first == poisson_arrivals(1000.0, 20.0, random.Random(3))
     assert first != poisson_arrivals(1000.0, 20.0, random.Random(4))
@@ -97,6 +119,7 @@ def test_poisson_arrivals_are_seeded_and_spaced_by_the_rate() -> None:
     assert statistics.fmean(gaps) == pytest.approx(1 / 1000, rel=0.03)
     # Exponential gaps: the standard deviation equals the mean.
     assert statistics.stdev(gaps) == pytest.approx(1 / 1000, rel=0.05)
+    assert fixed_arrivals(4.0, 1.0) == [0.0, 0.25, 0.5, 0.75]
     with pytest.raises(ValueError, match="rate_rps"):
         poisson_arrivals(0.0, 1.0, random.Random(1))
 
@@ -113,10 +136,10 @@ class _Refused(Exception):
     pass
 
 
-def test_closed_loop_counts_errors_by_status() -> None:
+def test_closed_loop_counts_errors_by_status_and_keeps_tags() -> None:
     calls = 0
 
-    def make_call(_worker: int) -> Call:
+    def make(worker: int, _at: float) -> Request:
         async def call() -> None:
             nonlocal calls
             calls += 1
@@ -124,37 +147,69 @@ def test_closed_loop_counts_errors_by_status() -> None:
             if calls % 4 == 0:
                 raise _Refused
 
-        return call
+        return Request(call, tag=f"w{worker}")
 
-    summary = asyncio.run(run_closed_loop(make_call, concurrency=3, duration_s=0.3))
+    run = asyncio.run(run_closed_loop(make, concurrency=3, duration_s=0.3))
+    summary = summarize(run.records, run.elapsed_s)
     assert summary.requests > 20
     assert summary.errors_by_status == {"_Refused": summary.errors}
     assert summary.errors == pytest.approx(summary.requests / 4, abs=3)
     assert summary.p50_ms >= 2.0
+    assert {r.tag for r in run.records} == {"w0", "w1", "w2"}
 
 
-def test_open_loop_sends_every_scheduled_arrival_and_bounds_outstanding_calls() -> None:
-    def quick(_index: int) -> Call:
-        async def call() -> None:
-            await asyncio.sleep(0.001)
+def test_refusals_keep_their_retry_hint() -> None:
+    trailers = grpc.aio.Metadata(("retry-after-ms", "250"))
+    shed = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), trailers)
 
-        return call
+    async def refuse() -> None:
+        raise shed
 
-    summary = asyncio.run(run_open_loop(quick, rate_rps=200, duration_s=0.5, seed=11))
-    assert summary.requests == len(poisson_arrivals(200, 0.5, random.Random(11)))
-    assert summary.errors == 0
+    run = asyncio.run(run_open_loop(lambda _i, _at: Request(refuse, "low"), arrivals=[0.0, 0.001]))
+    assert [(r.tag, r.status, r.retry_after_ms) for r in run.records] == [
+        ("low", "RESOURCE_EXHAUSTED", 250.0)
+    ] * 2
 
-    def stuck(_index: int) -> Call:
-        async def call() -> None:
-            await asyncio.sleep(0.5)
 
-        return call
+def test_open_loop_measures_from_the_scheduled_time_not_the_send() -> None:
+    """Coordinated omission: a call sent late still counts its lateness. A fake clock that
+    jumps 1 s as each request is made stands for a generator stalled by the load: the calls
+    go out at t=1 and t=2 and both answer at t=2, so from the send they would take 1 s and
+    0 s; from their scheduled times (0 and 0.5) they take 2 s and 1.5 s."""
+    clock = FakeClock(0.0)
 
-    summary = asyncio.run(
-        run_open_loop(stuck, rate_rps=200, duration_s=0.3, seed=11, max_outstanding=2)
+    async def instant() -> None:
+        return None
+
+    def make(_index: int, _at: float) -> Request:
+        clock.advance(1.0)
+        return Request(instant)
+
+    run = asyncio.run(run_open_loop(make, arrivals=[0.0, 0.5], clock=clock))
+    assert sorted(r.started_s for r in run.records) == [0.0, 0.5]
+    assert sorted(r.latency_s for r in run.records) == [1.5, 2.0]
+
+
+def test_open_loop_sends_every_arrival_bounds_outstanding_calls_and_times_out() -> None:
+    async def quick() -> None:
+        await asyncio.sleep(0.001)
+
+    arrivals = poisson_arrivals(200, 0.5, random.Random(11))
+    run = asyncio.run(run_open_loop(lambda _i, _at: Request(quick), arrivals=arrivals))
+    assert len(run.records) == len(arrivals)
+    assert all(r.status == "OK" for r in run.records)
+
+    async def stuck() -> None:
+        await asyncio.sleep(0.5)
+
+    run = asyncio.run(
+        run_open_loop(
+            lambda _i, _at: Request(stuck), arrivals=fixed_arrivals(100, 0.1), max_outstanding=2
+        )
     )
-    assert summary.ok == 2
-    assert summary.errors_by_status == {"RESOURCE_EXHAUSTED": summary.requests - 2}
+    assert Counter(r.status for r in run.records) == {"OK": 2, "GENERATOR_SATURATED": 8}
+    run = asyncio.run(run_open_loop(lambda _i, _at: Request(stuck), arrivals=[0.0], timeout_s=0.05))
+    assert [r.status for r in run.records] == ["DEADLINE_EXCEEDED"]
 
 
 # --- pure pieces of the scenarios ----------------------------------------------------------
@@ -178,16 +233,18 @@ def test_zipf_popularity_is_skewed_and_sums_to_one() -> None:
     assert shares[0] > 2 * shares[1] > shares[2]
 
 
-def test_model_config_variants_rename_reseed_and_drop_only_the_batcher() -> None:
-    template = (DEFAULT_MODEL_REPOSITORY / "codegen" / "config.pbtxt").read_text()
-    off = model_config(template, "codegen_b", 99, batcher=False)
-    on = model_config(template, "codegen_b", 99, batcher=True)
-    for text in (off, on):
-        assert 'name: "codegen_b"' in text
-        assert 'key: "seed" value: { string_value: "99" }' in text
-        assert "version_policy" not in text
-        assert "max_batch_size: 8" in text
-        assert 'key: "pointsman.memory_bytes"' in text
+@pytest.mark.parametrize("template", ["codegen", "codegen_stream"])
+def test_model_config_variants_rename_reseed_and_drop_only_the_batcher(template: str) -> None:
+    text = (DEFAULT_MODEL_REPOSITORY / template / "config.pbtxt").read_text()
+    off = model_config(text, "copy_b", 99, batcher=False)
+    on = model_config(text, "copy_b", 99, footprint_bytes=123456)
+    for variant in (off, on):
+        assert 'name: "copy_b"' in variant
+        assert 'key: "seed" value: { string_value: "99" }' in variant
+        assert "version_policy" not in variant
+        assert "max_batch_size: 8" in variant
+    assert 'key: "pointsman.memory_bytes" value: { string_value: "123456" }' in on
+    assert 'key: "pointsman.memory_bytes" value: { string_value: "67108864" }' in off
     assert "dynamic_batching" in on and "max_queue_delay_microseconds" in on
     assert "dynamic_batching" not in off and "default_queue_policy" not in off
 
@@ -229,29 +286,35 @@ def test_scale_scenario_quick_mode_measures_every_shape() -> None:
     assert [t.met for t in result.targets] == [None]  # 1000 instances are not in quick mode
 
 
-def test_report_writes_json_markdown_and_png(tmp_path: Path) -> None:
+def test_report_writes_json_markdown_and_png_with_provenance(tmp_path: Path) -> None:
     result = ScenarioResult(
         name="demo",
         title="Demo scenario",
         tables=(Table("figures", ("system", "p99 ms"), (("a|b", 1.5), ("c", math.nan))),),
-        bars=(BarGroup("p99", "ms", ("a", "c"), (1.5, math.nan)),),
+        bars=(BarGroup("p99", "ms", ("a", "c"), (1.5, math.inf)),),
         targets=(TargetCheck("p99", "< 2 ms", "1.5 ms", True),),
         notes=("a note",),
-        data={"p99": math.nan},
+        data={"p99": math.nan, "tail": math.inf},
     )
+    origin = provenance()
     run = BenchRun(
-        "pointsman bench --scenario demo", "2026-01-01T00:00:00Z", machine_info(), (result,)
+        "pointsman bench --scenario demo", "2026-01-01T00:00:00Z", machine_info(), (result,), origin
     )
     paths = write_report(run, tmp_path / "out")
     assert [p.name for p in paths] == ["results.json", "results.md", "results.png"]
     document = json.loads(paths[0].read_text())
+    assert document["schema"] == "pointsman-bench/2"
     assert document["machine"]["cores"] >= 1
-    assert document["scenarios"][0]["data"] == {"p99": None}  # NaN is not JSON
+    assert len(document["provenance"]["commit"]) == 40  # this checkout's HEAD
+    assert document["provenance"]["dirty"] is bool(document["provenance"]["dirty_paths"])
+    assert len(document["provenance"]["loadavg_start"]) == 3
+    # NaN (not measured) is null; an infinite latency (a timeout) is "inf".
+    assert document["scenarios"][0]["data"] == {"p99": None, "tail": "inf"}
     markdown = paths[1].read_text()
     assert "| system | p99 ms |" in markdown
     assert "| a/b | 1.50 |" in markdown and "| c | - |" in markdown
     assert "| p99 | < 2 ms | 1.5 ms | yes |" in markdown
-    assert run.machine.cpu_model in markdown
+    assert run.machine.cpu_model in markdown and origin.commit in markdown
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -280,21 +343,21 @@ def test_overhead_quick_end_to_end(tmp_path: Path) -> None:
     assert document["machine"]["triton_server"]
     cells = document["scenarios"][0]["data"]["cells"]
     paths = {c["path"] for c in cells}
-    assert {"direct", "sidecar"} <= paths
+    assert {"direct", "sidecar", "minimal proxy"} <= paths
     assert ("nghttpx" in paths) is (shutil.which("nghttpx") is not None)
     drivers = {c["driver"] for c in cells}
     assert ("h2load" in drivers) is (shutil.which("h2load") is not None)
     for cell in cells:
-        assert cell["ok"] > 0, cell
-        assert cell["errors"] == 0, cell
-        assert 0 < cell["p50_ms"] <= cell["p99_ms"]
+        (only,) = cell["rounds"]
+        assert only["ok"] > 0 and only["errors"] == 0, cell
+        assert 0 < cell["p50_ms"]["median"] <= cell["p99_ms"]["median"]
     assert (out / "results.png").stat().st_size > 0
     assert "Overhead" in (out / "results.md").read_text()
 
 
 @pytest.mark.triton
 @pytest.mark.timeout(120)
-def test_stream_calls_read_every_token_and_count_model_errors(tmp_path: Path) -> None:
+def test_stream_calls_time_every_token_and_count_model_errors(tmp_path: Path) -> None:
     """The generator's streaming call against codegen_stream on a real Triton."""
     spec = TritonSpec.on_free_ports(
         "bench-stream", load_models=("codegen_stream",), log_path=tmp_path / "triton.log"
@@ -308,16 +371,24 @@ def test_stream_calls_read_every_token_and_count_model_errors(tmp_path: Path) ->
 
         async def run() -> tuple[LoadSummary, LoadSummary]:
             async with grpc.aio.insecure_channel(spec.grpc_address) as channel:
-                tokens = stream_call(channel, good, responses=4, timeout_s=30)
-                refused = stream_call(channel, bad, responses=4, timeout_s=30)
+                calls = TritonCalls(channel, timeout_s=30)
                 ok = await run_closed_loop(
-                    lambda _w: tokens(), concurrency=2, duration_s=1.0, warmup_s=0.3
+                    lambda _w, _at: Request(calls.stream(good, 4)),
+                    concurrency=2,
+                    duration_s=1.0,
+                    warmup_s=0.3,
                 )
-                failed = await run_closed_loop(lambda _w: refused(), concurrency=1, duration_s=0.3)
-                return ok, failed
+                failed = await run_closed_loop(
+                    lambda _w, _at: Request(calls.stream(bad, 4)), concurrency=1, duration_s=0.3
+                )
+                return summarize(ok.records, ok.elapsed_s), summarize(
+                    failed.records, failed.elapsed_s
+                )
 
         ok, failed = asyncio.run(run())
     finally:
         stop_all([process])
     assert ok.ok > 0 and ok.errors == 0, ok
+    assert 0 < ok.ttft_p50_ms <= ok.p50_ms
+    assert 0 < ok.itl_p50_ms < ok.p50_ms
     assert failed.ok == 0 and failed.errors_by_status == {"StreamError": failed.requests}

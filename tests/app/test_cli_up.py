@@ -27,7 +27,7 @@ from app.fleet import (
     tracing_environment,
     triton_trace_args,
 )
-from app.workload import codegen_inputs
+from bench.calls import codegen_inputs
 from tests.support.otlp_receiver import OtlpReceiver
 
 

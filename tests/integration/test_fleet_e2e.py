@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from app.fleet import Fleet
-from app.workload import codegen_inputs
+from bench.calls import codegen_inputs
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
 from router.datalayer.triton_metrics import TritonMetrics, parse_triton_metrics

@@ -23,7 +23,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from app.fleet import Fleet, FleetConfig
-from app.workload import codegen_inputs
+from bench.calls import codegen_inputs
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
 from tests.support.fleet_metrics import sidecar_cold_starts

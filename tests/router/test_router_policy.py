@@ -20,7 +20,7 @@ import yaml
 from app.fleet import Fleet
 from app.processes import free_port
 from app.triton import wait_until_ready
-from app.workload import codegen_inputs
+from bench.calls import codegen_inputs
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
 

@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.fleet import Fleet
-from bench.priority_load import MODEL_INFER, codegen_request
+from bench.calls import INFER_METHOD, codegen_request
 from pointsman.errors import InvalidRequestError, OverloadedError
 from sidecar.idempotency import ENTRY_OVERHEAD_BYTES, IdempotencyCache, Reuse, StoredStatusError
 from tests.support.fakes import FakeClock
@@ -194,7 +194,7 @@ async def _send_all(
 ) -> list[bytes]:
     async with grpc.aio.insecure_channel(address) as channel:
         infer = channel.unary_unary(
-            MODEL_INFER, request_serializer=None, response_deserializer=None
+            INFER_METHOD, request_serializer=None, response_deserializer=None
         )
         answers = await asyncio.gather(
             *(infer(data, metadata=md, timeout=60) for data, md in requests)

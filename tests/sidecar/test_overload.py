@@ -5,14 +5,13 @@ A module fleet (one Triton with `codegen`, router, sidecar) runs a policy with t
 bounded to 8 requests in flight and 32 queued. Low priority is shed with RESOURCE_EXHAUSTED and
 a retry hint; high priority never is; the sidecar's memory stays bounded. The high-priority p99
 loaded and unloaded is printed, not asserted (timing on a shared machine is noise; see
-bench/overload.py for the figures). A second test finds Triton's own queue-full answer and
-checks that the sidecar counts it.
+`pointsman bench --scenario overload` for the figures). A second test finds Triton's own
+queue-full answer and checks that the sidecar counts it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,17 +20,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.fleet import Fleet, FleetConfig
-from bench.priority_load import (
-    MODEL_INFER,
-    RssSampler,
-    codegen_request,
-    figures,
+from bench.calls import INFER_METHOD, codegen_request
+from bench.procstats import ProcessSampler
+from bench.scenarios.overload import PRIORITY_POLICY as POLICY
+from bench.scenarios.overload import (
+    class_figures,
+    closed_priority_load,
     measure_capacity,
-    run_closed,
-    run_open_loop,
-)
-from bench.priority_load import (
-    PRIORITY_POLICY as POLICY,
+    open_priority_load,
 )
 from pointsman.router.v1 import router_pb2, router_pb2_grpc
 from sidecar.config import SidecarConfig
@@ -85,9 +81,13 @@ def _sidecar_pid(fleet: Fleet) -> int:
 def test_three_times_capacity_sheds_low_priority_only(overload_fleet: Fleet) -> None:
     address = overload_fleet.sidecar_address
     # Warm up, then the unloaded high-priority latency.
-    asyncio.run(run_closed(address, REQUEST, priority="high", concurrency=1, duration_s=1.0))
-    unloaded = figures(
-        asyncio.run(run_closed(address, REQUEST, priority="high", concurrency=1, duration_s=3.0)),
+    asyncio.run(
+        closed_priority_load(address, REQUEST, priority="high", concurrency=1, duration_s=1.0)
+    )
+    unloaded = class_figures(
+        asyncio.run(
+            closed_priority_load(address, REQUEST, priority="high", concurrency=1, duration_s=3.0)
+        ),
         "high",
     )
     assert unloaded.ok == unloaded.sent > 0
@@ -96,35 +96,35 @@ def test_three_times_capacity_sheds_low_priority_only(overload_fleet: Fleet) -> 
     )
     assert capacity > 0
     pid = _sidecar_pid(overload_fleet)
-    with RssSampler(pid) as rss:
-        answers = asyncio.run(
-            run_open_loop(
+    with ProcessSampler([pid]) as rss:
+        run = asyncio.run(
+            open_priority_load(
                 address,
                 REQUEST,
-                rate_per_s=3 * capacity,
+                rate_rps=3 * capacity,
                 duration_s=8.0,
                 classes=(("high", 0.1), ("low", 0.9)),
-                rng=random.Random(7),
+                seed=7,
             )
         )
-    high, low = figures(answers, "high"), figures(answers, "low")
+    high, low = class_figures(run, "high"), class_figures(run, "low")
     print(
         f"\ncapacity {capacity:.1f} rps, offered {3 * capacity:.1f} rps for 8 s; "
         f"high p50/p99 unloaded {unloaded.p50_ms:.1f}/{unloaded.p99_ms:.1f} ms, "
         f"loaded {high.p50_ms:.1f}/{high.p99_ms:.1f} ms "
         f"(p99 ratio {high.p99_ms / unloaded.p99_ms:.2f}); high {high}; low {low}; "
-        f"sidecar RSS {rss.start / 2**20:.1f} -> peak {rss.peak / 2**20:.1f} MiB"
+        f"sidecar RSS {rss.start_rss / 2**20:.1f} -> peak {rss.peak_rss / 2**20:.1f} MiB"
     )
     assert high.sent > 0 and low.sent > 0
     # High priority is never shed and every high request is answered.
     assert high.shed == 0 and high.other_errors == 0 and high.ok == high.sent
     # Low priority is shed, with RESOURCE_EXHAUSTED and a retry hint, and never UNAVAILABLE.
     assert low.shed > 0
-    shed = [a for a in answers if a.code == "RESOURCE_EXHAUSTED"]
-    assert all(a.priority == "low" and int(a.retry_after_ms) > 0 for a in shed)
+    shed = [r for r in run.records if r.status == "RESOURCE_EXHAUSTED"]
+    assert all(r.tag == "low" and (r.retry_after_ms or 0) > 0 for r in shed)
     assert low.other_errors == 0
     # Memory stays bounded: the queue is bounded and shed requests cost nothing after.
-    assert rss.peak - rss.start < 64 * 2**20
+    assert rss.peak_rss - rss.start_rss < 64 * 2**20
 
 
 @pytest.mark.timeout(120)
@@ -146,7 +146,7 @@ def test_triton_queue_full_is_counted(overload_fleet: Fleet) -> None:
         try:
             async with grpc.aio.insecure_channel(sidecar.address) as channel:
                 infer = channel.unary_unary(
-                    MODEL_INFER, request_serializer=None, response_deserializer=None
+                    INFER_METHOD, request_serializer=None, response_deserializer=None
                 )
                 results = await asyncio.gather(
                     *(infer(REQUEST, timeout=60) for _ in range(300)), return_exceptions=True

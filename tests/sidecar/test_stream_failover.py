@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 
 from app.fleet import Fleet
 from app.processes import free_port
-from app.workload import codegen_inputs
+from bench.calls import codegen_inputs
 from sidecar.config import SidecarConfig
 from sidecar.server import start_sidecar
 from sidecar.stream_feed import StreamFeed

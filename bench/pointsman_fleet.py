@@ -1,0 +1,160 @@
+"""The system under test: Pointsman (router + sidecar, each its own process) on the testbed.
+
+Started as a user would run it (`app.fleet.Fleet`): the Tritons start empty, the router's
+placement controller loads what demand calls for within each instance's budget, and requests
+go through the sidecar. The policy file names every model with its footprint, per-copy
+capacity and one minimum copy (a user lists the models they serve). Its time constants are
+scaled to the benchmark's compressed timeline (a shift happens within seconds here, not hours):
+the values are `COMPRESSED_TIMELINE`, written into every result with the policy itself.
+
+`random-among-holders` (bench/baselines/random_among_holders.py) is this system with the
+scorers replaced by a uniform pick: same placement, no scoring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.request
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.fleet import Fleet, FleetConfig
+from app.triton import TritonSpec
+from bench.calls import Metadata, TritonCalls
+from bench.loadgen import Call
+from bench.testbed import Sender, Testbed
+from sidecar.config import PickMode
+
+__all__ = ["COMPRESSED_TIMELINE", "PointsmanDeployment", "PointsmanSystem", "policy_document"]
+
+# Placement and demand windows for a benchmark that lasts a minute, not a day.
+COMPRESSED_TIMELINE: Mapping[str, Mapping[str, float]] = {
+    "placement": {"keep_warm_s": 30, "churn_guard_s": 5, "scale_down_cooldown_s": 10},
+    "demand": {
+        "bucket_s": 1,
+        "span_s": 60,
+        "short_window_s": 5,
+        "long_window_s": 30,
+        "fit_window_s": 10,
+        "horizon_s": 5,
+    },
+}
+
+
+def policy_document(
+    bed: Testbed, scheduling: Mapping[str, Any] | None, timeline: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The policy file's content for `bed`."""
+    document: dict[str, Any] = {
+        "models": {
+            name: {
+                "min_copies": 1,
+                "memory_bytes": bed.footprint_bytes,
+                "per_copy_capacity_rps": bed.per_copy_capacity_rps,
+            }
+            for name in bed.models
+        },
+        **{key: dict(value) for key, value in timeline.items()},
+    }
+    if scheduling is not None:
+        document["scheduling"] = dict(scheduling)
+    return document
+
+
+def _cold_starts(metrics_url: str) -> int:
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return int(
+            sum(
+                sample.value
+                for family in families
+                if family.name == "pointsman_sidecar_cold_starts"
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            )
+        )
+
+
+class PointsmanDeployment:
+    def __init__(self, system: str, fleet: Fleet) -> None:
+        self.system = system
+        self.fleet = fleet
+
+    @property
+    def tritons(self) -> list[TritonSpec]:
+        return self.fleet.tritons
+
+    @property
+    def triton_pids(self) -> list[int]:
+        return [p.pid for p in self.fleet.processes if p.name.startswith("triton-") and p.pid]
+
+    def component_pids(self) -> Mapping[str, int]:
+        return {
+            p.name: p.pid
+            for p in self.fleet.processes
+            if p.name in ("router", "sidecar") and p.pid is not None
+        }
+
+    @contextlib.asynccontextmanager
+    async def connect(self, timeout_s: float = 60.0) -> AsyncIterator[Sender]:
+        async with grpc.aio.insecure_channel(self.fleet.sidecar_address) as channel:
+            calls = TritonCalls(channel, timeout_s)
+
+            def send(
+                model: str, body: bytes, tokens: int | None = None, metadata: Metadata = ()
+            ) -> Call:
+                # The sidecar reads the model from the request itself.
+                if tokens is None:
+                    return calls.unary(body, metadata)
+                return calls.stream(body, tokens, metadata)
+
+            yield send
+
+    def delayed_requests(self) -> int:
+        """The sidecar's pointsman_sidecar_cold_starts_total: requests that waited for a load."""
+        return _cold_starts(self.fleet.sidecar_metrics_url)
+
+    def stop(self) -> None:
+        self.fleet.stop()
+
+
+@dataclass(frozen=True)
+class PointsmanSystem:
+    name: str = "pointsman"
+    description: str = (
+        "Pointsman: router placement by demand within the budget, sidecar routing from "
+        "streamed route tables (default scheduling profile)"
+    )
+    # The policy's `scheduling` section; None: the default profile.
+    scheduling: Mapping[str, Any] | None = None
+    pick_mode: PickMode = "table"
+    timeline: Mapping[str, Any] = field(default_factory=lambda: COMPRESSED_TIMELINE)
+
+    def start(self, bed: Testbed, workdir: Path) -> PointsmanDeployment:
+        workdir.mkdir(parents=True, exist_ok=True)
+        policy = workdir / "policy.yaml"
+        policy.write_text(
+            yaml.safe_dump(policy_document(bed, self.scheduling, self.timeline), sort_keys=False)
+        )
+        fleet = Fleet(
+            FleetConfig(
+                instances=bed.instances,
+                placement={f"triton-{i}": () for i in range(bed.instances)},
+                models=bed.models,
+                model_repository=bed.repository,
+                sidecar_port=0,
+                router_port=0,
+                memory_budget_bytes=bed.budget_bytes,
+                policy_file=policy,
+                run_dir=workdir,
+                sidecar_pick_mode=self.pick_mode,
+            )
+        )
+        fleet.start()
+        return PointsmanDeployment(self.name, fleet)

@@ -1,0 +1,202 @@
+"""Scenario `comparison`: Pointsman against fair baselines, repeated, with confidence intervals.
+
+Every system (bench/baselines/: everything-everywhere, static-split, random-among-holders,
+round-robin-load-on-miss as the worst case; and pointsman) runs on the same testbed: the same
+Tritons, model repository, per-instance memory budget (in the constrained testbed not every
+model fits on an instance, for every system alike) and, per repetition, the same seeded
+workload. Workloads (bench/workloads.py): steady Zipf (closed loop, and open loop at 50, 80,
+100 and 120 % of the measured capacity), a popularity shift mid-run, on/off bursts, and
+streaming with time to first token and inter-token latency.
+
+Method: capacity is measured first (the static split, closed loop, steady popularity). Then
+each repetition runs every workload on every system, systems in an order rotated by one per
+repetition (a b c d e, b c d e a, ...), each cell on freshly started processes. Each cell's
+raw figures are appended to `cells.jsonl` as they come, so a long run that stops keeps what it
+measured; the result reports medians over repetitions with 95 % bootstrap intervals
+(bench.scenarios.comparison_report).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from bench.baselines import SYSTEMS
+from bench.cell import CellResult, CellSettings, run_cell
+from bench.report import ScenarioResult
+from bench.repository import bench_repository, copy_names, zipf_popularity
+from bench.scenarios import Options, Say
+from bench.scenarios.comparison_report import comparison_result
+from bench.testbed import Testbed
+from bench.workloads import WORKLOADS
+
+__all__ = ["ComparisonSettings", "interleaved", "run_comparison", "scenario"]
+
+MiB = 1024**2
+CAPACITY_SYSTEM = "static-split"
+
+
+@dataclass(frozen=True, slots=True)
+class ComparisonSettings:
+    systems: tuple[str, ...] = tuple(SYSTEMS)
+    workloads: tuple[str, ...] = tuple(WORKLOADS)
+    repetitions: int = 5
+    instances: int = 3
+    models: int = 6
+    models_per_instance: int = 3  # the budget: room for this many footprints, never one more
+    footprint_bytes: int = 64 * MiB
+    zipf_exponent: float = 1.2
+    per_copy_capacity_rps: float = 20.0
+    capacity_s: float = 15.0
+    cell: CellSettings = field(default_factory=CellSettings)
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.models_per_instance * self.footprint_bytes + self.footprint_bytes // 2
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "systems": list(self.systems),
+            "workloads": list(self.workloads),
+            "repetitions": self.repetitions,
+            "capacity_s": self.capacity_s,
+            "capacity_system": CAPACITY_SYSTEM,
+            "zipf_exponent": self.zipf_exponent,
+            "cell": self.cell.describe(),
+        }
+
+
+def interleaved(systems: Sequence[str], repetition: int) -> list[str]:
+    """The systems' order in one repetition: rotated by one per repetition."""
+    shift = repetition % len(systems) if systems else 0
+    return [*systems[shift:], *systems[:shift]]
+
+
+def _testbeds(settings: ComparisonSettings, workdir: Path) -> dict[bool, Testbed]:
+    """The unary and the streaming testbed (codegen or codegen_stream copies)."""
+    beds = {}
+    for streaming in (False, True):
+        template = "codegen_stream" if streaming else "codegen"
+        names = copy_names(template, settings.models)
+        repository = bench_repository(
+            workdir / f"repo-{template}",
+            names,
+            template=template,
+            footprint_bytes=settings.footprint_bytes,
+        )
+        beds[streaming] = Testbed(
+            instances=settings.instances,
+            models=names,
+            repository=repository,
+            footprint_bytes=settings.footprint_bytes,
+            budget_bytes=settings.budget_bytes,
+            expected_popularity=tuple(zipf_popularity(settings.models, settings.zipf_exponent)),
+            workdir=workdir,
+            per_copy_capacity_rps=settings.per_copy_capacity_rps,
+            streaming=streaming,
+        )
+    return beds
+
+
+def measure_capacity(settings: ComparisonSettings, bed: Testbed, workdir: Path) -> CellResult:
+    """The static split's closed-loop goodput under steady popularity: the offered load of the
+    open-loop workloads is a fraction of it."""
+    cell = replace(settings.cell, duration_s=settings.capacity_s)
+    return run_cell(
+        SYSTEMS[CAPACITY_SYSTEM](), bed, WORKLOADS["steady-closed"], cell, workdir / "capacity"
+    )
+
+
+def run_comparison(settings: ComparisonSettings, say: Say = lambda _line: None) -> ScenarioResult:
+    for name in settings.systems:
+        if name not in SYSTEMS:
+            raise ValueError(f"unknown system {name!r} (known: {', '.join(SYSTEMS)})")
+    for name in settings.workloads:
+        if name not in WORKLOADS:
+            raise ValueError(f"unknown workload {name!r} (known: {', '.join(WORKLOADS)})")
+    workdir = Path(tempfile.mkdtemp(prefix="pointsman-bench-comparison-"))
+    beds = _testbeds(settings, workdir)
+    journal = workdir / "cells.jsonl"
+    capacity_rps = math.nan
+    capacity: CellResult | None = None
+    if any(WORKLOADS[w].loop == "open" for w in settings.workloads):
+        say(f"comparison: measuring capacity ({CAPACITY_SYSTEM}, closed loop) ...")
+        capacity = measure_capacity(settings, beds[False], workdir)
+        capacity_rps = capacity.summary.throughput_rps
+        say(f"comparison: capacity {capacity_rps:.1f} req/s")
+    cell_settings = replace(settings.cell, capacity_rps=capacity_rps)
+    cells: list[CellResult] = []
+    failures: list[dict[str, object]] = []
+    total = settings.repetitions * len(settings.workloads) * len(settings.systems)
+    for repetition in range(settings.repetitions):
+        for workload_name in settings.workloads:
+            workload = WORKLOADS[workload_name]
+            for order, system_name in enumerate(interleaved(settings.systems, repetition)):
+                say(
+                    f"comparison: [{len(cells) + 1}/{total}] repetition {repetition + 1}, "
+                    f"{workload_name}, {system_name}"
+                )
+                try:
+                    cell = run_cell(
+                        SYSTEMS[system_name](),
+                        beds[workload.streaming],
+                        workload,
+                        cell_settings,
+                        workdir / f"r{repetition}-{workload_name}-{system_name}",
+                        repetition=repetition,
+                        order=order,
+                    )
+                except Exception as exc:  # one cell lost must not lose the hours of the others
+                    failure = {
+                        "system": system_name,
+                        "workload": workload_name,
+                        "repetition": repetition,
+                        "error": repr(exc),
+                    }
+                    say(f"comparison: cell failed: {failure}")
+                    failures.append(failure)
+                    with journal.open("a") as out:
+                        out.write(json.dumps({"failed": failure}) + "\n")
+                    continue
+                cells.append(cell)
+                with journal.open("a") as out:
+                    out.write(json.dumps(cell.to_dict(), default=str) + "\n")
+    return comparison_result(
+        settings_data=settings.describe(),
+        testbeds={"unary": beds[False].describe(), "streaming": beds[True].describe()},
+        capacity=capacity,
+        cells=cells,
+        seed=settings.cell.seed,
+        failures=failures,
+        notes=(f"raw cells as measured: {journal}", f"logs: {workdir}"),
+    )
+
+
+QUICK = ComparisonSettings(
+    workloads=("steady-closed", "shift-open-80"),
+    repetitions=1,
+    instances=2,
+    models=3,
+    models_per_instance=2,
+    capacity_s=4.0,
+    cell=CellSettings(concurrency=6, max_tokens=4, warmup_s=4.0, duration_s=6.0, timeout_s=10.0),
+)
+
+
+def scenario(options: Options, say: Say) -> ScenarioResult:
+    settings = QUICK if options.quick else ComparisonSettings()
+    cell = replace(settings.cell, seed=options.seed, progress=options.progress)
+    if options.duration_s:
+        cell = replace(cell, duration_s=options.duration_s)
+    settings = replace(settings, cell=cell)
+    if options.repetitions:
+        settings = replace(settings, repetitions=options.repetitions)
+    if options.systems:
+        settings = replace(settings, systems=options.systems)
+    if options.workloads:
+        settings = replace(settings, workloads=options.workloads)
+    return run_comparison(settings, say)
