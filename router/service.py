@@ -53,6 +53,8 @@ _RPC_ATTRIBUTES = {
 def _describe_decision(span: trace.Span, decision: Decision) -> None:
     """Puts what decided a pick on its span: e.g. pointsman.scores 'triton-0=5.80,...'."""
     span.set_attribute("pointsman.candidates", decision.filters.considered)
+    if decision.request.affinity_key:
+        span.set_attribute("pointsman.affinity_key", decision.request.affinity_key)
     chosen = decision.pick
     if chosen is None:
         span.set_attribute("pointsman.filter_trace", decision.filters.summary())

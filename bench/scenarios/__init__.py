@@ -8,7 +8,8 @@
 - `overload`: high-priority latency and low-priority shedding at three times capacity;
 - `route-propagation`: a fleet change and a policy file change, to routing;
 - `scale`: the router's engines on simulated fleets (no processes);
-- `scale-sweep`: holders per model at 1000 instances: index, rebuild, PickTarget over gRPC.
+- `scale-sweep`: holders per model at 1000 instances: index, rebuild, PickTarget over gRPC;
+- `prefix`: prefix-aware routing on shared-prefix code-generation traffic (issue 14).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Options:
     seed: int = 7
     progress: bool = False
     repetitions: int | None = None  # comparison: repetitions per cell
-    systems: tuple[str, ...] = ()  # comparison: which systems (empty: all)
+    systems: tuple[str, ...] = ()  # comparison, prefix: which systems (empty: all)
     workloads: tuple[str, ...] = ()  # comparison: which workloads (empty: all)
 
 
@@ -55,6 +56,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("route-propagation", "route_propagation", "fleet and policy changes to routing"),
         Scenario("scale", "scale", "router engines on simulated fleets"),
         Scenario("scale-sweep", "scale_sweep", "holders per model, index, rebuild, PickTarget"),
+        Scenario("prefix", "prefix", "prefix-aware routing on shared-prefix code generation"),
     )
 }
 
