@@ -98,7 +98,7 @@ def _throughput_at_slo(aggregates: Aggregates, slo_factor: float) -> dict[float,
     for ratio_value in sorted({g[0] for g in aggregates}, reverse=True):
         groups = sorted((g for g in aggregates if g[0] == ratio_value and g[1] == "zipf"),
                         key=lambda g: g[2])  # fmt: skip
-        if not groups:
+        if len(groups) < 2:  # one offered rate says nothing of where p99 crosses the SLO
             continue
         lowest = aggregates[groups[0]].get("round-robin")
         slo = slo_factor * lowest["ttft_p99_ms"].median if lowest else math.nan
