@@ -26,7 +26,7 @@ import contextlib
 import random
 import re
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -35,8 +35,7 @@ import grpc
 import yaml
 
 from app.fleet import Fleet, FleetConfig
-from app.triton import TritonSpec
-from bench.baselines.client_side import SendTo
+from bench.baselines.client_side import ClientSideDeployment, SendTo, started
 from bench.baselines.everything_everywhere import RoundRobin
 from bench.baselines.static_split import LeastRequest
 from bench.calls import Metadata, TritonCalls, codegen_request
@@ -121,76 +120,45 @@ def prefix_repository(
 
 # -- client-side systems -----------------------------------------------------------------------
 
-# Sends one request (its metadata, and the call to make at a chosen address) somewhere.
-Route = Callable[[Metadata, SendTo], Awaitable[Responses]]
 
-
-class ClientDeployment:
-    """Plain Tritons and a routing rule in this process (bench.baselines.client_side, with the
-    request's metadata given to the rule)."""
-
-    def __init__(self, system: str, group: TritonGroup, route: Route) -> None:
-        self.system = system
-        self.group = group
-        self._route = route
-
-    @property
-    def tritons(self) -> list[TritonSpec]:
-        return self.group.specs
-
-    @property
-    def triton_pids(self) -> list[int]:
-        return self.group.pids
-
-    def component_pids(self) -> Mapping[str, int]:
-        return {}
+class IdealDeployment(ClientSideDeployment):
+    """The ideal's Tritons: a client-side deployment whose rule also learns each request's
+    session (its `x-session-id`), handed over with the model's name (`IdealRoute.send`)."""
 
     @contextlib.asynccontextmanager
     async def connect(self, timeout_s: float = 60.0) -> AsyncIterator[Sender]:
-        channels = {a: grpc.aio.insecure_channel(a) for a in self.group.addresses}
-        calls = {a: TritonCalls(c, timeout_s) for a, c in channels.items()}
-        route = self._route
+        async with super().connect(timeout_s) as plain:
 
-        def send(
-            model: str, body: bytes, tokens: int | None = None, metadata: Metadata = ()
-        ) -> Call:
-            def at(address: str) -> Call:
-                if tokens is None:
-                    return calls[address].unary(body, metadata)
-                return calls[address].stream(body, tokens, metadata)
+            def send(
+                model: str, body: bytes, tokens: int | None = None, metadata: Metadata = ()
+            ) -> Call:
+                session = next((v for k, v in metadata if k == SESSION_HEADER), "")
+                return plain(f"{model}{_SESSION_MARK}{session}", body, tokens, metadata)
 
-            async def call() -> Responses:
-                return await route(metadata, at)
-
-            return call
-
-        try:
             yield send
-        finally:
-            for channel in channels.values():
-                await channel.close()
 
-    def delayed_requests(self) -> int:
-        return 0
 
-    def stop(self) -> None:
-        self.group.stop()
+_SESSION_MARK = "\0"
 
 
 class IdealRoute:
     """A session's turns to one instance (a hash of its id: spread evenly, no state), every
-    other request least-request."""
+    other request least-request. The session comes after the model's name (`IdealDeployment`;
+    the call itself is in the request's bytes)."""
 
     def __init__(self, addresses: Sequence[str], rng: random.Random) -> None:
         self._addresses = list(addresses)
         self._least = LeastRequest({MODEL: self._addresses}, self._addresses, rng)
 
-    async def __call__(self, metadata: Metadata, at: SendTo) -> Responses:
-        session = next((value for key, value in metadata if key == SESSION_HEADER), "")
+    async def send(self, model: str, send_to: SendTo) -> Responses:
+        model, _, session = model.partition(_SESSION_MARK)
         if not session:
-            return await self._least.send(MODEL, at)
+            return await self._least.send(model, send_to)
         index = zlib.crc32(session.encode()) % len(self._addresses)
-        return await at(self._addresses[index])()
+        return await send_to(self._addresses[index])()
+
+    def delayed_requests(self) -> int:
+        return 0
 
 
 async def _warm(addresses: Sequence[str], prefix_bed: PrefixBed) -> None:
@@ -217,24 +185,20 @@ class ClientSystem:
         if self.rule == "ideal":
             bed = replace(bed, repository=prefix_bed.ideal_repository)
         group = TritonGroup(bed, workdir, [[MODEL]] * bed.instances, prefix=self.rule[:2])
-        rng = random.Random(self.seed)
-        route: Route
         if self.rule == "round-robin":
-            rr = RoundRobin(group.addresses)
-            route = lambda _metadata, at: rr.send(MODEL, at)  # noqa: E731
-        elif self.rule == "least-request":
-            least = LeastRequest({MODEL: group.addresses}, group.addresses, rng)
-            route = lambda _metadata, at: least.send(MODEL, at)  # noqa: E731
-        else:
-            route = IdealRoute(group.addresses, rng)
+            return started(self.name, group, RoundRobin(group.addresses))
+        rng = random.Random(self.seed)
+        if self.rule == "least-request":
+            return started(
+                self.name, group, LeastRequest({MODEL: group.addresses}, group.addresses, rng)
+            )
         group.start()
-        deployment = ClientDeployment(self.name, group, route)
-        if self.rule == "ideal":
-            try:
-                asyncio.run(_warm(group.addresses, prefix_bed))
-            except BaseException:
-                deployment.stop()
-                raise
+        deployment = IdealDeployment(self.name, group, IdealRoute(group.addresses, rng))
+        try:
+            asyncio.run(_warm(group.addresses, prefix_bed))
+        except BaseException:
+            deployment.stop()
+            raise
         return deployment
 
 

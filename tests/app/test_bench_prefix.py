@@ -4,6 +4,7 @@ model repository it makes, and a quick end-to-end run on real Tritons."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import math
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
-from bench.prefix_systems import MODEL, prefix_repository
+from bench.loadgen import Call
+from bench.prefix_systems import MODEL, IdealRoute, prefix_repository
 from bench.prefix_workload import PrefixWorkload, repository_context, schedule, shareable_blocks
 from bench.scenarios.prefix import sidecar_agreement
 from bench.scenarios.prefix_report import at_equal_p99
@@ -94,6 +96,27 @@ def test_the_repository_sets_the_prefill_ratio_and_the_cache(tmp_path: Path) -> 
     assert 'key: "prefix_cache_blocks" value: { string_value: "512" }' in config
     assert 'key: "pointsman.memory_bytes" value: { string_value: "99" }' in config
     assert (root / MODEL / "1" / "model.py").resolve().name == "model.py"
+
+
+def test_the_ideal_keeps_a_session_on_one_instance_and_spreads_the_rest() -> None:
+    route = IdealRoute(["a:1", "b:1", "c:1"], random.Random(1))
+    chosen: list[str] = []
+
+    def at(address: str) -> Call:
+        async def call() -> None:
+            chosen.append(address)
+
+        return call
+
+    async def send(session: str, times: int) -> list[str]:
+        chosen.clear()
+        for _ in range(times):
+            await route.send(f"{MODEL}\0{session}", at)
+        return list(chosen)
+
+    assert all(len(set(asyncio.run(send(f"s{n}", 5)))) == 1 for n in range(10))
+    assert len({asyncio.run(send(f"s{n}", 1))[0] for n in range(30)}) == 3
+    assert set(asyncio.run(send("", 30))) == {"a:1", "b:1", "c:1"}
 
 
 @pytest.mark.triton

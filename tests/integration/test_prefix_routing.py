@@ -22,11 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 from app.fleet import Fleet, FleetConfig
+from bench.calls import codegen_inputs
 from pointsman.affinity import rendezvous_order
 from pointsman.prefix import PrefixBlocks, prefix_key
 from pointsman.prefix_routing import key_text
@@ -70,11 +70,7 @@ def context(phase: str, repository: int) -> bytes:
 
 
 def inputs(prompt: bytes) -> list[grpcclient.InferInput]:
-    tensor = grpcclient.InferInput("PROMPT", [1, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[prompt]], dtype=np.object_))
-    tokens = grpcclient.InferInput("MAX_TOKENS", [1, 1], "INT32")
-    tokens.set_data_from_numpy(np.array([[2]], dtype=np.int32))
-    return [tensor, tokens]
+    return codegen_inputs(prompt.decode(), 2)
 
 
 def scrape(url: str) -> str:
