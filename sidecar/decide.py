@@ -95,8 +95,9 @@ class Decision:
         self.targets: list[Upstream] | None = None
         self.hit = False
         # Prefix routing (set by `prepare` when the model's route asks for it): the prompt
-        # prefix's key (None: no key) and the route's epsilon; the outcome, set by `choose`
-        # ("" for a model without prefix routing; sidecar.prefix_routing names the others).
+        # prefix's key (None: no key) and the route's epsilon; the outcome, set by `prepare`
+        # (no key) or `choose` ("" for a model without prefix routing, or a cold load;
+        # sidecar.prefix_routing names the others).
         self.prefix_key: int | None = None
         self.prefix_epsilon = 0.0
         self.prefix_outcome = ""
@@ -143,9 +144,21 @@ class Decider:
     # -- before admission ----------------------------------------------------------------------
 
     def prepare(self, head: CallHead, request: bytes, *, stream: bool = False) -> Decision:
-        """The version, class and fields of a call whose (first) request is `request`. A
-        stream is bound to what its first message chose and its messages get no priority or
-        queue timeout."""
+        """The version, class and fields of a call whose (first) request is `request`, and
+        its prompt prefix's key when the model's route asks for prefix routing. A stream is
+        bound to what its first message chose and its messages get no priority or queue
+        timeout."""
+        decision = self._fields(head, request, stream)
+        route = self._cache.routes.get(head.model)
+        if route is not None and route.prefix_routing is not None:
+            key = decision.prefix_key = prefix_routing.prefix_key(route, request)
+            decision.prefix_epsilon = route.prefix_routing.epsilon
+            if key is None:  # else `choose` says how the key was routed (a cold load: not)
+                decision.prefix_outcome = prefix_routing.NO_KEY
+        return decision
+
+    def _fields(self, head: CallHead, request: bytes, stream: bool) -> Decision:
+        """The version, class and fields to append (see `prepare`)."""
         version, suffix = head.version, b""
         if not version and self._picker is None:
             version = self._policy_version(head)
@@ -153,18 +166,11 @@ class Decider:
                 suffix = _version_field(version)
         priority = self._cache.priorities.resolve(head.priority)
         if stream:
-            decision = Decision(head.model, version, priority, suffix, False)
-        else:
-            level = priority.triton_priority
-            if level and not sets_parameter(request, "priority"):
-                suffix += _priority_field(level)
-            decision = Decision(head.model, version, priority, suffix, self._queue_timeout)
-        route = self._cache.routes.get(head.model)
-        if route is not None and route.prefix_routing is not None:
-            decision.prefix_key = prefix_routing.prefix_key(route, request)
-            decision.prefix_epsilon = route.prefix_routing.epsilon
-            decision.prefix_outcome = prefix_routing.NO_KEY
-        return decision
+            return Decision(head.model, version, priority, suffix, False)
+        level = priority.triton_priority
+        if level and not sets_parameter(request, "priority"):
+            suffix += _priority_field(level)
+        return Decision(head.model, version, priority, suffix, self._queue_timeout)
 
     def _policy_version(self, head: CallHead) -> str:
         """The version an unpinned request gets: the x-model-version header, else the route's
@@ -187,16 +193,21 @@ class Decider:
             # Route tables list only instances with the model ready (static routes are
             # assumed to serve every version): a table pick is always an affinity hit.
             decision.first, decision.hit = await self._table_pick(head, decision, context)
-        else:
-            first, targets, hit, chosen = await self._router_targets(
-                head, decision, time_left(context), span
-            )
-            if chosen and not decision.version:  # the router's policy chose the version
-                decision.suffix += _version_field(chosen)
-            if targets is not None and self._outliers.any_ejected:
-                ejected = self._outliers.is_ejected
-                first = next((u for u in targets if not ejected(u.address)), first)
-            decision.first, decision.targets, decision.hit = first, targets, hit
+            self._prefix_routed(decision, span)
+            return
+        first, targets, hit, chosen = await self._router_targets(
+            head, decision, time_left(context), span
+        )
+        if chosen and not decision.version:  # the router's policy chose the version
+            decision.suffix += _version_field(chosen)
+        if targets is not None and self._outliers.any_ejected:
+            ejected = self._outliers.is_ejected
+            first = next((u for u in targets if not ejected(u.address)), first)
+        decision.first, decision.targets, decision.hit = first, targets, hit
+        self._prefix_routed(decision, span)
+
+    def _prefix_routed(self, decision: Decision, span: Span | None) -> None:
+        """Counts how a prefix-routed model's request was placed, and says so on its span."""
         if decision.prefix_outcome:
             self._metrics.prefix_routed(decision.model, decision.prefix_outcome)
             if span is not None:

@@ -158,7 +158,8 @@ class SidecarMetrics:
             "Requests of models with prefix routing, by how their instance was chosen: the "
             "prompt prefix's preferred holder, a later holder because the preferred was over "
             "its load bound (load_fallback), the usual pick for want of a key (no_key), or "
-            "the router's PickTarget given the key (router)",
+            "the router's PickTarget given the key (router); requests that waited for a cold "
+            "load are not counted",
             ("model", "outcome"),
             registry=registry,
         )
