@@ -32,7 +32,7 @@ from sidecar.balancer import pick
 from sidecar.config import SidecarConfig
 from sidecar.decide import Decider
 from sidecar.head import Context, forward_metadata, time_left
-from sidecar.idempotency import IdempotencyCache
+from sidecar.idempotency import idempotency_store
 from sidecar.metrics import SidecarMetrics
 from sidecar.pipeline import InferencePipeline, outlier_detector
 from sidecar.router_picker import RouterPicker
@@ -79,6 +79,8 @@ class InferenceProxy:
         self._pool = pool
         self._rng = rng
         outliers = outlier_detector(config, clock)
+        # In memory or in Redis (None when replay is off); `start_sidecar` starts and closes it.
+        self.idempotency = idempotency_store(config, metrics.idempotency)
         self._decider = Decider(
             config,
             cache,
@@ -99,11 +101,7 @@ class InferenceProxy:
                 retry_after_ms=config.shed_retry_after_ms,
                 max_queued_bytes=config.max_queued_bytes,
             ),
-            idempotency=(
-                IdempotencyCache(config.idempotency_ttl_s, config.idempotency_max_bytes)
-                if config.idempotency_ttl_s > 0
-                else None
-            ),
+            idempotency=self.idempotency,
             outliers=outliers,
             metrics=metrics,
             tracer=tracer,
