@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import random
 
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from pointsman.affinity import rendezvous_order
 from pointsman.prefix_routing import PrefixRouting, key_text
 from pointsman.router.v1 import router_pb2 as pb
@@ -22,6 +26,7 @@ from router.proto_convert import (
     table_to_proto,
 )
 from router.routes import RouteBook
+from router.service import _describe_decision
 
 NOW = 100.0
 MODEL = "codegen"
@@ -145,3 +150,20 @@ def test_counter_window_gives_increases_per_series_and_ignores_resets() -> None:
     seconds, (first, second) = window.increases()
     assert seconds == 6.0  # the scrape at 0.0 left the window
     assert first == {"m": 20.0, "new": 2.0} and second == {"m": 1.0}
+
+
+def test_the_pick_span_names_the_key_and_the_scorer_that_chose() -> None:
+    provider = TracerProvider()
+    spans = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    loads = {ORDER[0]: 2, ORDER[1]: 1, ORDER[2]: 1}
+    snapshot = fleet(*(instance(a, loads[a]) for a in ADDRESSES))
+    request = RoutingRequest(MODEL, affinity_key=key_text(KEY))
+    decision = decide(request, snapshot, policy(), now=NOW, rng=random.Random(1))
+    with provider.get_tracer("test").start_as_current_span("PickTarget") as span:
+        _describe_decision(span, decision)
+    (finished,) = spans.get_finished_spans()
+    attributes = finished.attributes or {}
+    assert attributes["pointsman.affinity_key"] == key_text(KEY)
+    assert attributes["pointsman.target_address"] == ORDER[0]
+    assert "prefix-affinity=1.00" in str(attributes["pointsman.target_scores"])
