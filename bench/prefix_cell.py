@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import sys
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -114,7 +115,7 @@ def run_prefix_cell(
     started = time.perf_counter()
     warm = schedule(plan.workload, plan.rate_rps, plan.warmup_s, random.Random(plan.seed + 1))
     measured = schedule(plan.workload, plan.rate_rps, plan.duration_s, random.Random(plan.seed))
-    deployment = system.start(prefix_bed, workdir)
+    deployment, attempts = _start(system, prefix_bed, workdir)
     try:
         urls = [t.metrics_url for t in deployment.tritons]
         samplers = {"tritons": ProcessSampler(deployment.triton_pids, descendants=True)}
@@ -147,6 +148,7 @@ def run_prefix_cell(
         "repetition": repetition,
         "order": order,
         "seed": plan.seed,
+        "start_attempts": attempts,
         "started_utc": started_utc,
         "loadavg_1_5_15": list(loadavg),
         "wall_s": time.perf_counter() - started,
@@ -168,6 +170,16 @@ def run_prefix_cell(
     }
 
 
+def _start(system: PrefixSystem, prefix_bed: PrefixBed, workdir: Path) -> tuple[Deployment, int]:
+    """The system started, and in how many tries: a start that fails (on a shared machine, a
+    free port taken by another process before Triton binds it) is tried once more."""
+    try:
+        return system.start(prefix_bed, workdir), 1
+    except Exception as exc:  # retried once; the second failure propagates
+        print(f"{system.name}: start failed ({exc!r:.200}); trying once more", file=sys.stderr)
+    return system.start(prefix_bed, workdir / "second-start"), 2
+
+
 def measure_capacity(
     system: PrefixSystem,
     prefix_bed: PrefixBed,
@@ -183,7 +195,7 @@ def measure_capacity(
     client taking the next): the reference the open loops offer fractions of."""
     prompts = schedule(workload, 10.0, max(duration_s * 10, 60.0), random.Random(seed))
     bodies = [codegen_request(a.prompt.decode(), a.tokens, model=MODEL) for a in prompts]
-    deployment = system.start(prefix_bed, workdir)
+    deployment, _ = _start(system, prefix_bed, workdir)
     taken = iter(range(1 << 62))
 
     async def closed() -> LoadRun:

@@ -31,7 +31,9 @@ from bench.workloads import WORKLOADS
 __all__ = ["SeedTableSettings", "run_seed_table", "scenario"]
 
 MiB = 1024**2
-FOOTPRINT = 72 * MiB  # codegen's declared pointsman.memory_bytes (its resident size, see triton_models/README.md)
+FOOTPRINT = (
+    72 * MiB
+)  # codegen's declared pointsman.memory_bytes (its resident size, see triton_models/README.md)
 # The article's table, for the reader's comparison (not measured here).
 ARTICLE = {
     "round robin": (880.0, 42.0, 12),
