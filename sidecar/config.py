@@ -17,6 +17,7 @@ command line overrides the file (see `sidecar.main`). Read by the one config rea
     router_tls: {ca_file: ca.pem}      # and triton_tls: TLS towards the router / Triton
     max_in_flight: 256                 # overload: sent on at once; more wait in a queue of
     max_queued: 1024                   #   this many; a full queue sheds the lowest class
+    flow_control: true                 # hold what Triton's queues would refuse (per instance)
     idempotency_ttl_s: 60              # replay finished outcomes of a request id this long
     idempotency:                       # coalesce and replay across every sidecar sharing Redis
       backend: redis                   #   (default: memory, each sidecar on its own)
@@ -209,6 +210,15 @@ class SidecarConfig:
     # finds the queue full), so memory stays bounded for large tensors too.
     max_queued_bytes: int = field(default=256 * 1024 * 1024, metadata=rule(minimum=0))
     shed_retry_after_ms: int = field(default=200, metadata=rule(minimum=0))
+    # Flow control keyed to Triton's queues (sidecar/flow.py): at most concurrency + queue
+    # bound (from the route tables) of this sidecar's requests outstanding per instance and
+    # model, the rest held in the queue above; a request Triton refuses for a full queue is
+    # sent again after a back-off (queue_full_backoff_ms, doubling up to
+    # queue_full_max_backoff_ms), at most queue_full_retries times, within its deadline.
+    flow_control: bool = True
+    queue_full_backoff_ms: float = field(default=10.0, metadata=rule(minimum=0))
+    queue_full_max_backoff_ms: float = field(default=500.0, metadata=rule(minimum=0))
+    queue_full_retries: int = field(default=32, metadata=rule(minimum=0))
     # Requests with an id (x-request-id, else the request's `id`): concurrent duplicates run
     # once, and finished outcomes are replayed for idempotency_ttl_s (0: no replay), within
     # idempotency_max_bytes of kept responses.

@@ -16,12 +16,15 @@ per-request mode the router's PickTarget gives an ordered list (its policy may c
 version); without an answer the tables decide. Where the attempts go after a failure is the
 attempt loop's business (`sidecar.pipeline`), from the same candidates (`Decider.candidates`).
 
-Prefix routing (issue 14): for a model whose route asks for it, `prepare` peeks the prompt's
-prefix key (`sidecar.prefix_routing.prefix_key`); `_pick` then chooses by bounded-load
-rendezvous hashing over the candidates instead of the balancer's random pick, and per-request
-mode passes the key to PickTarget (`affinity_key`). Where the next rules go (issue 12):
-sequence and session affinity are each a choice made in `_pick` from the head, before the
-balancer's random pick; the holders are `candidates(...)`.
+Affinity (issue 12), in `_choose_among`, before the balancer's random pick, over the
+holders `candidates(...)`, in table mode and per-request mode alike (the router knows neither
+sequences nor sessions): a request that carries a `sequence_id` goes where its sequence lives
+(`sidecar.sequences`: its plan rides on the Decision, for the attempt loop), and one that names
+a session to its session's holder (`sidecar.sessions`). Prefix routing (issue 14): for a model
+whose route asks for it, `prepare` peeks the prompt's prefix key
+(`sidecar.prefix_routing.prefix_key`); `_pick` then chooses by bounded-load rendezvous hashing
+over the candidates instead of the balancer's random pick, and per-request mode passes the key
+to PickTarget (`affinity_key`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from functools import lru_cache
 import grpc
 from opentelemetry.trace import Span
 
+from pointsman.clock import Clock, monotonic
 from pointsman.errors import NoReadyInstanceError, PointsmanError
 from pointsman.prefix_routing import key_text
 from pointsman.versions import select_version
@@ -44,6 +48,8 @@ from sidecar.metrics import SidecarMetrics
 from sidecar.resilience import OutlierDetector
 from sidecar.router_picker import ROUTER_SERVICE, RouterPicker, RouterUnreachableError
 from sidecar.routes import NoRouteTablesError, RouteCache
+from sidecar.sequences import SequenceAffinity, SequencePlan
+from sidecar.sessions import SessionAffinity
 from sidecar.tracing import INSTANCE, MODEL, PREFIX_ROUTE, RpcTracer
 from sidecar.upstream import Metadata, Upstream, UpstreamPool
 from sidecar.wire import (
@@ -70,7 +76,8 @@ class Decision:
     names the instance."""
 
     __slots__ = ("first", "hit", "model", "prefix_epsilon", "prefix_key", "prefix_outcome",
-                 "priority", "queue_timeout", "suffix", "targets", "version")  # fmt: skip
+                 "priority", "queue_timeout", "sequence", "suffix", "targets",
+                 "version")  # fmt: skip
 
     def __init__(
         self,
@@ -94,10 +101,12 @@ class Decision:
         self.first: Upstream | None = None
         self.targets: list[Upstream] | None = None
         self.hit = False
+        # Set by `choose` for a step of a sequence: where it may go, and what to remember.
+        self.sequence: SequencePlan | None = None
         # Prefix routing (set by `prepare` when the model's route asks for it): the prompt
         # prefix's key (None: no key) and the route's epsilon; the outcome, set by `prepare`
-        # (no key) or `choose` ("" for a model without prefix routing, or a cold load;
-        # sidecar.prefix_routing names the others).
+        # (no key) or `choose` ("" for a model without prefix routing, a cold load, or a
+        # request that its sequence or session placed; sidecar.prefix_routing names the rest).
         self.prefix_key: int | None = None
         self.prefix_epsilon = 0.0
         self.prefix_outcome = ""
@@ -128,6 +137,7 @@ class Decider:
         tracer: RpcTracer | None,
         picker: RouterPicker | None,
         cold_picker: RouterPicker | None,
+        clock: Clock = monotonic,
     ) -> None:
         self._cache = cache
         self._pool = pool
@@ -140,6 +150,10 @@ class Decider:
         self._cold_picker = cold_picker
         self._cold_start_wait_s = config.cold_start_wait_s
         self._queue_timeout: bool | None = None if config.deadline_queue_timeout else False
+        self.sequences = SequenceAffinity(
+            cache, pool, metrics, max_probes=config.max_attempts, clock=clock
+        )
+        self.sessions = SessionAffinity(cache, metrics, clock=clock)
 
     # -- before admission ----------------------------------------------------------------------
 
@@ -160,7 +174,9 @@ class Decider:
     def _fields(self, head: CallHead, request: bytes, stream: bool) -> Decision:
         """The version, class and fields to append (see `prepare`)."""
         version, suffix = head.version, b""
-        if not version and self._picker is None:
+        # Sequences and sessions are routed from the tables in either mode: the version too.
+        by_tables = self._picker is None or head.sequence is not None or bool(head.session)
+        if not version and by_tables:
             version = self._policy_version(head)
             if version:
                 suffix = _version_field(version)
@@ -188,8 +204,9 @@ class Decider:
     async def choose(
         self, head: CallHead, decision: Decision, context: Context, span: Span | None
     ) -> None:
-        """Names the instance to try first (`decision.first`, `.targets`, `.hit`)."""
-        if self._picker is None:
+        """Names the instance to try first (`decision.first`, `.targets`, `.hit`; `.sequence`
+        for a sequence step)."""
+        if self._picker is None or head.sequence is not None or head.session:
             # Route tables list only instances with the model ready (static routes are
             # assumed to serve every version): a table pick is always an affinity hit.
             decision.first, decision.hit = await self._table_pick(head, decision, context)
@@ -224,6 +241,25 @@ class Decider:
             raise NoReadyInstanceError(name, version)
         return candidates
 
+    async def _choose_among(
+        self, head: CallHead, decision: Decision, candidates: CandidateSet, context: Context
+    ) -> Upstream:
+        """The instance for a call among the holders: its sequence's, its session's, or its
+        prompt prefix's (or the balancer's) pick."""
+        if head.sequence is not None:
+            plan = await self.sequences.plan(
+                decision.model, head.sequence, candidates, self._outliers.is_ejected,
+                time_left(context),
+            )  # fmt: skip
+            if plan is not None:
+                decision.sequence = plan
+                return plan.first
+        if head.session:
+            return self.sessions.choose(
+                decision.model, head.session, candidates, self._outliers.is_ejected
+            )
+        return self._pick(candidates, decision)
+
     def _pick(self, candidates: CandidateSet, decision: Decision) -> Upstream:
         """The prefix key's bounded-load holder when the decision has a key, else `pick`;
         either skips instances that outlier detection has ejected while others exist (the
@@ -246,12 +282,26 @@ class Decider:
         request waits for that load, up to `cold_start_wait_s` and the caller's deadline."""
         name, version = decision.model, decision.version
         try:
-            return self._pick(self.candidates(name, version), decision), True
+            candidates = self.candidates(name, version)
         except NoRouteTablesError:
             raise
         except NoReadyInstanceError:
+            step = head.sequence
+            if step is not None and not step.start:
+                # Ready nowhere now, but the sequence may live on a holder that just left.
+                plan = await self.sequences.plan(
+                    name, step, None, self._outliers.is_ejected, time_left(context)
+                )
+                if plan is None:
+                    raise
+                decision.sequence = plan
+                return plan.first, True
             if self._cold_picker is None:
                 raise
+        else:
+            if head.sequence is None and not head.session:  # the common case, no await
+                return self._pick(candidates, decision), True
+            return await self._choose_among(head, decision, candidates, context), True
         wait_s = self._cold_start_wait_s
         remaining = time_left(context)
         if remaining is not None:

@@ -141,6 +141,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "RESOURCE_EXHAUSTED (default 1024)",
     )
     parser.add_argument(
+        "--flow-control",
+        dest=flag_dest("flow_control"),
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hold requests that Triton's queues would refuse (limits from the route tables) "
+        "and resend the ones Triton refuses for a full queue (default on)",
+    )
+    parser.add_argument(
         "--idempotency-ttl",
         dest=flag_dest("idempotency_ttl_s"),
         type=float,

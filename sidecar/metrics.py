@@ -50,7 +50,8 @@ STORE_OPERATIONS = ("acquire", "renew", "finish", "probe", "subscribe")
 class RequestSeries:
     """The pre-resolved children one (model, version, method) records into."""
 
-    __slots__ = ("_codes", "_requests", "duration", "hits", "method", "model", "retries", "routed")
+    __slots__ = ("_codes", "_requests", "duration", "held", "hits", "method", "model",
+                 "queue_full_retries", "retries", "routed")  # fmt: skip
 
     def __init__(self, metrics: SidecarMetrics, model: str, version: str, method: str) -> None:
         self.model = model
@@ -59,6 +60,8 @@ class RequestSeries:
         self.routed = metrics.routed.labels(model)
         self.hits = metrics.affinity_hits.labels(model)
         self.retries = metrics.retries.labels(model)
+        self.held = metrics.held.labels(model)
+        self.queue_full_retries = metrics.queue_full_retries.labels(model)
         self._requests = metrics.requests
         self._codes: dict[grpc.StatusCode, Counter] = {}
 
@@ -137,6 +140,19 @@ class SidecarMetrics:
             ("model",),
             registry=registry,
         )
+        self.held = Counter(
+            "pointsman_sidecar_held",
+            "Times a request waited in the sidecar's queue because every instance it could go "
+            "to had as many of this sidecar's requests as Triton's queue takes (flow control)",
+            ("model",),
+            registry=registry,
+        )
+        self.queue_full_retries = Counter(
+            "pointsman_sidecar_queue_full_retries",
+            "Requests sent again after Triton refused them because the model's queue was full",
+            ("model",),
+            registry=registry,
+        )
         self.idempotent = Counter(
             "pointsman_sidecar_idempotent_requests",
             "Requests with an id, by how they were answered: executed, coalesced onto a "
@@ -172,6 +188,26 @@ class SidecarMetrics:
             "the router's PickTarget given the key (router); requests that waited for a cold "
             "load are not counted",
             ("model", "outcome"),
+            registry=registry,
+        )
+        self.sequence_probes = Counter(
+            "pointsman_sidecar_sequence_probes",
+            "Steps of a sequence sent to an instance that did not hold it (refused there "
+            "without running, or unreachable) while looking for the one that does",
+            ("model",),
+            registry=registry,
+        )
+        self.sequence_failures = Counter(
+            "pointsman_sidecar_sequence_failures",
+            "Steps of a sequence that no instance held: ABORTED when its instance failed, "
+            "FAILED_PRECONDITION when it never started, ended or idled out",
+            ("model", "code"),
+            registry=registry,
+        )
+        self.session_moves = Counter(
+            "pointsman_sidecar_session_moves",
+            "Sessions moved to another holder because theirs was saturated",
+            ("model",),
             registry=registry,
         )
         registry.register(_LiveGauges(cache, pool))
@@ -249,6 +285,18 @@ class SidecarMetrics:
     def queue_full(self, model: str) -> None:
         """Triton answered "Exceeds maximum queue size" for a request of `model`."""
         self.triton_queue_full.labels(self.model_label(model)).inc()
+
+    def sequence_probe(self, model: str) -> None:
+        """A sequence step went on to the next instance: the last one did not hold it."""
+        self.sequence_probes.labels(self.model_label(model)).inc()
+
+    def sequence_failed(self, model: str, code: grpc.StatusCode) -> None:
+        """A sequence step failed because no instance held its sequence."""
+        self.sequence_failures.labels(self.model_label(model), code.name).inc()
+
+    def session_move(self, model: str) -> None:
+        """A session left its saturated holder for another."""
+        self.session_moves.labels(self.model_label(model)).inc()
 
     def cold_start(self, model: str) -> None:
         """A request that waited for its model to load (counted once the sidecar can wait)."""

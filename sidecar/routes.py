@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pointsman.errors import ModelNotFoundError, NoReadyInstanceError, PointsmanError
 from pointsman.prefix_routing import PrefixRouting
 from pointsman.router.v1 import router_pb2
+from pointsman.sessions import SessionPolicy
 from pointsman.versions import VersionRules, rules_from_proto
 from sidecar.admission import NO_CLASSES, PriorityClasses, priority_classes_from_proto
 from sidecar.balancer import CandidateSet
@@ -36,6 +37,7 @@ __all__ = [
     "Route",
     "RouteCache",
     "compile_fallback",
+    "session_policy_from_proto",
     "without_weights",
 ]
 
@@ -60,6 +62,7 @@ class Route:
         "default_version",
         "fallback",
         "generation",
+        "limits",
         "model_name",
         "prefix_routing",
         "static",
@@ -78,6 +81,7 @@ class Route:
         static: bool = False,
         version_rules: VersionRules | None = None,
         prefix_routing: PrefixRouting | None = None,
+        limits: Mapping[str, int] | None = None,
     ) -> None:
         self.model_name = model_name
         # "" (any version) maps to every candidate with some version ready.
@@ -93,6 +97,9 @@ class Route:
         self.version_rules = version_rules
         # The policy's prefix routing for this model (sidecar.prefix_routing); None: off.
         self.prefix_routing = prefix_routing
+        # Flow control: address -> requests of this model that instance takes before Triton
+        # refuses more (its concurrency plus its queue bound); absent: unbounded or unknown.
+        self.limits: Mapping[str, int] = limits or {}
 
     def candidates(self, version: str) -> CandidateSet | None:
         return self.by_version.get(version, self.fallback)
@@ -109,6 +116,7 @@ class Route:
 def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
     """A Route from the router's table: one CandidateSet per version some candidate has ready."""
     members: dict[str, list[tuple[str, float]]] = {}
+    limits: dict[str, int] = {}
     for candidate in table.candidates:
         target = candidate.target
         if not target.grpc_address:
@@ -116,6 +124,8 @@ def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
         versions = set(target.ready_versions)
         if not versions:
             continue  # listed but nothing ready: not a candidate for any request
+        if candidate.concurrency and candidate.queue_capacity:
+            limits[target.grpc_address] = candidate.concurrency + candidate.queue_capacity
         for version in (*versions, ""):
             members.setdefault(version, []).append((target.grpc_address, candidate.weight))
     by_version = {
@@ -141,6 +151,7 @@ def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
         default_version=table.default_version,
         version_rules=None if rules is None or rules.is_empty else rules,
         prefix_routing=prefix,
+        limits=limits,
     )
 
 
@@ -171,6 +182,17 @@ def without_weights(route: Route) -> Route:
         static=route.static,
         version_rules=route.version_rules,
         prefix_routing=route.prefix_routing,
+        limits=route.limits,
+    )
+
+
+def session_policy_from_proto(message: router_pb2.SessionPolicy) -> SessionPolicy:
+    """The session policy a WatchRoutes message carries; unset numbers take the defaults."""
+    default = SessionPolicy()
+    return SessionPolicy(
+        header=message.header,
+        max_in_flight=message.max_in_flight or default.max_in_flight,
+        move_ttl_s=message.move_ttl_s if message.move_ttl_s > 0 else default.move_ttl_s,
     )
 
 
@@ -231,6 +253,8 @@ class RouteCache:
         self.last_message_at: float | None = None
         # The policy's priority classes, as the router last sent them (kept while it is away).
         self.priorities: PriorityClasses = NO_CLASSES
+        # The policy's session affinity (the defaults until a router sends its own).
+        self.sessions = SessionPolicy()
         self._created_at = clock()
         self._refresh()
 
@@ -269,6 +293,15 @@ class RouteCache:
         """Every Triton address any route names: the fleet, as far as this sidecar knows."""
         return set(self._addresses)
 
+    def place_limits(self) -> dict[tuple[str, str], int]:
+        """(address, model) -> how many requests of the model that instance takes before
+        Triton refuses more, for every bounded pair the routes know (flow control)."""
+        return {
+            (address, name): limit
+            for name, route in self.routes.items()
+            for address, limit in route.limits.items()
+        }
+
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Calls `listener()` after every change of the routes (not on heartbeats)."""
         self._listeners.append(listener)
@@ -285,6 +318,8 @@ class RouteCache:
             self.router_id = message.router_id
         if message.HasField("priority_policy"):
             self.priorities = priority_classes_from_proto(message.priority_policy)
+        if message.HasField("session_policy"):
+            self.sessions = session_policy_from_proto(message.session_policy)
         if not message.full_snapshot and not message.tables and not message.removed_models:
             return  # heartbeat
         routes = {} if message.full_snapshot else dict(self._router)
