@@ -61,6 +61,9 @@ class PrefixSettings:
     timeout_s: float = 15.0
     capacity_s: float = 20.0
     capacity_concurrency: int = 16
+    # When set, the open loops offer fractions of this instead of a measured capacity (the
+    # quick smoke run, which has no time for a capacity cell).
+    capacity_rps: float | None = None
     cache_blocks: int = 2048  # the models' default: 128 KiB of prompt per instance
     ideal_cache_blocks: int = 16384
     epsilon: float = 0.25
@@ -86,6 +89,7 @@ class PrefixSettings:
             "capacity_s": self.capacity_s,
             "capacity_system": CAPACITY_SYSTEM,
             "capacity_concurrency": self.capacity_concurrency,
+            "capacity_rps": self.capacity_rps,
             "cache_blocks": self.cache_blocks,
             "ideal_cache_blocks": self.ideal_cache_blocks,
             "epsilon": self.epsilon,
@@ -171,6 +175,9 @@ def run_prefix(settings: PrefixSettings, say: Say = lambda _line: None) -> Scena
             repositories=settings.workload.repositories,
             context_bytes=settings.workload.context_bytes, epsilon=settings.epsilon,
         )  # fmt: skip
+        if settings.capacity_rps is not None:
+            capacities[ratio] = {"fixed_rps": settings.capacity_rps}
+            continue
         say(f"prefix: prefill ratio {ratio:g}: measuring capacity ({CAPACITY_SYSTEM}) ...")
         capacities[ratio] = measure_capacity(
             PREFIX_SYSTEMS[CAPACITY_SYSTEM], beds[ratio], settings.workload,
@@ -233,9 +240,7 @@ def _plans(
     on every system, then the hot-repository workload at rate 1.0 on the hot systems."""
     plans = []
     for ratio, capacity in capacities.items():
-        latency = capacity["latency"]
-        assert isinstance(latency, dict)
-        rps = float(latency["throughput_rps"])
+        rps = _capacity_rps(capacity)
         for factor in settings.rate_factors:
             plan = CellPlan(settings.workload, "zipf", factor, factor * rps, settings.warmup_s,
                             settings.duration_s, settings.timeout_s, settings.seed)  # fmt: skip
@@ -246,6 +251,16 @@ def _plans(
                             settings.timeout_s, settings.seed)  # fmt: skip
             plans.append((ratio, plan, settings.hot_systems))
     return plans
+
+
+def _capacity_rps(capacity: dict[str, object]) -> float:
+    """The rate the open loops offer fractions of: the measured goodput, or the fixed one."""
+    latency = capacity.get("latency")
+    if isinstance(latency, dict):
+        return float(latency["throughput_rps"])
+    fixed = capacity["fixed_rps"]
+    assert isinstance(fixed, float | int)
+    return float(fixed)
 
 
 def _ideal_ratio(
@@ -293,19 +308,21 @@ def _agreement(
     return result
 
 
+# The smoke run: two systems on two instances, a fixed rate, seconds of traffic (the scenario
+# starts a fleet per cell, so every system or rate more costs a start).
 QUICK = PrefixSettings(
+    systems=("round-robin", "pointsman-prefix"),
     workload=PrefixWorkload(repositories=6, context_bytes=4096, turns=2, turn_gap_s=1.0),
     instances=2,
     rate_factors=(1.0,),
     prefill_ratios=(0.26,),
     repetitions=1,
-    warmup_s=2.0,
-    duration_s=4.0,
+    warmup_s=1.0,
+    duration_s=3.0,
     timeout_s=10.0,
-    capacity_s=4.0,
-    capacity_concurrency=4,
+    capacity_rps=8.0,
     ideal_cache_blocks=4096,
-    hot_systems=("pointsman-prefix",),
+    hot_systems=(),
 )
 
 

@@ -133,8 +133,8 @@ def test_prefix_quick_end_to_end(tmp_path: Path) -> None:
     assert {(c["system"], c["workload"]) for c in cells} == {
         ("least-request", "zipf"),
         ("pointsman-prefix", "zipf"),
-        ("pointsman-prefix", "hot-repository"),
     }
+    assert scenario["data"]["capacity"] == {"0.26": {"fixed_rps": 8.0}}
     for cell in cells:
         assert cell["latency"]["ok"] > 0 and cell["latency"]["failed"] == 0, cell
         assert cell["latency"]["ttft_p50_ms"] > 0
