@@ -20,11 +20,9 @@ Affinity (issue 12), in `_choose_among`, before the balancer's random pick, over
 holders `candidates(...)`, in table mode and per-request mode alike (the router knows neither
 sequences nor sessions): a request that carries a `sequence_id` goes where its sequence lives
 (`sidecar.sequences`: its plan rides on the Decision, for the attempt loop), and one that names
-a session to its session's holder (`sidecar.sessions`). Prefix routing (issue 14): for a model
-whose route asks for it, `prepare` peeks the prompt's prefix key
-(`sidecar.prefix_routing.prefix_key`); `_pick` then chooses by bounded-load rendezvous hashing
-over the candidates instead of the balancer's random pick, and per-request mode passes the key
-to PickTarget (`affinity_key`).
+a session to its session's holder (`sidecar.sessions`). Prefix routing (issue 14): `prepare`
+peeks the prompt's key for models whose route asks for it; `_pick` then takes its bounded-load
+holder (`sidecar.prefix_routing`), and per-request mode sends it to PickTarget.
 """
 
 from __future__ import annotations
@@ -103,10 +101,8 @@ class Decision:
         self.hit = False
         # Set by `choose` for a step of a sequence: where it may go, and what to remember.
         self.sequence: SequencePlan | None = None
-        # Prefix routing (set by `prepare` when the model's route asks for it): the prompt
-        # prefix's key (None: no key) and the route's epsilon; the outcome, set by `prepare`
-        # (no key) or `choose` ("" for a model without prefix routing, a cold load, or a
-        # request that its sequence or session placed; sidecar.prefix_routing names the rest).
+        # Prefix routing (`prepare`, for models whose route asks for it): the prompt prefix's
+        # key (None: none), the route's epsilon, and how `choose` placed it ("": not counted).
         self.prefix_key: int | None = None
         self.prefix_epsilon = 0.0
         self.prefix_outcome = ""

@@ -182,11 +182,9 @@ class SidecarMetrics:
         )
         self.prefix_routing = Counter(
             "pointsman_sidecar_prefix_routing",
-            "Requests of models with prefix routing, by how their instance was chosen: the "
-            "prompt prefix's preferred holder, a later holder because the preferred was over "
-            "its load bound (load_fallback), the usual pick for want of a key (no_key), or "
-            "the router's PickTarget given the key (router); requests that waited for a cold "
-            "load are not counted",
+            "Requests of models with prefix routing by how their instance was chosen: the "
+            "prefix's first holder, a later one for load, the usual pick (no key) or the "
+            "router's PickTarget (cold loads not counted)",
             ("model", "outcome"),
             registry=registry,
         )

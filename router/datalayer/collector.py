@@ -8,8 +8,7 @@ large fleet's scrapes are spread over time.
 Rates (inferences per second, average batch size, prefix-cache hit ratio) come from counter
 deltas over a window of recent scrapes. A model version seen LOADING and later READY is
 reported to `on_model_loaded` with the time between the two sightings: its load time, give or
-take one poll interval. Each newly ready version's config is read once (ModelConfig;
-`model_config.model_facts`).
+take one poll interval. Each newly ready version's config is read once (`model_facts`).
 A change wakes whoever waits on `FleetCollector.changed`; `snapshot()` copies the current
 state into a `FleetSnapshot` that scheduling reads without locks or I/O.
 
@@ -256,13 +255,9 @@ class InstanceWatcher:
         self._count_requests(metrics.requests_by_version, now)
         if metrics.gpu_memory_used_bytes is not None:
             self.gpu_memory = GpuMemoryReading(now, metrics.gpu_memory_used_bytes)
-        self._counters.add(
-            now,
-            metrics.inference_count_by_model,
-            metrics.exec_count_by_model,
-            metrics.prefix_lookups_by_model,
-            metrics.prefix_hits_by_model,
-        )
+        m = metrics
+        self._counters.add(now, m.inference_count_by_model, m.exec_count_by_model,
+                           m.prefix_lookups_by_model, m.prefix_hits_by_model)  # fmt: skip
         pending_changed = metrics.pending_by_model != self._metrics.pending_by_model
         self._metrics = metrics
         if pending_changed:
