@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import sys
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.calls import codegen_request
+from bench.cell import start_retrying
 from bench.loadgen import LoadRun, Request, run_closed_loop, run_open_loop
 from bench.prefix_systems import MODEL, SESSION_HEADER, PrefixBed, PrefixSystem
 from bench.prefix_workload import Arrival, PrefixWorkload, schedule
@@ -171,13 +171,9 @@ def run_prefix_cell(
 
 
 def _start(system: PrefixSystem, prefix_bed: PrefixBed, workdir: Path) -> tuple[Deployment, int]:
-    """The system started, and in how many tries: a start that fails (on a shared machine, a
-    free port taken by another process before Triton binds it) is tried once more."""
-    try:
-        return system.start(prefix_bed, workdir), 1
-    except Exception as exc:  # retried once; the second failure propagates
-        print(f"{system.name}: start failed ({exc!r:.200}); trying once more", file=sys.stderr)
-    return system.start(prefix_bed, workdir / "second-start"), 2
+    """Started once more if the first start fails (on a shared machine, say, a free port taken
+    by another process before Triton binds it)."""
+    return start_retrying(system.name, lambda folder: system.start(prefix_bed, folder), workdir)
 
 
 def measure_capacity(
