@@ -8,9 +8,9 @@ prompt input), `prefix_key` peeks the prompt's first bytes from the raw request
 `choose` picks among the route's candidates by rendezvous hashing with bounded loads
 (`pointsman.affinity.choose_holder`'s rule, over the candidates' addresses, with the key's
 order kept per route): the key's first holder whose load stays within ceil((1 + epsilon) x
-mean), this request added. A holder's load is
-this sidecar's in-flight requests there divided by its route weight (the router's view of the
-fleet: an instance it weighs 0.5 counts each request twice), the measure the balancer compares.
+mean), this request added. A holder's load is this sidecar's in-flight requests there divided
+by its route weight (the router's view of the fleet: an instance it weighs 0.5 counts each
+request twice), the measure the balancer compares.
 Every sidecar ranks the holders of a key alike, so sidecars that share no state agree on the
 holder as long as their loads are alike; a hot prefix spills in the same order everywhere.
 Instances that outlier detection has ejected are left out while another holder remains.
