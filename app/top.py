@@ -4,7 +4,8 @@ Every refresh asks the router for `ListInstances` and `ListModels` and draws thr
 
 - instances: health, data age, loaded models and versions, queued requests, inferences per
   second, memory used against the budget;
-- models: ready copies, versions, the route table's weights and generation;
+- models: ready copies, versions, the route table's weights and generation, and the share of
+  prompt blocks found in the models' prefix caches over the last seconds (prefix hits);
 - recent decisions: the route-table changes seen between refreshes, newest first (a table
   that changes twice between two refreshes shows once, at its latest generation).
 
@@ -220,6 +221,7 @@ def _models_table(view: FleetView) -> Table:
     table.add_column("versions")
     table.add_column("route weights")
     table.add_column("gen", justify="right")
+    table.add_column("prefix hits", justify="right")
     for model in view.models:
         route = model.route_table
         weights = "\n".join(f"{c.target.instance_id} {c.weight:.2f}" for c in route.candidates)
@@ -234,6 +236,7 @@ def _models_table(view: FleetView) -> Table:
             " ".join(model.ready_versions) or "-",
             weights or Text("no route", style="red"),
             str(route.generation) if model.HasField("route_table") else "-",
+            f"{model.prefix_cache_hit_ratio:.0%}" if model.prefix_cache_lookup_blocks else "-",
         )
     return table
 

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,14 @@ from bench.testbed import Deployment, System, Testbed, server_version
 from bench.workloads import ModelChooser, Workload, on_off_arrivals
 from router.datalayer.triton_metrics import parse_triton_metrics
 
-__all__ = ["QUICK_CELL", "CellResult", "CellSettings", "average_batch", "run_cell"]
+__all__ = [
+    "QUICK_CELL",
+    "CellResult",
+    "CellSettings",
+    "average_batch",
+    "run_cell",
+    "start_retrying",
+]
 
 Counters = dict[tuple[str, str], tuple[float, float]]
 
@@ -214,13 +221,20 @@ def _utc() -> str:
 
 
 def _start(system: System, bed: Testbed, workdir: Path) -> tuple[Deployment, int]:
-    """The system started, and how many tries it took: a start that fails (a process that
-    dies while coming up) is tried once more in a fresh folder, and the count is reported."""
+    return start_retrying(system.name, lambda folder: system.start(bed, folder), workdir)
+
+
+def start_retrying(
+    name: str, start: Callable[[Path], Deployment], workdir: Path
+) -> tuple[Deployment, int]:
+    """A system started by `start(folder)`, and how many tries it took: a start that fails (a
+    process that dies while coming up) is tried once more in a fresh folder, and the count is
+    reported."""
     try:
-        return system.start(bed, workdir), 1
+        return start(workdir), 1
     except Exception as exc:  # retried once; the second failure propagates
-        print(f"{system.name}: start failed ({exc}); trying once more", file=sys.stderr)
-    return system.start(bed, workdir / "second-start"), 2
+        print(f"{name}: start failed ({exc}); trying once more", file=sys.stderr)
+    return start(workdir / "second-start"), 2
 
 
 def run_cell(

@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repetitions", type=_positive_int, help="repetitions (rounds) per cell")
     parser.add_argument(
-        "--systems", type=_names, default=(), help="comparison: systems, comma-separated"
+        "--systems", type=_names, default=(), help="comparison, prefix: systems, comma-separated"
     )
     parser.add_argument(
         "--workloads", type=_names, default=(), help="comparison: workloads, comma-separated"

@@ -18,6 +18,13 @@ Scenarios (three static instances, route tables compiled once, tracing off):
                `x-model-version` pin: the sidecar appends version, priority and queue timeout
   rewrites-1m  `rewrites` with a 1 MiB tensor (what a copy of the request bytes costs)
   idempotent   `plain` with a new `x-request-id` per call (one execution each)
+  prefix-off   a codegen request with a 4 KiB prompt, routed by a router's table without
+               prefix routing (the usual weighted pick)
+  prefix       the same with the table's prefix routing on: the prompt peek, the key's hash
+               and the bounded-load choice; `prefix` - `prefix-off` is what it adds
+  prefix-off-1m, prefix-1m  the two with a 1 MiB prompt (the peek reads its first KiB only;
+               both copy the request once, to append the class's Triton priority)
+The prefix scenarios need a tree with prefix routing (not measured in a baseline without it).
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("plain", "rewrites", "rewrites-1m", "idempotent")
+SCENARIOS = (
+    "plain", "rewrites", "rewrites-1m", "idempotent",
+    "prefix-off", "prefix", "prefix-off-1m", "prefix-1m",
+)  # fmt: skip
 ADDRESSES = ("10.0.0.1:8001", "10.0.0.2:8001", "10.0.0.3:8001")
 USER_AGENT = ("user-agent", "grpc-python/1.85.4 grpc-c/46.0.0 (linux; chttp2)")
 
@@ -91,6 +101,38 @@ def _request(tensor_bytes: int) -> bytes:
     return data
 
 
+def _codegen_request(prompt_bytes: int) -> bytes:
+    """codegen's PROMPT as tritonclient sends it: one BYTES element in raw contents."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    line = b"def helper(x):\n    return x + 1\n"
+    prompt = (line * (prompt_bytes // len(line) + 1))[:prompt_bytes]
+    request = pb.ModelInferRequest(model_name="codegen")
+    request.inputs.add(name="PROMPT", datatype="BYTES", shape=[1, 1])
+    request.raw_input_contents.append(len(prompt).to_bytes(4, "little") + prompt)
+    data: bytes = request.SerializeToString()
+    return data
+
+
+def _prefix_table(cache: Any, prefix: bool) -> None:
+    """A router's snapshot: codegen on the three instances, with prefix routing or without."""
+    from pointsman.router.v1 import router_pb2 as pb
+
+    table = pb.RouteTable(
+        model_name="codegen",
+        candidates=[
+            pb.RouteCandidate(target=pb.Target(grpc_address=a, ready_versions=["1"]), weight=1.0)
+            for a in ADDRESSES
+        ],
+    )
+    if prefix:
+        table.prefix_routing.CopyFrom(
+            pb.PrefixRouting(prompt_input="PROMPT", block_bytes=64, max_blocks=16, min_blocks=1,
+                             epsilon=0.25)
+        )  # fmt: skip
+    cache.apply(pb.WatchRoutesResponse(full_snapshot=True, tables=[table], generation=1))
+
+
 def _response() -> bytes:
     from tritonclient.grpc import service_pb2 as pb
 
@@ -131,6 +173,8 @@ def _build(scenario: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
         )
         patch = True
     cache = RouteCache(pool, static_routes=config.static_routes, expects_router=False)
+    if scenario.startswith("prefix"):
+        _prefix_table(cache, prefix=not scenario.startswith("prefix-off"))
     if patch:
         old: Any
         for old in pool.upstreams():
@@ -152,7 +196,7 @@ _ids = iter(range(1 << 62))
 
 
 def _contexts(scenario: str, n: int) -> list[Context]:
-    if scenario == "plain":
+    if scenario == "plain" or scenario.startswith("prefix"):
         return [Context((USER_AGENT,), None)] * n
     if scenario in ("rewrites", "rewrites-1m"):
         metadata = (USER_AGENT, ("x-priority", "high"), ("x-model-version", "1"))
@@ -166,7 +210,10 @@ def _contexts(scenario: str, n: int) -> list[Context]:
 
 async def _measure(scenario: str, requests: int, repeats: int) -> dict[str, Any]:
     handler = _build(scenario)
-    request = _request(1024 * 1024 if scenario == "rewrites-1m" else 64)
+    if scenario.startswith("prefix"):
+        request = _codegen_request(1024 * 1024 if scenario.endswith("-1m") else 4096)
+    else:
+        request = _request(1024 * 1024 if scenario == "rewrites-1m" else 64)
     n = requests // 10 if scenario == "rewrites-1m" else requests
     warm = _contexts(scenario, min(n, 2000))
     for context in warm:

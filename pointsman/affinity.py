@@ -23,7 +23,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["AffinityChoice", "Key", "choose_holder", "key_hash", "load_bound", "rendezvous_order"]
+__all__ = [
+    "AffinityChoice",
+    "Key",
+    "bounded_rank",
+    "choose_holder",
+    "key_hash",
+    "load_bound",
+    "rendezvous_order",
+]
 
 Key = int | str | bytes
 _MASK = (1 << 64) - 1
@@ -92,15 +100,21 @@ def choose_holder(
     When none does (possible only with fractional loads or costs), the least loaded holder,
     earliest in the order among equals.
     """
+    order = rendezvous_order(key, holders)
+    rank = bounded_rank([loads.get(h, 0.0) for h in order], epsilon, cost)
+    return AffinityChoice(order[rank], order[0], rank)
+
+
+def bounded_rank(loads_in_order: Sequence[float], epsilon: float, cost: float = 1.0) -> int:
+    """`choose_holder`'s rule over the loads of a key's holders, listed in its rendezvous
+    order: the rank of the holder that takes the request. For a caller that keeps the order
+    (it changes only with the key or the holders) and reads the loads per request."""
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    order = rendezvous_order(key, holders)
-    if not order:
+    if not loads_in_order:
         raise ValueError("choose_holder needs at least one holder")
-    load = [loads.get(h, 0.0) for h in order]
-    bound = load_bound(sum(load), len(order), epsilon, cost)
-    for rank, (holder, current) in enumerate(zip(order, load, strict=True)):
+    bound = load_bound(sum(loads_in_order), len(loads_in_order), epsilon, cost)
+    for rank, current in enumerate(loads_in_order):
         if current + cost <= bound:
-            return AffinityChoice(holder, order[0], rank)
-    rank = min(range(len(order)), key=lambda i: (load[i], i))
-    return AffinityChoice(order[rank], order[0], rank)
+            return rank
+    return min(range(len(loads_in_order)), key=lambda i: (loads_in_order[i], i))

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from pointsman.prefix_routing import PrefixRouting
+
 __all__ = [
     "Candidate",
     "Filter",
@@ -108,6 +110,18 @@ class ModelOnInstance(ModelFacts):
     # Inferences per model execution over the recent window (nv_inference_count delta over
     # nv_inference_exec_count delta): how well Triton's batcher is batching. 0 = no executions.
     average_batch_size: float = 0.0
+    # Prompt blocks the model looked up in its prefix cache over the recent window, and of
+    # those found there (its custom metrics prefix_cache_{lookup,hit}_blocks_total); 0 for a
+    # model without a prefix cache.
+    prefix_cache_lookup_blocks: float = 0.0
+    prefix_cache_hit_blocks: float = 0.0
+
+    @property
+    def prefix_cache_hit_ratio(self) -> float | None:
+        """Hits over lookups in the window; None without lookups."""
+        if self.prefix_cache_lookup_blocks <= 0:
+            return None
+        return min(1.0, self.prefix_cache_hit_blocks / self.prefix_cache_lookup_blocks)
 
     @property
     def is_ready(self) -> bool:
@@ -227,10 +241,13 @@ class ScoredCandidate:
 
 @dataclass(frozen=True, slots=True)
 class SchedulingCycle:
-    """Inputs shared by every plugin in one cycle. `now` comes from the injected clock."""
+    """Inputs shared by every plugin in one cycle. `now` comes from the injected clock;
+    `prefix` is the policy's prefix routing of the requested model (None: the model declares
+    no prompt input, prefix routing is off)."""
 
     request: RoutingRequest
     now: float
+    prefix: PrefixRouting | None = None
 
 
 @runtime_checkable

@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Final
 
 from pointsman.errors import ConfigError
+from pointsman.prefix_routing import PrefixRouting
 from pointsman.versions import PIN_HEADER, VersionRules, select_version
 from router.contracts import (
     Candidate,
@@ -53,15 +54,23 @@ _NO_RULES: Final = VersionRules()
 
 @dataclass(frozen=True, slots=True)
 class DecisionPolicy:
-    """What a decision takes from the policy: the scheduling profile and the version rules.
-    Swapped whole on a reload, so a decision sees one policy or the other, never a mix."""
+    """What a decision takes from the policy: the scheduling profile, the version rules and
+    the prefix routing. Swapped whole on a reload, so a decision sees one policy or the
+    other, never a mix."""
 
     profile: SchedulingProfile
     # Model name -> how its unpinned requests choose a version; models not listed: no rules.
     version_rules: Mapping[str, VersionRules] = field(default_factory=lambda: MappingProxyType({}))
+    # Model name -> its prefix routing; models not listed declare no prompt input (off).
+    prefix_routing: Mapping[str, PrefixRouting] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     def rules_for(self, model_name: str) -> VersionRules:
         return self.version_rules.get(model_name, _NO_RULES)
+
+    def prefix_for(self, model_name: str) -> PrefixRouting | None:
+        return self.prefix_routing.get(model_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +134,7 @@ def decide(
         version = choose_version(request, snapshot, policy, rng)
         if version:
             request = replace(request, model_version=version)
-    cycle = SchedulingCycle(request=request, now=now)
+    cycle = _cycle(request, policy, now)
     ranked, trace = _rank(cycle, snapshot, policy.profile, assumed, draining)
     if ranked:
         return Decision(request, tuple(policy.profile.picker.pick(ranked, rng)), trace)
@@ -147,9 +156,13 @@ def rank(
     draining: Set[tuple[str, str]] = frozenset(),
 ) -> Decision:
     """Every candidate that survives the filters, by weighted total, best first (no pick)."""
-    cycle = SchedulingCycle(request=request, now=now)
+    cycle = _cycle(request, policy, now)
     ranked, trace = _rank(cycle, snapshot, policy.profile, assumed, draining)
     return Decision(request, tuple(ranked), trace)
+
+
+def _cycle(request: RoutingRequest, policy: DecisionPolicy, now: float) -> SchedulingCycle:
+    return SchedulingCycle(request=request, now=now, prefix=policy.prefix_for(request.model_name))
 
 
 def _rank(

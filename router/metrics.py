@@ -132,13 +132,23 @@ class FleetView(Collector):
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
-        (qps, batch, used, budget, healthy, age, pending, generation, watchers) = families
+        (qps, batch, used, budget, healthy, age, pending, generation, watchers, hit_ratio) = (
+            families
+        )
         now = self._clock()
+        # model -> (lookups, hits) over the instances, for the fleet-wide hit ratio
+        cache: dict[str, tuple[float, float]] = {}
         for inst in self._snapshot().instances:
             labels = [inst.instance_id]
             qps.add_metric(labels, inst.inferences_per_second)
             for model in inst.models.values():
                 batch.add_metric([inst.instance_id, model.name], model.average_batch_size)
+                if model.prefix_cache_lookup_blocks > 0:
+                    lookups, hits = cache.get(model.name, (0.0, 0.0))
+                    cache[model.name] = (
+                        lookups + model.prefix_cache_lookup_blocks,
+                        hits + model.prefix_cache_hit_blocks,
+                    )
             used.add_metric(labels, inst.memory_used_bytes)
             if inst.memory_budget_bytes:  # unknown budgets are absent, not 0 (ratios divide)
                 budget.add_metric(labels, inst.memory_budget_bytes)
@@ -147,6 +157,8 @@ class FleetView(Collector):
             pending.add_metric(labels, inst.pending_requests)
         generation.add_metric([], self._book.generation)
         watchers.add_metric([], self._book.watcher_count)
+        for name, (lookups, hits) in sorted(cache.items()):
+            hit_ratio.add_metric([name], min(1.0, hits / lookups))
         return families
 
     @staticmethod
@@ -198,5 +210,12 @@ class FleetView(Collector):
             GaugeMetricFamily(
                 "pointsman_router_route_watchers",
                 "WatchRoutes streams (sidecars) currently following the route tables.",
+            ),
+            GaugeMetricFamily(
+                "pointsman_router_prefix_cache_hit_ratio",
+                "Share of prompt blocks the model found in its prefix caches over the last 5 s, "
+                "all instances together (its custom metrics prefix_cache_hit_blocks_total over "
+                "prefix_cache_lookup_blocks_total); absent for models without lookups.",
+                labels=["model"],
             ),
         ]

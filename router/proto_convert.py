@@ -45,6 +45,7 @@ def request_from_proto(request: pb.PickTargetRequest) -> RoutingRequest:
         model_name=request.model_name,
         model_version=request.model_version,
         headers={name.lower(): value for name, value in request.headers.items()},
+        affinity_key=request.affinity_key,
     )
 
 
@@ -91,6 +92,7 @@ def table_to_proto(table: ModelRoutes, ttl_ms: int) -> pb.RouteTable:
         generation=table.generation,
         default_version=table.default_version,
         version_policy=None if rules.is_empty else rules_to_proto(rules),
+        prefix_routing=None if table.prefix_routing is None else table.prefix_routing.to_proto(),
     )
 
 
@@ -155,6 +157,8 @@ def _instance(inst: InstanceSnapshot, now: float) -> pb.Instance:
             state=state,
             pending_requests=m.pending_requests,
             declared_memory_bytes=m.declared_memory_bytes,
+            prefix_cache_lookup_blocks=m.prefix_cache_lookup_blocks,
+            prefix_cache_hit_ratio=m.prefix_cache_hit_ratio or 0.0,
         )
         for m in inst.models.values()
         for versions, state in (
@@ -201,6 +205,11 @@ def models_to_proto(
             route_table=table_to_proto(table, ttl_ms) if table else None,
             copies=len(ready),
         )
+        lookups = sum(m.prefix_cache_lookup_blocks for _, m in on if m)
+        if lookups > 0:
+            summary.prefix_cache_lookup_blocks = lookups
+            hits = sum(m.prefix_cache_hit_blocks for _, m in on if m)
+            summary.prefix_cache_hit_ratio = min(1.0, hits / lookups)
         if placement is not None:
             _add_placement(summary, placement(name))
         summaries.append(summary)

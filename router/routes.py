@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from pointsman.prefix_routing import PrefixRouting
 from pointsman.versions import VersionRules
 from router.contracts import FleetSnapshot, RoutingRequest
 from router.decision import DecisionPolicy, rank
@@ -49,6 +50,8 @@ class ModelRoutes:
     generation: int
     # How unpinned requests choose a version (the policy's splits and header rules).
     version_rules: VersionRules = field(default_factory=VersionRules)
+    # How its requests are routed by prompt prefix (the policy's); None: off.
+    prefix_routing: PrefixRouting | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +127,14 @@ class RouteBook:
         for model_name in sorted(snapshot.known_models):
             entries = tuple(self.build(snapshot, model_name, now))
             rules = self.policy.rules_for(model_name)
+            prefix = self.policy.prefix_for(model_name)
             old = self.tables.get(model_name)
-            if old is not None and old.candidates == entries and old.version_rules == rules:
+            if (
+                old is not None
+                and old.candidates == entries
+                and old.version_rules == rules
+                and old.prefix_routing == prefix
+            ):
                 continue
             versions = {v for e in entries for v in e.ready_versions}
             table = ModelRoutes(
@@ -134,6 +143,7 @@ class RouteBook:
                 default_version=max(versions, key=version_order) if versions else "",
                 generation=next_generation,
                 version_rules=rules,
+                prefix_routing=prefix,
             )
             self.tables[model_name] = table
             changed.append(table)

@@ -58,9 +58,13 @@ def admin_auth_from_config(config: RouterConfig) -> AdminAuth:
 
 
 def decision_policy(policy: Policy) -> DecisionPolicy:
-    """What routing decisions take from `policy`: its profile and its version rules."""
+    """What routing decisions take from `policy`: its profile, version rules, prefix routing."""
     rules = {name: model.versions for name, model in policy.models.items()}
-    return DecisionPolicy(policy.profile, {name: r for name, r in rules.items() if not r.is_empty})
+    return DecisionPolicy(
+        policy.profile,
+        {name: r for name, r in rules.items() if not r.is_empty},
+        policy.prefix_routing(),
+    )
 
 
 def inputs_check(collected: CollectedFields) -> PolicyCheck:

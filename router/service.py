@@ -18,6 +18,7 @@ from opentelemetry import trace
 
 from pointsman import errors
 from pointsman.clock import Clock
+from pointsman.prefix_routing import MAX_AFFINITY_KEY_CHARS
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
 from pointsman.telemetry import Tracing, extract_context
@@ -53,6 +54,8 @@ _RPC_ATTRIBUTES = {
 def _describe_decision(span: trace.Span, decision: Decision) -> None:
     """Puts what decided a pick on its span: e.g. pointsman.scores 'triton-0=5.80,...'."""
     span.set_attribute("pointsman.candidates", decision.filters.considered)
+    if decision.request.affinity_key:
+        span.set_attribute("pointsman.affinity_key", decision.request.affinity_key)
     chosen = decision.pick
     if chosen is None:
         span.set_attribute("pointsman.filter_trace", decision.filters.summary())
@@ -190,6 +193,10 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     ) -> pb.PickTargetResponse:
         if not request.model_name:
             raise errors.InvalidRequestError("model_name is required")
+        if len(request.affinity_key) > MAX_AFFINITY_KEY_CHARS:
+            raise errors.InvalidRequestError(
+                f"affinity_key is longer than {MAX_AFFINITY_KEY_CHARS} characters"
+            )
         snapshot = snapshot or self._snapshot()
         if request.model_name not in snapshot.known_models:
             if not self._first_view.seen:

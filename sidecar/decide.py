@@ -20,8 +20,9 @@ Affinity (issue 12), in `_choose_among`, before the balancer's random pick, over
 holders `candidates(...)`, in table mode and per-request mode alike (the router knows neither
 sequences nor sessions): a request that carries a `sequence_id` goes where its sequence lives
 (`sidecar.sequences`: its plan rides on the Decision, for the attempt loop), and one that names
-a session to its session's holder (`sidecar.sessions`). A prompt-prefix key (issue 14) is one
-more such choice.
+a session to its session's holder (`sidecar.sessions`). Prefix routing (issue 14): `prepare`
+peeks the prompt's key for models whose route asks for it; `_pick` then takes its bounded-load
+holder (`sidecar.prefix_routing`), and per-request mode sends it to PickTarget.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from opentelemetry.trace import Span
 
 from pointsman.clock import Clock, monotonic
 from pointsman.errors import NoReadyInstanceError, PointsmanError
+from pointsman.prefix_routing import key_text
 from pointsman.versions import select_version
+from sidecar import prefix_routing
 from sidecar.admission import PriorityClass
 from sidecar.balancer import CandidateSet, pick, pick_avoiding
 from sidecar.config import SidecarConfig
@@ -45,7 +48,7 @@ from sidecar.router_picker import ROUTER_SERVICE, RouterPicker, RouterUnreachabl
 from sidecar.routes import NoRouteTablesError, RouteCache
 from sidecar.sequences import SequenceAffinity, SequencePlan
 from sidecar.sessions import SessionAffinity
-from sidecar.tracing import INSTANCE, MODEL, RpcTracer
+from sidecar.tracing import INSTANCE, MODEL, PREFIX_ROUTE, RpcTracer
 from sidecar.upstream import Metadata, Upstream, UpstreamPool
 from sidecar.wire import (
     int64_parameter_field,
@@ -70,8 +73,9 @@ class Decision:
     """Where one call goes and what is appended to its bytes; `prepare` makes it, `choose`
     names the instance."""
 
-    __slots__ = ("first", "hit", "model", "priority", "queue_timeout", "sequence", "suffix",
-                 "targets", "version")  # fmt: skip
+    __slots__ = ("first", "hit", "model", "prefix_epsilon", "prefix_key", "prefix_outcome",
+                 "priority", "queue_timeout", "sequence", "suffix", "targets",
+                 "version")  # fmt: skip
 
     def __init__(
         self,
@@ -97,6 +101,11 @@ class Decision:
         self.hit = False
         # Set by `choose` for a step of a sequence: where it may go, and what to remember.
         self.sequence: SequencePlan | None = None
+        # Prefix routing (`prepare`, for models whose route asks for it): the prompt prefix's
+        # key (None: none), the route's epsilon, and how `choose` placed it ("": not counted).
+        self.prefix_key: int | None = None
+        self.prefix_epsilon = 0.0
+        self.prefix_outcome = ""
 
     def apply(self, request: bytes, remaining: float | None) -> bytes:
         """The bytes one attempt sends: `request` with the sidecar's fields, in one copy (none
@@ -145,9 +154,21 @@ class Decider:
     # -- before admission ----------------------------------------------------------------------
 
     def prepare(self, head: CallHead, request: bytes, *, stream: bool = False) -> Decision:
-        """The version, class and fields of a call whose (first) request is `request`. A
-        stream is bound to what its first message chose and its messages get no priority or
-        queue timeout."""
+        """The version, class and fields of a call whose (first) request is `request`, and
+        its prompt prefix's key when the model's route asks for prefix routing. A stream is
+        bound to what its first message chose and its messages get no priority or queue
+        timeout."""
+        decision = self._fields(head, request, stream)
+        route = self._cache.routes.get(head.model)
+        if route is not None and route.prefix_routing is not None:
+            key = decision.prefix_key = prefix_routing.prefix_key(route, request)
+            decision.prefix_epsilon = route.prefix_routing.epsilon
+            if key is None:  # else `choose` says how the key was routed (a cold load: not)
+                decision.prefix_outcome = prefix_routing.NO_KEY
+        return decision
+
+    def _fields(self, head: CallHead, request: bytes, stream: bool) -> Decision:
+        """The version, class and fields to append (see `prepare`)."""
         version, pinned = head.version, ""
         # Sequences and sessions are routed from the tables in either mode: the version too.
         by_tables = self._picker is None or head.sequence is not None or bool(head.session)
@@ -189,9 +210,10 @@ class Decider:
             # Route tables list only instances with the model ready (static routes are
             # assumed to serve every version): a table pick is always an affinity hit.
             decision.first, decision.hit = await self._table_pick(head, decision, context)
+            self._prefix_routed(decision, span)
             return
         first, targets, hit, chosen = await self._router_targets(
-            head, decision.version, time_left(context), span
+            head, decision, time_left(context), span
         )
         if chosen and not decision.version:  # the router's policy chose the version
             decision.suffix += _version_field(chosen)
@@ -199,6 +221,14 @@ class Decider:
             ejected = self._outliers.is_ejected
             first = next((u for u in targets if not ejected(u.address)), first)
         decision.first, decision.targets, decision.hit = first, targets, hit
+        self._prefix_routed(decision, span)
+
+    def _prefix_routed(self, decision: Decision, span: Span | None) -> None:
+        """Counts how a prefix-routed model's request was placed, and says so on its span."""
+        if decision.prefix_outcome:
+            self._metrics.prefix_routed(decision.model, decision.prefix_outcome)
+            if span is not None:
+                span.set_attribute(PREFIX_ROUTE, decision.prefix_outcome)
 
     def candidates(self, name: str, version: str) -> CandidateSet:
         """The instances that serve (name, version) by the route tables; raises NOT_FOUND
@@ -214,8 +244,8 @@ class Decider:
     async def _choose_among(
         self, head: CallHead, decision: Decision, candidates: CandidateSet, context: Context
     ) -> Upstream:
-        """The instance for a call among the holders: its sequence's, its session's, or the
-        balancer's pick."""
+        """The instance for a call among the holders: its sequence's, its session's, or its
+        prompt prefix's (or the balancer's) pick."""
         if head.sequence is not None:
             plan = await self.sequences.plan(
                 decision.model, head.sequence, candidates, self._outliers.is_ejected,
@@ -228,13 +258,20 @@ class Decider:
             return self.sessions.choose(
                 decision.model, head.session, candidates, self._outliers.is_ejected
             )
-        return self._pick(candidates)
+        return self._pick(candidates, decision)
 
-    def _pick(self, candidates: CandidateSet) -> Upstream:
-        """`pick`, skipping instances that outlier detection has ejected while others exist
-        (the check costs one truth test while none is ejected)."""
-        if self._outliers.any_ejected:
-            return pick_avoiding(candidates, self._rng, self._outliers.is_ejected)
+    def _pick(self, candidates: CandidateSet, decision: Decision) -> Upstream:
+        """The prefix key's bounded-load holder when the decision has a key, else `pick`;
+        either skips instances that outlier detection has ejected while others exist (the
+        check costs one truth test while none is ejected)."""
+        avoid = self._outliers.is_ejected if self._outliers.any_ejected else None
+        if decision.prefix_key is not None:
+            upstream, decision.prefix_outcome = prefix_routing.choose(
+                decision.prefix_key, candidates, decision.prefix_epsilon, avoid
+            )
+            return upstream
+        if avoid is not None:
+            return pick_avoiding(candidates, self._rng, avoid)
         return pick(candidates, self._rng)
 
     async def _table_pick(
@@ -263,7 +300,7 @@ class Decider:
                 raise
         else:
             if head.sequence is None and not head.session:  # the common case, no await
-                return self._pick(candidates), True
+                return self._pick(candidates, decision), True
             return await self._choose_among(head, decision, candidates, context), True
         wait_s = self._cold_start_wait_s
         remaining = time_left(context)
@@ -285,13 +322,15 @@ class Decider:
         return self._pool.get(answer.target.grpc_address), False
 
     async def _router_targets(
-        self, head: CallHead, version: str, timeout: float | None, span: Span | None
+        self, head: CallHead, decision: Decision, timeout: float | None, span: Span | None
     ) -> tuple[Upstream, list[Upstream] | None, bool, str]:
         """Per-request mode: the first instance to try, the router's further ones, whether
         the first had the model (and version) ready (an affinity hit), and the version the
-        router's policy chose; without an answer from the router, a table pick."""
+        router's policy chose; without an answer from the router, a table pick. A prefix key
+        goes to the router as the request's `affinity_key`."""
         assert self._picker is not None
-        name = head.model
+        name, version = head.model, decision.version
+        key = "" if decision.prefix_key is None else key_text(decision.prefix_key)
         headers = {k: v for k, v in head.forward if isinstance(v, str)}
         pick_md: Metadata = ()
         pick_span: Span | None = None
@@ -306,13 +345,17 @@ class Decider:
             headers.update((k, v) for k, v in pick_md if isinstance(v, str))
         code, message = _OK, ""
         try:
-            answer = await self._picker.pick(name, version, headers, timeout, metadata=pick_md)
+            answer = await self._picker.pick(
+                name, version, headers, timeout, metadata=pick_md, affinity_key=key
+            )
             targets = [t for t in (answer.target, *answer.fallbacks) if t.grpc_address]
+            if key:
+                decision.prefix_outcome = prefix_routing.ROUTER
             if pick_span is not None and targets:
                 pick_span.set_attribute(INSTANCE, targets[0].grpc_address)
         except RouterUnreachableError as error:
             code, message = _UNAVAILABLE, str(error)
-            return self._pick(self.candidates(name, version)), None, True, ""
+            return self._pick(self.candidates(name, version), decision), None, True, ""
         except grpc.aio.AioRpcError as error:
             code, message = error.code(), error.details() or ""
             raise

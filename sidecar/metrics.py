@@ -124,6 +124,14 @@ class SidecarMetrics:
             ("model",),
             registry=registry,
         )
+        self.prefix_routing = Counter(
+            "pointsman_sidecar_prefix_routing",
+            "Requests of models with prefix routing by how their instance was chosen: the "
+            "prefix's first holder, a later one for load, the usual pick (no key) or the "
+            "router's PickTarget (cold loads not counted)",
+            ("model", "outcome"),
+            registry=registry,
+        )
         self.sequence_probes = Counter(
             "pointsman_sidecar_sequence_probes",
             "Steps of a sequence sent to an instance that did not hold it (refused there "
@@ -150,8 +158,10 @@ class SidecarMetrics:
         self.attempts = AttemptCounts()
         self._idempotent: dict[str, Counter] = {}
         registry.register(RequestCollector(self._by_labels.values, self.attempts))
+        self._prefix: dict[tuple[str, str], Counter] = {}
         # A model or version that leaves the tables must fall back to `_unknown`.
         cache.subscribe(self._series.clear)
+        cache.subscribe(self._prefix.clear)
 
     def series(self, model: str, version: str, method: str) -> RequestSeries:
         """Where a request for (model, version) by `method` records; cheap after the first."""
@@ -197,6 +207,16 @@ class SidecarMetrics:
         counter = self._idempotent.get(outcome)
         if counter is None:
             counter = self._idempotent[outcome] = self.idempotent.labels(outcome)
+        counter.inc()
+
+    def prefix_routed(self, model: str, outcome: str) -> None:
+        """A request of `model` (one with prefix routing, so a route knows it) was routed with
+        `outcome` (one of sidecar.prefix_routing.OUTCOMES)."""
+        counter = self._prefix.get((model, outcome))
+        if counter is None:
+            counter = self._prefix[(model, outcome)] = self.prefix_routing.labels(
+                self.model_label(model), outcome
+            )
         counter.inc()
 
     def budget_exhausted(self, model: str) -> None:

@@ -79,10 +79,12 @@ class RouterPicker:
         *,
         metadata: Sequence[tuple[str, str | bytes]] = (),
         wait_for_load_ms: int = 0,
+        affinity_key: str = "",
     ) -> router_pb2.PickTargetResponse:
         """The router's answer; its own errors (e.g. NOT_FOUND) raise as AioRpcError.
 
-        `metadata` goes with the call (the trace context, when tracing is on).
+        `metadata` goes with the call (the trace context, when tracing is on);
+        `affinity_key` is the request's key for the router's affinity scorers ("": none).
 
         Raises RouterUnreachableError when no replica answers.
         """
@@ -91,6 +93,7 @@ class RouterPicker:
             model_version=model_version,
             headers=headers,
             wait_for_load_ms=wait_for_load_ms,
+            affinity_key=affinity_key,
         )
         # A cold pick may wait for a load on the router's side: the deadline covers that.
         limit = self._timeout + wait_for_load_ms / 1000

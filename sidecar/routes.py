@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from pointsman.errors import ModelNotFoundError, NoReadyInstanceError, PointsmanError
+from pointsman.prefix_routing import PrefixRouting
 from pointsman.router.v1 import router_pb2
 from pointsman.sessions import SessionPolicy
 from pointsman.versions import VersionRules, rules_from_proto
@@ -63,6 +64,7 @@ class Route:
         "generation",
         "limits",
         "model_name",
+        "prefix_routing",
         "static",
         "version_rules",
         "versions",
@@ -78,6 +80,7 @@ class Route:
         default_version: str = "",
         static: bool = False,
         version_rules: VersionRules | None = None,
+        prefix_routing: PrefixRouting | None = None,
         limits: Mapping[str, int] | None = None,
     ) -> None:
         self.model_name = model_name
@@ -92,6 +95,8 @@ class Route:
         self.static = static
         # The policy's canary split and header rules for unpinned requests; None: none.
         self.version_rules = version_rules
+        # The policy's prefix routing for this model (sidecar.prefix_routing); None: off.
+        self.prefix_routing = prefix_routing
         # Flow control: address -> requests of this model that instance takes before Triton
         # refuses more (its concurrency plus its queue bound); absent: unbounded or unknown.
         self.limits: Mapping[str, int] = limits or {}
@@ -133,12 +138,19 @@ def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
             rules = rules_from_proto(table.version_policy)
         except ValueError as error:  # the router validates; a bad table must not stop routing
             log.warning("ignoring the version policy of %s: %s", table.model_name, error)
+    prefix: PrefixRouting | None = None
+    if table.HasField("prefix_routing"):
+        try:
+            prefix = PrefixRouting.from_proto(table.prefix_routing)
+        except ValueError as error:  # as above: routing goes on, by the usual pick
+            log.warning("ignoring the prefix routing of %s: %s", table.model_name, error)
     return Route(
         table.model_name,
         by_version,
         generation=table.generation,
         default_version=table.default_version,
         version_rules=None if rules is None or rules.is_empty else rules,
+        prefix_routing=prefix,
         limits=limits,
     )
 
@@ -169,6 +181,7 @@ def without_weights(route: Route) -> Route:
         default_version=route.default_version,
         static=route.static,
         version_rules=route.version_rules,
+        prefix_routing=route.prefix_routing,
         limits=route.limits,
     )
 

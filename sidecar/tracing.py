@@ -6,7 +6,8 @@ off a request pays an `is None` check and nothing else (no span objects, no cont
 The span tree of one ModelInfer, all in the caller's trace when it sent a W3C `traceparent`
 (else in a new one):
 
-    ModelInfer                  SERVER  model, version, instance, attempts, status
+    ModelInfer                  SERVER  model, version, instance, attempts, status, and
+                                        for prefix-routed models how the instance was chosen
       PickTarget                CLIENT  per-request pick mode: the router's span is its child
       ModelInfer upstream       CLIENT  one per attempt: instance, attempt number, status;
                                         Triton's own spans are its children (its traceparent
@@ -30,7 +31,15 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from pointsman.telemetry import extract_context, inject_metadata
 from sidecar.upstream import SERVICE
 
-__all__ = ["ATTEMPT", "ATTEMPTS", "INSTANCE", "MODEL", "MODEL_VERSION", "RpcTracer"]
+__all__ = [
+    "ATTEMPT",
+    "ATTEMPTS",
+    "INSTANCE",
+    "MODEL",
+    "MODEL_VERSION",
+    "PREFIX_ROUTE",
+    "RpcTracer",
+]
 
 # Attribute names (beside OpenTelemetry's rpc.* and server.* conventions).
 MODEL = "pointsman.model"
@@ -38,6 +47,9 @@ MODEL_VERSION = "pointsman.model_version"
 INSTANCE = "pointsman.instance"  # host:port of the Triton instance
 ATTEMPT = "pointsman.attempt"  # 1 for the first try, 2 for the retry...
 ATTEMPTS = "pointsman.attempts"  # on the server span: attempts made
+# On the server span of a model with prefix routing: how the instance was chosen
+# (preferred, load_fallback, no_key or router; see sidecar.prefix_routing).
+PREFIX_ROUTE = "pointsman.prefix_route"
 STATUS_CODE = "rpc.grpc.status_code"
 
 

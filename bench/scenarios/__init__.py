@@ -9,6 +9,7 @@
 - `route-propagation`: a fleet change and a policy file change, to routing;
 - `scale`: the router's engines on simulated fleets (no processes);
 - `scale-sweep`: holders per model at 1000 instances: index, rebuild, PickTarget over gRPC;
+- `prefix`: prefix-aware routing on shared-prefix code-generation traffic (issue 14);
 - `proxyless`: direct vs proxyless (xDS from the router) vs sidecar vs nghttpx, CPU per request.
 
 `--quick` makes each a smoke run of seconds; the scenarios that need one Triton or a one-Triton
@@ -50,7 +51,7 @@ class Options:
     seed: int = 7
     progress: bool = False
     repetitions: int | None = None  # comparison: repetitions per cell
-    systems: tuple[str, ...] = ()  # comparison: which systems (empty: all)
+    systems: tuple[str, ...] = ()  # comparison, prefix: which systems (empty: all)
     workloads: tuple[str, ...] = ()  # comparison: which workloads (empty: all)
     # A quick run's one small fleet, shared by the scenarios that need one Triton; None:
     # each scenario starts its own processes.
@@ -75,13 +76,14 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("route-propagation", "route_propagation", "fleet and policy changes to routing"),
         Scenario("scale", "scale", "router engines on simulated fleets"),
         Scenario("scale-sweep", "scale_sweep", "holders per model, index, rebuild, PickTarget"),
+        Scenario("prefix", "prefix", "prefix-aware routing on shared-prefix code generation"),
         Scenario("proxyless", "proxyless", "direct vs proxyless xDS vs sidecar vs nghttpx"),
     )
 }
 # In quick mode these run on the quick run's one shared fleet (quick_fleet.SharedFleet)...
 ON_SHARED_FLEET = frozenset({"overhead", "batching", "overload", "route-propagation", "proxyless"})
 # ... and these, which start their own systems cell by cell, in a second process beside them.
-OWN_SYSTEMS = frozenset({"comparison", "seed-table"})
+OWN_SYSTEMS = frozenset({"comparison", "seed-table", "prefix"})
 
 
 def run_scenario(name: str, options: Options, say: Say) -> ScenarioResult:

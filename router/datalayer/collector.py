@@ -5,10 +5,10 @@ states; `refresh_interval_s`) and one scrapes Prometheus metrics (`metrics_inter
 one kept-alive connection (scrape.py), reading only the families routing uses
 (triton_metrics.py), at a phase of the interval fixed per instance (`scrape_phase`) so that a
 large fleet's scrapes are spread over time.
-Rates (inferences per second, average batch size) come from counter deltas over a window of
-recent scrapes. A model version seen LOADING and later READY is reported to `on_model_loaded`
-with the time between the two sightings: its load time, give or take one poll interval.
-Each newly ready version's config is read once (ModelConfig; `model_config.model_facts`).
+Rates (inferences per second, average batch size, prefix-cache hit ratio) come from counter
+deltas over a window of recent scrapes. A model version seen LOADING and later READY is
+reported to `on_model_loaded` with the time between the two sightings: its load time, give or
+take one poll interval. Each newly ready version's config is read once (`model_facts`).
 A change wakes whoever waits on `FleetCollector.changed`; `snapshot()` copies the current
 state into a `FleetSnapshot` that scheduling reads without locks or I/O.
 
@@ -255,7 +255,9 @@ class InstanceWatcher:
         self._count_requests(metrics.requests_by_version, now)
         if metrics.gpu_memory_used_bytes is not None:
             self.gpu_memory = GpuMemoryReading(now, metrics.gpu_memory_used_bytes)
-        self._counters.add(now, metrics.inference_count_by_model, metrics.exec_count_by_model)
+        m = metrics
+        self._counters.add(now, m.inference_count_by_model, m.exec_count_by_model,
+                           m.prefix_lookups_by_model, m.prefix_hits_by_model)  # fmt: skip
         pending_changed = metrics.pending_by_model != self._metrics.pending_by_model
         self._metrics = metrics
         if pending_changed:
@@ -276,7 +278,8 @@ class InstanceWatcher:
 
     def snapshot(self) -> InstanceSnapshot:
         metrics = self._metrics
-        seconds, inferences, executions = self._counters.increases()
+        seconds, increases = self._counters.increases()
+        inferences, executions, lookups, hits = increases or ({}, {}, {}, {})
         models: dict[str, ModelOnInstance] = {}
         declared_total = 0
         for name, st in self._states.items():
@@ -289,6 +292,8 @@ class InstanceWatcher:
                 loading_versions=frozenset(st.loading),
                 pending_requests=metrics.pending_by_model.get(name, 0),
                 average_batch_size=inferences.get(name, 0.0) / batches if batches else 0.0,
+                prefix_cache_lookup_blocks=lookups.get(name, 0.0),
+                prefix_cache_hit_blocks=hits.get(name, 0.0),
                 **facts_of(facts),
             )
         if metrics.gpu_memory_used_bytes is not None:

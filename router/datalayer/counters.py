@@ -1,9 +1,9 @@
 """What the collector derives from successive scrapes of Triton's cumulative counters.
 
 `RequestDelta`: requests one instance answered per model version between two scrapes (what
-placement measures demand from); `CounterWindow`: inferences and executions per model over
-the last seconds of scrapes (throughput, average batch size); `GpuMemoryReading`: the latest
-nv_gpu_memory_used_bytes.
+placement measures demand from); `CounterWindow`: inferences, executions and prefix-cache
+blocks per model over the last seconds of scrapes (throughput, average batch size, hit
+ratio); `GpuMemoryReading`: the latest nv_gpu_memory_used_bytes.
 """
 
 from __future__ import annotations
@@ -61,38 +61,34 @@ def request_increases(
 
 @dataclass(frozen=True, slots=True)
 class _Counters:
-    """Triton's cumulative per-model counters at one scrape."""
+    """Triton's cumulative per-model counters at one scrape, one mapping per series."""
 
     at: float
-    inferences: Mapping[str, float]  # nv_inference_count: batch items
-    executions: Mapping[str, float]  # nv_inference_exec_count: batches
+    series: tuple[Mapping[str, float], ...]
 
 
 class CounterWindow:
-    """Per-model counters of the scrapes of the last `window_s` seconds (at least two)."""
+    """Per-model counters of the scrapes of the last `window_s` seconds (at least two), for
+    the same series at every scrape (the collector's: nv_inference_count, the batch items;
+    nv_inference_exec_count, the batches; the prefix cache's lookups and hits)."""
 
     def __init__(self, window_s: float) -> None:
         self._window_s = window_s
         self._scrapes: deque[_Counters] = deque()
 
-    def add(
-        self, at: float, inferences: Mapping[str, float], executions: Mapping[str, float]
-    ) -> None:
-        self._scrapes.append(_Counters(at, inferences, executions))
+    def add(self, at: float, *series: Mapping[str, float]) -> None:
+        self._scrapes.append(_Counters(at, series))
         while len(self._scrapes) > 2 and at - self._scrapes[0].at > self._window_s:
             self._scrapes.popleft()
 
-    def increases(self) -> tuple[float, dict[str, float], dict[str, float]]:
-        """(seconds, inferences by model, executions by model) over the window. A model new
-        in the window started from zero; a counter that went down (Triton restarted, or the
-        model reloaded) counts as no increase."""
+    def increases(self) -> tuple[float, list[dict[str, float]]]:
+        """(seconds, per series the increase by model) over the window; (0.0, []) before two
+        scrapes. A model new in the window started from zero; a counter that went down
+        (Triton restarted, or the model reloaded) counts as no increase."""
         if len(self._scrapes) < 2 or self._scrapes[-1].at <= self._scrapes[0].at:
-            return 0.0, {}, {}
+            return 0.0, []
         first, last = self._scrapes[0], self._scrapes[-1]
-        inferences = {
-            m: max(0.0, c - first.inferences.get(m, 0.0)) for m, c in last.inferences.items()
-        }
-        executions = {
-            m: max(0.0, c - first.executions.get(m, 0.0)) for m, c in last.executions.items()
-        }
-        return last.at - first.at, inferences, executions
+        return last.at - first.at, [
+            {m: max(0.0, c - before.get(m, 0.0)) for m, c in now.items()}
+            for before, now in zip(first.series, last.series, strict=True)
+        ]

@@ -47,6 +47,11 @@ class TritonMetrics:
     # nv_inference_request_failure over every reason. What demand is counted from. Failure
     # lines at 0 are not read: a version with neither success line nor failures is absent.
     requests_by_version: dict[tuple[str, str], float] = field(default_factory=dict)
+    # Prompt blocks looked up in, and found in, the model's prefix cache: the custom metrics
+    # prefix_cache_lookup_blocks_total and prefix_cache_hit_blocks_total of models that have
+    # one (triton_models/README.md), per model (all versions); absent for other models.
+    prefix_lookups_by_model: dict[str, float] = field(default_factory=dict)
+    prefix_hits_by_model: dict[str, float] = field(default_factory=dict)
     # GPU figures, present only when Triton runs with GPUs (the nv_gpu_* series).
     gpu_memory_used_bytes: int | None = None
     gpu_memory_total_bytes: int | None = None
@@ -69,8 +74,13 @@ _FAILURE = "nv_inference_request_failure"
 _GPU_USED = "nv_gpu_memory_used_bytes"
 _GPU_TOTAL = "nv_gpu_memory_total_bytes"
 _GPU_UTIL = "nv_gpu_utilization"
+_PREFIX_LOOKUPS = "prefix_cache_lookup_blocks_total"
+_PREFIX_HITS = "prefix_cache_hit_blocks_total"
 # The families the router reads; every other line is skipped unread.
-WANTED_FAMILIES = (_PENDING, _COUNT, _EXEC, _SUCCESS, _FAILURE, _GPU_USED, _GPU_TOTAL, _GPU_UTIL)
+WANTED_FAMILIES = (
+    _PENDING, _COUNT, _EXEC, _SUCCESS, _FAILURE, _GPU_USED, _GPU_TOTAL, _GPU_UTIL,
+    _PREFIX_LOOKUPS, _PREFIX_HITS,
+)  # fmt: skip
 
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
 _ESCAPE = re.compile(r"\\(.)")
@@ -148,7 +158,8 @@ _ZERO_FAILURE = (
 )
 _WANTED = re.compile(
     r"\n(nv_inference_(?:pending_request_count|count|exec_count|request_success|request_failure)"
-    r"|nv_gpu_(?:memory_used_bytes|memory_total_bytes|utilization))"
+    r"|nv_gpu_(?:memory_used_bytes|memory_total_bytes|utilization)"
+    r"|prefix_cache_(?:lookup|hit)_blocks_total)"
     r"(?!" + _ZERO_FAILURE + r")"
     r"(?:" + _TRITON_LABELS + r" ([^ \n]+)(?=\n|$)|([{ ][^\n]*))"
 )
@@ -187,7 +198,8 @@ _Sums = tuple[
 
 def _empty_sums() -> _Sums:
     per_model: dict[str, defaultdict[str, float]] = {
-        name: defaultdict(float) for name in (_PENDING, _COUNT, _EXEC, _SUCCESS)
+        name: defaultdict(float)
+        for name in (_PENDING, _COUNT, _EXEC, _SUCCESS, _PREFIX_LOOKUPS, _PREFIX_HITS)
     }
     return per_model, defaultdict(float), {_GPU_USED: [], _GPU_TOTAL: [], _GPU_UTIL: []}
 
@@ -205,6 +217,8 @@ def _figures(
         exec_count_by_model=dict(sums[_EXEC]),
         success_by_model=dict(sums[_SUCCESS]),
         requests_by_version=dict(requests),
+        prefix_lookups_by_model=dict(sums[_PREFIX_LOOKUPS]),
+        prefix_hits_by_model=dict(sums[_PREFIX_HITS]),
         gpu_memory_used_bytes=_count(sum(used), _GPU_USED) if used else None,
         gpu_memory_total_bytes=_count(sum(total), _GPU_TOTAL) if total else None,
         gpu_utilization=sum(util) / len(util) if util else None,
@@ -224,14 +238,17 @@ def parse_triton_metrics_general(text: str) -> TritonMetrics:
     Not used when routing."""
     sums, requests, gpu = _empty_sums()
     for family in text_string_to_metric_families(text):
-        # By family name: the parser names counter samples with a `_total` suffix that
-        # Triton's exposition does not have.
+        # Triton's own families by family name: the parser names counter samples with a
+        # `_total` suffix that Triton's exposition does not have. The prefix cache's
+        # counters by sample name: those do end in `_total`, which the parser takes off
+        # the family's name.
         for sample in family.samples:
+            name = sample.name if sample.name in (_PREFIX_LOOKUPS, _PREFIX_HITS) else family.name
             model = sample.labels.get("model")
-            if family.name in sums and model:
-                sums[family.name][model] += sample.value
-            if family.name in (_SUCCESS, _FAILURE) and model:
+            if name in sums and model:
+                sums[name][model] += sample.value
+            if name in (_SUCCESS, _FAILURE) and model:
                 requests[(model, sample.labels.get("version", ""))] += sample.value
-            elif family.name in gpu:
-                gpu[family.name].append(sample.value)
+            elif name in gpu:
+                gpu[name].append(sample.value)
     return _figures(sums, requests, gpu)

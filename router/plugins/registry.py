@@ -32,6 +32,7 @@ from router.plugins.memory_headroom import MemoryHeadroomScorer
 from router.plugins.model_affinity import ModelAffinityScorer
 from router.plugins.model_ready import ModelReadyFilter
 from router.plugins.power_of_two import PowerOfTwoPicker
+from router.plugins.prefix_affinity import PrefixAffinityScorer
 from router.plugins.queue_depth import QueueDepthScorer
 from router.plugins.weighted_random import WeightedRandomPicker
 from router.scheduling import SchedulingProfile
@@ -159,6 +160,7 @@ BUILT_IN_PLUGINS: Final[tuple[PluginClass, ...]] = (
     MemoryHeadroomScorer,
     QueueDepthScorer,
     LoadScorer,
+    PrefixAffinityScorer,
     WeightedRandomPicker,
     PowerOfTwoPicker,
     MaxScorePicker,
@@ -175,6 +177,8 @@ def default_registry() -> PluginRegistry:
 
 # Affinity is paired with two load terms so a hot model's instance is not buried under requests;
 # healthy-fresh runs first so model-ready's fall-back to loading instances only sees usable ones.
+# prefix-affinity scores 0 everywhere unless the request carries a key for a model with prefix
+# routing; then its weight, above the others' sum, makes its bounded-load choice the pick.
 # Treat as read-only: copy.deepcopy it to derive a custom profile.
 DEFAULT_PROFILE_DATA: Final[Mapping[str, Any]] = {
     "filters": [
@@ -186,6 +190,7 @@ DEFAULT_PROFILE_DATA: Final[Mapping[str, Any]] = {
         {"type": "queue-depth", "weight": 2},
         {"type": "memory-headroom", "weight": 1},
         {"type": "load", "weight": 1},
+        {"type": "prefix-affinity", "weight": 10},
     ],
     "picker": {"type": "weighted-random", "params": {"tolerance": 0.1}},
 }

@@ -21,6 +21,12 @@ Typed and frozen, parsed and validated once. A file looks like (see examples/pol
           sticky_header: x-user-id         # the hash of this header's value picks the arm
           header_rules:
             - {header: x-canary, value: "1", version: "2"}
+        prefix_routing:                    # route by the prompt's prefix (absent: off)
+          prompt_input: PROMPT             # the BYTES input holding the prompt (required)
+          block_bytes: 64                  # the key covers the first
+          max_blocks: 16                   #   block_bytes x max_blocks bytes
+          min_blocks: 1                    # fewer full blocks: no key, the usual pick
+          epsilon: 0.25                    # a holder takes at most ceil(1.25 x mean) load
     demand:                                # how demand is measured (router.demand.DemandWindows)
       bucket_s: 1.0
       span_s: 300                          # history kept; every window must fit in it

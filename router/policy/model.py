@@ -16,6 +16,7 @@ import yaml
 
 from pointsman.config import rule
 from pointsman.errors import ConfigError
+from pointsman.prefix_routing import PrefixRouting
 from pointsman.priority import PriorityClass
 from pointsman.sessions import SessionPolicy
 from pointsman.versions import VersionRules
@@ -41,6 +42,8 @@ class ModelPolicy:
     # Bytes one copy takes, replacing the declared footprint; None: declared (or measured).
     memory_bytes: int | None = field(default=None, metadata=rule(minimum=1))
     versions: VersionRules = field(default_factory=VersionRules)
+    # Routing by the prompt's prefix; None (the default): off, the model declares no prompt.
+    prefix_routing: PrefixRouting | None = None
 
     def __post_init__(self) -> None:
         if self.max_copies is not None and self.max_copies < self.min_copies:
@@ -85,6 +88,14 @@ class Policy:
 
     def version_rules(self, model_name: str) -> VersionRules:
         return self.model(model_name).versions
+
+    def prefix_routing(self) -> Mapping[str, PrefixRouting]:
+        """Model name -> its prefix routing, for the models that declare a prompt input."""
+        return {
+            name: model.prefix_routing
+            for name, model in self.models.items()
+            if model.prefix_routing is not None
+        }
 
     def priority_class(self, name: str = "") -> PriorityClass:
         """The named class; the default class for "" or a name the policy does not know."""

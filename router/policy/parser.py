@@ -282,6 +282,15 @@ def _model_data(model: ModelPolicy) -> dict[str, Any]:
                 for r in rules.header_rules
             ]
         data["versions"] = versions
+    prefix = model.prefix_routing
+    if prefix is not None:
+        data["prefix_routing"] = {
+            "prompt_input": prefix.prompt_input,
+            "block_bytes": prefix.block_bytes,
+            "max_blocks": prefix.max_blocks,
+            "min_blocks": prefix.min_blocks,
+            "epsilon": prefix.epsilon,
+        }
     return data
 
 

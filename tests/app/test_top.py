@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from rich.console import Console
 
 from app.fleet import Fleet, FleetConfig
 from app.processes import free_port
-from app.top import DecisionLog, describe_table
+from app.top import DecisionLog, FleetView, TopState, describe_table, render
 from pointsman.router.v1 import router_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,3 +179,16 @@ def test_decision_log_shows_each_placement_decision_once() -> None:
     log.observe([model], 2.0)
     placements = [e.text for e in log.entries if e.text.startswith("placement:")]
     assert placements == ["placement: load echo on triton-1: requested while loaded nowhere"]
+
+
+def test_the_models_table_shows_the_prefix_cache_hit_ratio() -> None:
+    cached = _model("codegen", 3, ("triton-0", 1.0))
+    cached.prefix_cache_lookup_blocks = 640
+    cached.prefix_cache_hit_ratio = 0.875
+    view = FleetView(instances=(), models=(cached, _model("echo", 2, ("triton-1", 1.0))))
+    console = Console(width=200, record=True)
+    console.print(render(TopState("r:1", 1.0, view=view, answered_at=0.0), 0.0))
+    lines = console.export_text().splitlines()
+    assert "prefix hits" in next(line for line in lines if "model" in line and "copies" in line)
+    assert "88%" in next(line for line in lines if "codegen" in line)
+    assert next(line for line in lines if " echo " in line).rstrip(" │").endswith("-")

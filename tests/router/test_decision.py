@@ -58,7 +58,9 @@ def test_decide_orders_the_pick_then_fallbacks_with_scores_per_scorer() -> None:
     decision = decide(RoutingRequest(MODEL), snapshot, DEFAULT, now=NOW, rng=random.Random(0))
     assert ids(decision.targets) == ["b", "c", "a"]
     assert decision.pick is decision.targets[0]
-    assert set(decision.pick.scores) == {"model-affinity", "queue-depth", "memory-headroom", "load"}
+    assert set(decision.pick.scores) == {
+        "model-affinity", "queue-depth", "memory-headroom", "load", "prefix-affinity"
+    }  # fmt: skip
     assert decision.pick.scores["queue-depth"] == 1.0
     assert decision.filters.summary() == "3 candidates, none filtered"
     assert [s.candidate.instance_id for s in decision.best(2)] == ["b", "c"]

@@ -21,6 +21,7 @@ import yaml
 
 from app import cli
 from pointsman.errors import ConfigError
+from pointsman.prefix_routing import PrefixRouting
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
 from pointsman.versions import (
@@ -78,6 +79,7 @@ FULL: dict[str, Any] = {
                 "sticky_header": "x-user-id",
                 "header_rules": [{"header": "x-canary", "value": "1", "version": "2"}],
             },
+            "prefix_routing": {"prompt_input": "PROMPT", "max_blocks": 32, "epsilon": 0.5},
         },
         "echo": {},
     },
@@ -142,8 +144,11 @@ def test_full_policy_parses_into_frozen_typed_objects() -> None:
             sticky_header="x-user-id",
             header_rules=(HeaderRule("x-canary", "1", "2"),),
         ),
+        prefix_routing=PrefixRouting("PROMPT", block_bytes=64, max_blocks=32, epsilon=0.5),
     )
     assert policy.models["echo"] == ModelPolicy()
+    assert policy.prefix_routing() == {"codegen": policy.models["codegen"].prefix_routing}
+    assert parse_policy_text(policy.effective_yaml()).version == policy.version
     assert policy.priority_classes == {
         "high": PriorityClass("high", 1, False),
         "low": PriorityClass("low", 2, True),
@@ -250,6 +255,7 @@ def test_model_spec_copies_and_capacity() -> None:
 
 _V: list[str | int] = ["models", "codegen", "versions"]
 _RULE: list[str | int] = [*_V, "header_rules", 0]
+_PREFIX: list[str | int] = ["models", "codegen", "prefix_routing"]
 
 INVALID: list[Any] = [
     pytest.param([1, 2], "policy", id="not-a-mapping"),
@@ -443,6 +449,36 @@ INVALID: list[Any] = [
         "models.codegen.versions.header_rules[0].weight",
         id="rule-unknown-key",
     ),
+    # prefix routing
+    pytest.param(
+        _with([*_PREFIX, "prompt_input"], ""),
+        "models.codegen.prefix_routing.prompt_input",
+        id="prompt-input-empty",
+    ),
+    pytest.param(
+        _without([*_PREFIX, "prompt_input"]),
+        "models.codegen.prefix_routing.prompt_input",
+        id="prompt-input-missing",
+    ),
+    pytest.param(
+        _with([*_PREFIX, "block_bytes"], 0),
+        "models.codegen.prefix_routing.block_bytes",
+        id="block-bytes-zero",
+    ),
+    pytest.param(
+        _with([*_PREFIX, "min_blocks"], 40),
+        "models.codegen.prefix_routing",
+        id="min-blocks-over-max",
+    ),
+    pytest.param(
+        _with([*_PREFIX, "epsilon"], -0.1),
+        "models.codegen.prefix_routing.epsilon",
+        id="epsilon-negative",
+    ),
+    pytest.param(
+        _with([*_PREFIX, "blocks"], 3), "models.codegen.prefix_routing.blocks", id="prefix-unknown"
+    ),
+    pytest.param(_with(_PREFIX, "PROMPT"), "models.codegen.prefix_routing", id="prefix-not-map"),
     # priority classes
     pytest.param(_with(["priority_classes"], {}), "priority_classes", id="classes-empty"),
     pytest.param(

@@ -279,6 +279,7 @@ def test_default_profile() -> None:
         ("queue-depth", 2.0),
         ("memory-headroom", 1.0),
         ("load", 1.0),
+        ("prefix-affinity", 10.0),
     ]
     assert profile.picker == WeightedRandomPicker("weighted-random", 0.1)
 

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from pointsman.affinity import rendezvous_order
 from pointsman.errors import ConfigError
+from pointsman.prefix_routing import PrefixRouting, key_text
 from router.contracts import (
     Candidate,
     InstanceSnapshot,
@@ -19,6 +21,7 @@ from router.contracts import (
 from router.plugins.load import LoadScorer
 from router.plugins.memory_headroom import MemoryHeadroomScorer
 from router.plugins.model_affinity import ModelAffinityScorer
+from router.plugins.prefix_affinity import PrefixAffinityScorer
 from router.plugins.queue_depth import QueueDepthScorer
 
 MODEL = "resnet"
@@ -212,6 +215,64 @@ def test_load(scorer: Scorer, candidates: list[Candidate], expected: list[float]
     assert scores(scorer, candidates) == pytest.approx(expected)
 
 
+KEY = key_text(0x5EED_C0DE_0000_0001)
+PREFIX = PrefixRouting("PROMPT", epsilon=0.25)
+
+
+def holders_in_key_order(loads: list[int]) -> list[Candidate]:
+    """One candidate per load, ordered as the key's rendezvous order ranks their addresses:
+    the first is the key's preferred holder, the second its next choice, ..."""
+    addresses = [f"10.0.0.{i}:8001" for i in range(len(loads))]
+    order = rendezvous_order(int(KEY, 16), addresses)
+    return [
+        Candidate(
+            InstanceSnapshot(
+                address,
+                address,
+                models={MODEL: ModelOnInstance(MODEL, frozenset({"1"}), pending_requests=load)},
+            )
+        )
+        for address, load in zip(order, loads, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "prefix", "loads", "expected"),
+    [
+        pytest.param(KEY, PREFIX, [0, 0, 0], [1.0, 0.0, 0.0], id="idle-preferred"),
+        pytest.param(KEY, PREFIX, [4, 4, 4], [1.0, 0.0, 0.0], id="all-equal-preferred"),
+        # bound ceil(1.25 x (6 + 1) / 3) = 3: the preferred (3 + 1) is over it, the next is not
+        pytest.param(KEY, PREFIX, [3, 2, 1], [0.0, 1.0, 0.0], id="over-bound-next"),
+        pytest.param(KEY, PREFIX, [5, 5, 0], [0.0, 0.0, 1.0], id="two-over-bound-third"),
+        pytest.param(
+            KEY, PrefixRouting("PROMPT", epsilon=2.0), [3, 2, 1], [1.0, 0.0, 0.0], id="epsilon"
+        ),
+        pytest.param(KEY, PREFIX, [50], [1.0], id="single-holder"),
+        pytest.param("", PREFIX, [0, 0], [0.0, 0.0], id="no-key-zero"),
+        pytest.param(KEY, None, [0, 0], [0.0, 0.0], id="prefix-routing-off-zero"),
+        pytest.param(KEY, PREFIX, [], [], id="empty"),
+    ],
+)
+def test_prefix_affinity(
+    key: str, prefix: PrefixRouting | None, loads: list[int], expected: list[float]
+) -> None:
+    cycle = SchedulingCycle(RoutingRequest(MODEL, affinity_key=key), now=0.0, prefix=prefix)
+    got = PrefixAffinityScorer().score(cycle, holders_in_key_order(loads))
+    assert got == pytest.approx(expected)
+
+
+def test_prefix_affinity_counts_assumed_inflight_and_reads_any_text_key() -> None:
+    candidates = holders_in_key_order([0, 0])
+    busy_first = [Candidate(candidates[0].instance, assumed_inflight=9), candidates[1]]
+    cycle = SchedulingCycle(RoutingRequest(MODEL, affinity_key=KEY), now=0.0, prefix=PREFIX)
+    assert PrefixAffinityScorer().score(cycle, busy_first) == [0.0, 1.0]
+    session = SchedulingCycle(RoutingRequest(MODEL, affinity_key="user-7"), now=0.0, prefix=PREFIX)
+    first = rendezvous_order("user-7", [c.instance.grpc_address for c in candidates])[0]
+    assert PrefixAffinityScorer().score(session, candidates) == [
+        1.0 if c.instance.grpc_address == first else 0.0 for c in candidates
+    ]
+
+
 Factory = Callable[[str, Mapping[str, Any]], object]
 
 
@@ -240,6 +301,9 @@ Factory = Callable[[str, Mapping[str, Any]], object]
             id="queue-null",
         ),
         pytest.param(LoadScorer.from_params, {}, LoadScorer("s", None), id="load-defaults"),
+        pytest.param(
+            PrefixAffinityScorer.from_params, {}, PrefixAffinityScorer("s"), id="prefix-affinity"
+        ),
     ],
 )
 def test_factory_builds(factory: Factory, params: dict[str, Any], expected: object) -> None:
@@ -290,6 +354,12 @@ def test_factory_builds(factory: Factory, params: dict[str, Any], expected: obje
             {"capacity": 5},
             "capacity: unknown parameter (allowed: capacity_ips)",
             id="misspelt",
+        ),
+        pytest.param(
+            PrefixAffinityScorer.from_params,
+            {"epsilon": 0.5},
+            "epsilon: unknown parameter (allowed: none)",
+            id="prefix-affinity-takes-none",
         ),
     ],
 )

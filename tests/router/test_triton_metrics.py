@@ -45,6 +45,17 @@ nv_inference_pending_request_count{model="codegen",version="2"} 1
 # HELP nv_inference_queue_duration_us Cumulative inference queuing duration in microseconds
 # TYPE nv_inference_queue_duration_us counter
 nv_inference_queue_duration_us{model="codegen",version="1"} 1500
+# HELP prefix_cache_lookup_blocks_total Full prompt blocks looked up in the prefix cache
+# TYPE prefix_cache_lookup_blocks_total counter
+prefix_cache_lookup_blocks_total{model="codegen",version="1"} 120
+prefix_cache_lookup_blocks_total{model="codegen",version="2"} 30
+# HELP prefix_cache_hit_blocks_total Of those, leading blocks found in the cache
+# TYPE prefix_cache_hit_blocks_total counter
+prefix_cache_hit_blocks_total{model="codegen",version="1"} 90
+prefix_cache_hit_blocks_total{model="codegen",version="2"} 0
+# HELP prefix_cache_used_blocks Blocks held
+# TYPE prefix_cache_used_blocks gauge
+prefix_cache_used_blocks{model="codegen",version="1"} 77
 # HELP nv_cpu_memory_used_bytes CPU memory used, bytes
 # TYPE nv_cpu_memory_used_bytes gauge
 nv_cpu_memory_used_bytes 123456789
@@ -97,6 +108,8 @@ def test_per_model_series_sum_over_versions() -> None:
     assert m.success_by_model == {"codegen": 15, "echo": 3}
     assert m.pending_requests == 5
     assert m.inference_count == 15
+    assert m.prefix_lookups_by_model == {"codegen": 150}
+    assert m.prefix_hits_by_model == {"codegen": 90}
 
 
 def test_cpu_only_has_no_gpu_figures() -> None:
@@ -240,5 +253,9 @@ def test_same_as_the_general_parser_on_live_triton_output(fleet: Fleet) -> None:
         with urllib.request.urlopen(spec.metrics_url, timeout=5) as response:
             # Not exact: Triton keeps the failure series (at 0) of an unloaded version.
             m = assert_same(response.read().decode())
-        busy += m.inference_count_by_model.get("codegen", 0) > 0
+        if m.inference_count_by_model.get("codegen", 0) > 0:
+            busy += 1
+            # "def f():" is shorter than a block: looked up, never cached, but counted
+            assert "codegen" in m.prefix_lookups_by_model
+            assert "codegen" in m.prefix_hits_by_model
     assert busy >= 1

@@ -30,7 +30,7 @@ MODEL_STATE_UNLOADING: ModelState
 MODEL_STATE_UNAVAILABLE: ModelState
 
 class PickTargetRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "headers", "wait_for_load_ms")
+    __slots__ = ("model_name", "model_version", "headers", "wait_for_load_ms", "affinity_key")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,11 +42,13 @@ class PickTargetRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    AFFINITY_KEY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     headers: _containers.ScalarMap[str, str]
     wait_for_load_ms: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., wait_for_load_ms: _Optional[int] = ...) -> None: ...
+    affinity_key: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., wait_for_load_ms: _Optional[int] = ..., affinity_key: _Optional[str] = ...) -> None: ...
 
 class PickTargetResponse(_message.Message):
     __slots__ = ("target", "fallbacks", "generation", "model_version")
@@ -125,20 +127,36 @@ class PriorityClass(_message.Message):
     def __init__(self, name: _Optional[str] = ..., triton_priority: _Optional[int] = ..., sheddable: _Optional[bool] = ...) -> None: ...
 
 class RouteTable(_message.Message):
-    __slots__ = ("model_name", "candidates", "ttl_ms", "generation", "default_version", "version_policy")
+    __slots__ = ("model_name", "candidates", "ttl_ms", "generation", "default_version", "version_policy", "prefix_routing")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_ROUTING_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
     ttl_ms: int
     generation: int
     default_version: str
     version_policy: VersionPolicy
-    def __init__(self, model_name: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., ttl_ms: _Optional[int] = ..., generation: _Optional[int] = ..., default_version: _Optional[str] = ..., version_policy: _Optional[_Union[VersionPolicy, _Mapping]] = ...) -> None: ...
+    prefix_routing: PrefixRouting
+    def __init__(self, model_name: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., ttl_ms: _Optional[int] = ..., generation: _Optional[int] = ..., default_version: _Optional[str] = ..., version_policy: _Optional[_Union[VersionPolicy, _Mapping]] = ..., prefix_routing: _Optional[_Union[PrefixRouting, _Mapping]] = ...) -> None: ...
+
+class PrefixRouting(_message.Message):
+    __slots__ = ("prompt_input", "block_bytes", "max_blocks", "min_blocks", "epsilon")
+    PROMPT_INPUT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MIN_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    prompt_input: str
+    block_bytes: int
+    max_blocks: int
+    min_blocks: int
+    epsilon: float
+    def __init__(self, prompt_input: _Optional[str] = ..., block_bytes: _Optional[int] = ..., max_blocks: _Optional[int] = ..., min_blocks: _Optional[int] = ..., epsilon: _Optional[float] = ...) -> None: ...
 
 class VersionPolicy(_message.Message):
     __slots__ = ("splits", "sticky_header", "header_rules")
@@ -219,18 +237,22 @@ class Instance(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., metrics_url: _Optional[str] = ..., healthy: _Optional[bool] = ..., data_age_ms: _Optional[int] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., pending_requests: _Optional[int] = ..., inferences_per_second: _Optional[float] = ..., memory_source: _Optional[_Union[MemorySource, str]] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class LoadedModel(_message.Message):
-    __slots__ = ("model_name", "model_version", "state", "pending_requests", "declared_memory_bytes")
+    __slots__ = ("model_name", "model_version", "state", "pending_requests", "declared_memory_bytes", "prefix_cache_lookup_blocks", "prefix_cache_hit_ratio")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PENDING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     DECLARED_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_LOOKUP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATIO_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     state: ModelState
     pending_requests: int
     declared_memory_bytes: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., pending_requests: _Optional[int] = ..., declared_memory_bytes: _Optional[int] = ...) -> None: ...
+    prefix_cache_lookup_blocks: float
+    prefix_cache_hit_ratio: float
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., pending_requests: _Optional[int] = ..., declared_memory_bytes: _Optional[int] = ..., prefix_cache_lookup_blocks: _Optional[float] = ..., prefix_cache_hit_ratio: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -243,7 +265,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("model_name", "ready_instances", "loading_instances", "ready_versions", "route_table", "copies", "target_copies", "demand_rps", "forecast_rps", "last_decision")
+    __slots__ = ("model_name", "ready_instances", "loading_instances", "ready_versions", "route_table", "copies", "target_copies", "demand_rps", "forecast_rps", "last_decision", "prefix_cache_lookup_blocks", "prefix_cache_hit_ratio")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     READY_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     LOADING_INSTANCES_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +276,8 @@ class ModelSummary(_message.Message):
     DEMAND_RPS_FIELD_NUMBER: _ClassVar[int]
     FORECAST_RPS_FIELD_NUMBER: _ClassVar[int]
     LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_LOOKUP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATIO_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     ready_instances: _containers.RepeatedScalarFieldContainer[str]
     loading_instances: _containers.RepeatedScalarFieldContainer[str]
@@ -264,7 +288,9 @@ class ModelSummary(_message.Message):
     demand_rps: float
     forecast_rps: float
     last_decision: PlacementDecision
-    def __init__(self, model_name: _Optional[str] = ..., ready_instances: _Optional[_Iterable[str]] = ..., loading_instances: _Optional[_Iterable[str]] = ..., ready_versions: _Optional[_Iterable[str]] = ..., route_table: _Optional[_Union[RouteTable, _Mapping]] = ..., copies: _Optional[int] = ..., target_copies: _Optional[int] = ..., demand_rps: _Optional[float] = ..., forecast_rps: _Optional[float] = ..., last_decision: _Optional[_Union[PlacementDecision, _Mapping]] = ...) -> None: ...
+    prefix_cache_lookup_blocks: float
+    prefix_cache_hit_ratio: float
+    def __init__(self, model_name: _Optional[str] = ..., ready_instances: _Optional[_Iterable[str]] = ..., loading_instances: _Optional[_Iterable[str]] = ..., ready_versions: _Optional[_Iterable[str]] = ..., route_table: _Optional[_Union[RouteTable, _Mapping]] = ..., copies: _Optional[int] = ..., target_copies: _Optional[int] = ..., demand_rps: _Optional[float] = ..., forecast_rps: _Optional[float] = ..., last_decision: _Optional[_Union[PlacementDecision, _Mapping]] = ..., prefix_cache_lookup_blocks: _Optional[float] = ..., prefix_cache_hit_ratio: _Optional[float] = ...) -> None: ...
 
 class PlacementDecision(_message.Message):
     __slots__ = ("action", "instance_id", "reason", "decided_unix_ms")
