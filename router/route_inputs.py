@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Generator, Mapping, Set
+from collections.abc import Callable, Generator, Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from router.contracts import (
@@ -99,19 +99,26 @@ class _Reads:
             holders_only=profile.only_model_holders,
         )
 
-    def verdicts(self, instance: InstanceSnapshot, now: float) -> tuple[bool, ...]:
+    def verdicts(
+        self, instances: Sequence[InstanceSnapshot], now: float
+    ) -> dict[str, tuple[bool, ...]]:
+        """Instance id -> whether each age filter keeps it at `now` (all in one call per
+        filter: a filter judges each candidate on its own)."""
         if not self.age_filters:
-            return ()
+            return {}
         cycle = SchedulingCycle(request=_NO_MODEL, now=now)
-        alone = [Candidate(instance=instance)]
-        return tuple(bool(flt.filter(cycle, alone)) for flt in self.age_filters)
+        candidates = [Candidate(instance=inst) for inst in instances]
+        kept = [{c.instance_id for c in flt.filter(cycle, candidates)} for flt in self.age_filters]
+        return {c.instance_id: tuple(c.instance_id in k for k in kept) for c in candidates}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Seen:
     """One instance as the last rebuild read it."""
 
-    # The object itself: the same object again needs no comparing (only its age verdicts).
+    # The object last read: the same object again needs no comparing. Moved to an equal new
+    # object in place, so that an unchanged instance allocates nothing that outlives a rebuild
+    # (fewer survivors, fewer full garbage collections on a large fleet).
     instance: InstanceSnapshot
     key: object
     verdicts: tuple[bool, ...]
@@ -171,11 +178,12 @@ class InputTracker:
         seen: dict[str, _Seen] = {}
         dirty: set[str] = set()
         instance_changed = False
+        verdicts = reads.verdicts(snapshot.instances, now)
         for count, inst in enumerate(snapshot.instances, start=1):
             if count % INSTANCES_PER_STEP == 0:
                 yield
             before = old_seen.get(inst.instance_id)
-            now_seen = _read(reads, inst, now, before)
+            now_seen = _read(reads, inst, verdicts.get(inst.instance_id, ()), before)
             seen[inst.instance_id] = now_seen
             if before is None:
                 dirty.update(now_seen.models)
@@ -212,14 +220,25 @@ class InputTracker:
         return self._reads[1]
 
 
-def _read(reads: _Reads, inst: InstanceSnapshot, now: float, before: _Seen | None) -> _Seen:
-    verdicts = reads.verdicts(inst, now)
+def _read(
+    reads: _Reads, inst: InstanceSnapshot, verdicts: tuple[bool, ...], before: _Seen | None
+) -> _Seen:
+    """`before` when nothing the tables read of `inst` changed, else a new reading."""
     if before is not None and before.instance is inst:
         if before.verdicts == verdicts:
             return before
-        return dataclasses.replace(before, verdicts=verdicts)
+        return _Seen(inst, before.key, verdicts, before.models)
+    key = reads.instance(inst)
     models = {name: reads.model(model) for name, model in inst.models.items()}
-    return _Seen(inst, reads.instance(inst), verdicts, models)
+    if (
+        before is not None
+        and before.key == key
+        and before.verdicts == verdicts
+        and before.models == models
+    ):
+        before.instance = inst
+        return before
+    return _Seen(inst, key, verdicts, models)
 
 
 def _changed_models(before: Mapping[str, object], after: Mapping[str, object]) -> list[str]:

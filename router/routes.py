@@ -20,6 +20,7 @@ requests can finish before the unload. `RouteBook.policy` is the decision policy
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Set
 from dataclasses import dataclass, field
@@ -94,6 +95,12 @@ def version_order(version: str) -> tuple[int, int | str]:
     return (1, int(version)) if version.isdigit() else (0, version)
 
 
+@functools.lru_cache(maxsize=1024)
+def _sorted_versions(versions: frozenset[str]) -> tuple[str, ...]:
+    # Cached: a fleet has few distinct version sets, and a table lists every holder's.
+    return tuple(sorted(versions, key=version_order))
+
+
 def _quantise(weight: float) -> float:
     return max(WEIGHT_STEP, round(round(weight / WEIGHT_STEP) * WEIGHT_STEP, 6))
 
@@ -148,7 +155,7 @@ class RouteBook:
                 RouteEntry(
                     instance_id=inst.instance_id,
                     grpc_address=inst.grpc_address,
-                    ready_versions=tuple(sorted(model.ready_versions, key=version_order)),
+                    ready_versions=_sorted_versions(model.ready_versions),
                     weight=_quantise(scored.total / best if best > 0 else 1.0),
                 )
             )
