@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 # The results.json layout, documented in bench/README.md ("Result schema"); bump on a change.
 SCHEMA = "pointsman-bench/2"
@@ -36,6 +37,7 @@ __all__ = [
     "provenance",
     "ratio",
     "render_markdown",
+    "scenario_from_json",
     "utc_now",
     "write_report",
 ]
@@ -77,6 +79,7 @@ class ScenarioResult:
     notes: tuple[str, ...] = ()
     # Everything measured, as plain data, for the JSON file.
     data: dict[str, object] = field(default_factory=dict)
+    wall_s: float = math.nan  # how long the scenario ran, start to end
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +171,7 @@ def _git(*args: str) -> str:
         )
     except (OSError, subprocess.SubprocessError):
         return ""
-    return done.stdout.strip()
+    return done.stdout.rstrip("\n")  # not strip(): porcelain lines start with a space
 
 
 def provenance(loadavg_end: tuple[float, float, float] | None = None) -> Provenance:
@@ -261,6 +264,8 @@ def render_markdown(run: BenchRun) -> str:
                 )
             )
         lines += [f"- {note}" for note in scenario.notes]
+        if math.isfinite(scenario.wall_s):
+            lines.append(f"- ran {scenario.wall_s:.1f} s")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -275,6 +280,41 @@ def _jsonable(value: object) -> object:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+def _number(value: object) -> float:
+    """A figure read back from results.json: null is NaN, "inf" infinite."""
+    if value is None:
+        return math.nan
+    return float(value) if isinstance(value, int | float | str) else math.nan
+
+
+def scenario_from_json(entry: dict[str, Any]) -> ScenarioResult:
+    """One scenario of a results.json, as the `ScenarioResult` it was written from (figures
+    that were NaN or infinite come back as such in the bars; tables and data keep the JSON
+    forms, null and "inf", which render and write the same)."""
+    return ScenarioResult(
+        name=entry["name"],
+        title=entry["title"],
+        tables=tuple(
+            Table(t["title"], tuple(t["columns"]), tuple(tuple(row) for row in t["rows"]))
+            for t in entry["tables"]
+        ),
+        bars=tuple(
+            BarGroup(
+                b["title"],
+                b["ylabel"],
+                tuple(b["labels"]),
+                tuple(_number(v) for v in b["values"]),
+                b["log_scale"],
+            )
+            for b in entry["bars"]
+        ),
+        targets=tuple(TargetCheck(**t) for t in entry["targets"]),
+        notes=tuple(entry["notes"]),
+        data=dict(entry["data"]),
+        wall_s=_number(entry.get("wall_s")),
+    )
 
 
 def _plot(run: BenchRun, path: Path) -> None:
@@ -306,9 +346,9 @@ def _plot(run: BenchRun, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(run: BenchRun, out_dir: Path) -> list[Path]:
-    """Writes results.json, results.md and results.png into `out_dir`; returns their paths.
-    Without matplotlib (the `bench` extra) the PNG is left out, with a message."""
+def write_report(run: BenchRun, out_dir: Path, *, plot: bool = True) -> list[Path]:
+    """Writes results.json, results.md and (with `plot`) results.png into `out_dir`; returns
+    their paths. Without matplotlib (the `bench` extra) the PNG is left out, with a message."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out_dir / f"results.{ext}" for ext in ("json", "md", "png"))
     document = {
@@ -321,6 +361,8 @@ def write_report(run: BenchRun, out_dir: Path) -> list[Path]:
     }
     json_path.write_text(json.dumps(_jsonable(document), indent=2) + "\n")
     md_path.write_text(render_markdown(run))
+    if not plot:
+        return [json_path, md_path]
     try:
         _plot(run, png_path)
     except ImportError:

@@ -149,7 +149,12 @@ class Interval:
         return {"median": self.median, "ci_low": self.low, "ci_high": self.high, "n": self.samples}
 
     def text(self) -> str:
-        """`median [low, high]`, three significant digits."""
+        """`median [low, high]`, three significant digits; the median alone from one sample,
+        "-" from none."""
+        if self.samples == 0:
+            return "-"
+        if self.samples == 1:
+            return f"{self.median:.3g}"
         return f"{self.median:.3g} [{self.low:.3g}, {self.high:.3g}]"
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "FleetSnapshot",
     "InstanceSnapshot",
     "MemorySource",
+    "ModelFacts",
     "ModelOnInstance",
     "Picker",
     "PluginFactory",
@@ -60,20 +61,50 @@ class SnapshotField(enum.StrEnum):
     MODEL_PENDING_REQUESTS = "model.pending_requests"
     DECLARED_MEMORY = "model.declared_memory_bytes"
     AVERAGE_BATCH_SIZE = "model.average_batch_size"
+    MAX_BATCH_SIZE = "model.max_batch_size"
+    INSTANCE_COUNT = "model.instance_count"
+    MAX_QUEUE_SIZE = "model.max_queue_size"
+    SEQUENCE_BATCHING = "model.sequence_batching"
+    MAX_SEQUENCE_IDLE = "model.max_sequence_idle_s"
     ASSUMED_INFLIGHT = "candidate.assumed_inflight"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelFacts:
+    """What a model's config says, as far as routing and placement need it: read once per
+    ready version (router/datalayer/model_config.py; several versions ready on one instance:
+    the smallest capacity among them)."""
+
+    # Declared footprint, bytes (config parameter pointsman.memory_bytes; of all ready versions).
+    declared_memory_bytes: int = 0
+    # 0: the model does not batch (each request is one execution).
+    max_batch_size: int = 0
+    # Model instances Triton runs; 0: not known (no config read yet).
+    instance_count: int = 0
+    # The dynamic batcher's queue bound (default_queue_policy.max_queue_size); 0: unbounded.
+    max_queue_size: int = 0
+    sequence_batching: bool = False
+    # How long Triton keeps an idle sequence (max_sequence_idle_microseconds), seconds.
+    max_sequence_idle_s: float = 0.0
+
+    @property
+    def concurrency(self) -> int:
+        """Requests the model executes at once: max_batch_size x instance count, at least the
+        instance count (a model that does not batch runs one request per instance); 0 when
+        the instance count is not known."""
+        return max(self.instance_count, self.max_batch_size * self.instance_count)
+
+
 @dataclass(frozen=True, slots=True)
-class ModelOnInstance:
-    """One model on one instance, all versions together."""
+class ModelOnInstance(ModelFacts):
+    """One model on one instance, all versions together (its config's facts: `ModelFacts`,
+    keyword-only)."""
 
     name: str
     ready_versions: frozenset[str] = frozenset()
     loading_versions: frozenset[str] = frozenset()
     # Requests of this model queued inside Triton (nv_inference_pending_request_count).
     pending_requests: int = 0
-    # Declared footprint of the loaded versions, bytes (config parameter pointsman.memory_bytes).
-    declared_memory_bytes: int = 0
     # Inferences per model execution over the recent window (nv_inference_count delta over
     # nv_inference_exec_count delta): how well Triton's batcher is batching. 0 = no executions.
     average_batch_size: float = 0.0

@@ -24,6 +24,7 @@ __all__ = [
     "policy_to_proto",
     "priority_policy_to_proto",
     "request_from_proto",
+    "session_policy_to_proto",
     "table_to_proto",
     "update_to_proto",
 ]
@@ -33,8 +34,9 @@ _MEMORY_SOURCE = {
     MemorySource.GPU_METRICS: pb.MEMORY_SOURCE_GPU_METRICS,
     MemorySource.DECLARED: pb.MEMORY_SOURCE_DECLARED,
 }
-# data_age_ms of an instance never refreshed, and the most any age shows (a uint32).
-_AGE_UNKNOWN_MS = 2**32 - 1
+# The largest uint32: data_age_ms of an instance never refreshed (and the most any age
+# shows), and the most a capacity field shows.
+_UINT32_MAX = _AGE_UNKNOWN_MS = 2**32 - 1
 
 
 def request_from_proto(request: pb.PickTargetRequest) -> RoutingRequest:
@@ -80,6 +82,8 @@ def table_to_proto(table: ModelRoutes, ttl_ms: int) -> pb.RouteTable:
                     ready_versions=list(entry.ready_versions),
                 ),
                 weight=entry.weight,
+                concurrency=min(entry.concurrency, _UINT32_MAX),
+                queue_capacity=min(entry.queue_capacity, _UINT32_MAX),
             )
             for entry in table.candidates
         ],
@@ -117,6 +121,16 @@ def priority_policy_to_proto(policy: Policy) -> pb.PriorityPolicy:
             for _, pc in sorted(policy.priority_classes.items())
         ],
         default_class=policy.default_priority_class,
+    )
+
+
+def session_policy_to_proto(policy: Policy) -> pb.SessionPolicy:
+    """The policy's session affinity as sidecars receive it on WatchRoutes."""
+    sessions = policy.sessions
+    return pb.SessionPolicy(
+        header=sessions.header,
+        max_in_flight=sessions.max_in_flight,
+        move_ttl_s=sessions.move_ttl_s,
     )
 
 

@@ -57,6 +57,10 @@ class RouteEntry:
     grpc_address: str
     ready_versions: tuple[str, ...]
     weight: float
+    # From the model's config, for the sidecars' flow control: requests the instance executes
+    # at once (0: not known) and Triton's queue bound beyond those (0: unbounded).
+    concurrency: int = 0
+    queue_capacity: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +161,8 @@ class RouteBook:
                     grpc_address=inst.grpc_address,
                     ready_versions=_sorted_versions(model.ready_versions),
                     weight=_quantise(scored.total / best if best > 0 else 1.0),
+                    concurrency=model.concurrency,
+                    queue_capacity=model.max_queue_size,
                 )
             )
         return entries

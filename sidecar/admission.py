@@ -12,6 +12,12 @@ priority than its own (that waiter is shed); if there is none, the newcomer is s
 requests end with RESOURCE_EXHAUSTED (`ShedError`) and a retry hint, never UNAVAILABLE, which
 means that no instance could serve. Nothing here grows with the offered load: the queue is
 bounded and a shed request costs one exception.
+
+Flow control (sidecar/flow.py) adds a `Place` per (instance, model): how many of this
+sidecar's requests of the model are outstanding there, and how many may be. A request whose
+instances have no room waits for a place in the same queue (`wait_for_place`), under the same
+bounds, order and shedding, and gives its slot back while it waits; a place that frees goes
+with a free slot to the best waiter for it.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -37,6 +44,7 @@ __all__ = [
     "STATUS_DETAILS_HEADER",
     "UNCLASSED",
     "Admission",
+    "Place",
     "PriorityClass",
     "PriorityClasses",
     "ShedError",
@@ -102,14 +110,43 @@ class ShedError(OverloadedError):
         )
 
 
+class Place(Protocol):
+    """What the queue needs of one (instance, model) of flow control (sidecar/flow.py makes
+    them): this sidecar's requests outstanding there, and how many may be."""
+
+    model: str
+    outstanding: int
+    allowed: float
+
+
+P = TypeVar("P", bound=Place)
+
+
+class _Lane:
+    """Waiters for a place at one of `places` (and a slot), best first."""
+
+    __slots__ = ("places", "waiters")
+
+    def __init__(self, places: tuple[Place, ...]) -> None:
+        self.places = places
+        self.waiters: list[_Waiter] = []
+
+    def best(self) -> Place | None:
+        """The place with the most room, if any has room."""
+        best = max(self.places, key=lambda p: p.allowed - p.outstanding)
+        return best if best.outstanding < best.allowed else None
+
+
 @dataclass(order=True, slots=True)
 class _Waiter:
     rank: int
     seq: int
     # Not part of the order: ties are broken by arrival (seq), which is unique.
     priority: PriorityClass = field(compare=False)
-    admitted: asyncio.Future[None] = field(compare=False)
+    admitted: asyncio.Future[Place | None] = field(compare=False)
     size: int = field(compare=False, default=0)
+    # None: waits for a slot only.
+    lane: _Lane | None = field(compare=False, default=None)
 
 
 def _rank(priority: PriorityClass) -> int:
@@ -122,7 +159,8 @@ class Admission:
 
     `try_enter()` takes a slot at once when one is free and nobody waits (the hot path: no
     future, no await); otherwise `wait()` queues. Whoever got a slot calls `leave()` once.
-    Runs on one event loop: no locks.
+    A request holding a slot takes a place with `take` (a compare while there is room) or
+    `wait_for_place`, and gives it back with `release`. Runs on one event loop: no locks.
     """
 
     def __init__(
@@ -141,12 +179,21 @@ class Admission:
         self.queued_bytes = 0
         self.retry_after_ms = retry_after_ms
         self.in_flight = 0
+        # Waiting for a slot only.
         self._queue: list[_Waiter] = []
+        # Waiting for a place, by the places they may take.
+        self._lanes: dict[tuple[Place, ...], _Lane] = {}
+        self._count = 0
         self._seq = itertools.count()
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Requests waiting, for a slot or for a place."""
+        return self._count
+
+    @property
+    def waiting_for_place(self) -> int:
+        return sum(len(lane.waiters) for lane in self._lanes.values())
 
     def try_enter(self) -> bool:
         if self.in_flight < self.max_in_flight and not self._queue:
@@ -164,6 +211,89 @@ class Admission:
         """
         if self.try_enter():
             return
+        waiter = self._enqueue(priority, size, None)
+        await self._await(waiter, timeout, "admission queue")
+
+    def leave(self) -> None:
+        """Frees a slot; the best waiter that can go takes it."""
+        self.in_flight -= 1
+        if self._count:
+            self.dispatch()
+
+    # -- places --------------------------------------------------------------------------------
+
+    @staticmethod
+    def take(place: Place) -> bool:
+        """Takes a place at once if it has room (the hot path: one compare)."""
+        if place.outstanding < place.allowed:
+            place.outstanding += 1
+            return True
+        return False
+
+    def release(self, place: Place) -> None:
+        """Gives a place back; a waiter for it may take it."""
+        place.outstanding -= 1
+        if self._lanes:
+            self.dispatch()
+
+    async def wait_for_place(
+        self, places: Sequence[P], priority: PriorityClass, timeout: float | None,
+        size: int = 0, seq: int | None = None,
+    ) -> P:  # fmt: skip
+        """A place taken at one of `places`, the one with the most room, waiting in the queue
+        when none has room (`seq`: a place in the arrival order kept from an earlier wait).
+
+        Called holding a slot, and returns holding one: while it waits, the slot is lent to
+        others. If the wait fails (ShedError, DeadlineExpiredError, cancellation) the slot is
+        taken back before the error goes on (over `max_in_flight` until the caller leaves,
+        which the error makes it do, so nothing more is admitted meanwhile).
+        """
+        lane = self._lanes.get(key := tuple(places)) or _Lane(key)
+        place = lane.best()
+        if place is not None and not lane.waiters:
+            place.outstanding += 1
+            return cast(P, place)  # one of `places`
+        waiter = self._enqueue(priority, size, lane, seq)  # a shed keeps the slot
+        self.leave()  # lent while waiting
+        try:
+            admitted = await self._await(waiter, timeout, f"queue for a place at {places[0].model}")
+        except BaseException:
+            self.in_flight += 1  # taken back: the caller leaves once more
+            raise
+        assert admitted is not None
+        return cast(P, admitted)
+
+    def next_seq(self) -> int:
+        """A ticket in the arrival order, for a request that may wait more than once."""
+        return next(self._seq)
+
+    def dispatch(self) -> None:
+        """Hands free slots, with places where waiters need one, to the best waiters that
+        can go: the head of the slot queue, or of a lane whose places have room."""
+        while self.in_flight < self.max_in_flight:
+            best = self._queue[0] if self._queue else None
+            place: Place | None = None
+            for lane in self._lanes.values():
+                head = lane.waiters[0]
+                if best is None or head < best:
+                    room = lane.best()
+                    if room is not None:
+                        best, place = head, room
+            if best is None:
+                return
+            self._remove(best)
+            self.in_flight += 1
+            if place is not None:
+                place.outstanding += 1
+            best.admitted.set_result(place)
+
+    # -- the queue -----------------------------------------------------------------------------
+
+    def _enqueue(
+        self, priority: PriorityClass, size: int, lane: _Lane | None, seq: int | None = None
+    ) -> _Waiter:
+        """A new waiter in the queue (or in `lane`), after shedding what makes room for it;
+        raises ShedError when nothing can."""
         rank = _rank(priority)
         if not self._fits(0, 0, size):
             victims = self._victims(rank, size)
@@ -178,34 +308,39 @@ class Admission:
                     )
                 )
         waiter = _Waiter(
-            rank, next(self._seq), priority, asyncio.get_running_loop().create_future(), size
-        )
-        heapq.heappush(self._queue, waiter)
+            rank, next(self._seq) if seq is None else seq, priority,
+            asyncio.get_running_loop().create_future(), size, lane,
+        )  # fmt: skip
+        if lane is None:
+            heapq.heappush(self._queue, waiter)
+        else:
+            if not lane.waiters:
+                self._lanes[lane.places] = lane
+            heapq.heappush(lane.waiters, waiter)
+        self._count += 1
         self.queued_bytes += size
+        return waiter
+
+    async def _await(self, waiter: _Waiter, timeout: float | None, where: str) -> Place | None:
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.admitted), timeout)
+            return await asyncio.wait_for(asyncio.shield(waiter.admitted), timeout)
         except TimeoutError:
             self._give_up(waiter)
             raise DeadlineExpiredError(
-                "deadline expired while waiting in the sidecar's admission queue"
+                f"deadline expired while waiting in the sidecar's {where}"
             ) from None
         except asyncio.CancelledError:
             self._give_up(waiter)
             raise
 
-    def leave(self) -> None:
-        """Frees a slot; the best waiter, if any, takes it."""
-        self.in_flight -= 1
-        while self._queue and self.in_flight < self.max_in_flight:
-            waiter = heapq.heappop(self._queue)
-            self.queued_bytes -= waiter.size
-            if not waiter.admitted.done():
-                self.in_flight += 1
-                waiter.admitted.set_result(None)
+    def _waiters(self) -> Iterator[_Waiter]:
+        yield from self._queue
+        for lane in self._lanes.values():
+            yield from lane.waiters
 
     def _fits(self, freed_count: int, freed_bytes: int, size: int) -> bool:
         """Whether a request of `size` bytes fits once `freed_*` of the queue are gone."""
-        if len(self._queue) - freed_count >= self.max_queued:
+        if self._count - freed_count >= self.max_queued:
             return False
         limit = self.max_queued_bytes
         return limit is None or self.queued_bytes - freed_bytes + size <= limit
@@ -215,7 +350,7 @@ class Admission:
         for `size` bytes, lowest priority first (the latest among equals); None if those
         cannot make room."""
         eligible = sorted(
-            (w for w in self._queue if w.priority.sheddable and w.rank > rank),
+            (w for w in self._waiters() if w.priority.sheddable and w.rank > rank),
             key=lambda w: (w.rank, w.seq),
             reverse=True,
         )
@@ -227,15 +362,26 @@ class Admission:
         return None
 
     def _remove(self, waiter: _Waiter) -> None:
-        self._queue.remove(waiter)
-        heapq.heapify(self._queue)
+        lane = waiter.lane
+        heap = self._queue if lane is None else lane.waiters
+        if heap and heap[0] is waiter:
+            heapq.heappop(heap)
+        else:
+            heap.remove(waiter)
+            heapq.heapify(heap)
+        if lane is not None and not heap:
+            del self._lanes[lane.places]
+        self._count -= 1
         self.queued_bytes -= waiter.size
 
     def _give_up(self, waiter: _Waiter) -> None:
-        """A waiter that stops waiting: out of the queue, or, if a slot was just handed to
-        it, the slot passes on."""
+        """A waiter that stops waiting: out of the queue, or, if a slot (and a place) was
+        just handed to it, they pass on."""
         admitted = waiter.admitted
         if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
+            place = admitted.result()
+            if place is not None:
+                place.outstanding -= 1
             self.leave()
         elif not admitted.done():
             admitted.cancel()

@@ -7,20 +7,20 @@ One call, in order (the handlers below read top to bottom):
 3. Idempotency (ModelInfer with a request id: `IdempotencyStore.run`), then admission (a slot
    of `max_in_flight`, or a place in the bounded, class-ordered queue, or a shed).
 4. `Decider.choose` (sidecar.decide): the first instance.
-5. `_attempts` (here): attempts until one answers, within the caller's deadline, failing
-   over to another instance after an answer that says the request did not run, while the
-   retry budget allows (`sidecar.resilience`); each attempt counted in the instance's
-   in-flight requests, its metrics, its outlier record and, with tracing on, a CLIENT span.
+5. `_attempts` (here): attempts until one answers, within the caller's deadline, each at a
+   place of the instance's flow control (`sidecar.flow`: held in the admission queue while
+   Triton's queue would be full, resent after Triton's queue-full refusal), failing over to
+   another instance after an answer that says the request did not run, while the retry
+   budget allows (`sidecar.resilience`); each attempt counted in the instance's in-flight
+   requests, its metrics, its outlier record and, with tracing on, a CLIENT span.
 
 Unary and stream share steps 1, 2, 4 and 5. A stream's attempt forwards the whole stream; it
 may fail over only until its first response reaches the caller (`StreamFeed` replays the
 messages sent so far), then it is bound to its instance. Errors become statuses in one place
 per handler (`status_of`), which also counts sheds and Triton's queue-full answers.
 
-Where the next features go (issues 12 and 15): a bounded queue keyed to Triton's queue
-capacity, and retries of Triton's queue-full answer after a back-off, belong to `_failover`
-(which already moves a queue-full answer to another holder) and to admission; a pinned
-sequence makes `_failover` answer None with the sequence's own status instead of moving it.
+A sequence step follows its plan (`Decision.sequence`, `sidecar.sequences`): it waits for a
+place at its planned instance only, and a queue-full refusal is resent there.
 """
 
 from __future__ import annotations
@@ -39,21 +39,16 @@ from pointsman.errors import status_of
 from sidecar.admission import Admission, ShedError
 from sidecar.config import SidecarConfig
 from sidecar.decide import Decider, Decision
+from sidecar.flow import TRITON_QUEUE_FULL, FlowControl, Place, queue_full, stream_refusal
 from sidecar.head import CallHead, Context, read_head, time_left
 from sidecar.idempotency import IdempotencyStore
 from sidecar.metrics import RequestSeries, SidecarMetrics
-from sidecar.resilience import (
-    EjectionPolicy,
-    OutlierDetector,
-    RetryBudget,
-    counts_against_instance,
-    retryable,
-)
+from sidecar.resilience import OutlierDetector, RetryBudget, counts_against_instance, retryable
 from sidecar.stream_feed import StreamFeed
 from sidecar.tracing import ATTEMPT, ATTEMPTS, INSTANCE, MODEL, MODEL_VERSION, RpcTracer
 from sidecar.upstream import SERVICE, Metadata, Upstream
 
-__all__ = ["INFER", "STREAM", "TRITON_QUEUE_FULL", "InferencePipeline", "outlier_detector"]
+__all__ = ["INFER", "STREAM", "TRITON_QUEUE_FULL", "InferencePipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +59,9 @@ Send = Callable[[Upstream, float | None, Metadata], Awaitable[T]]
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-# How Triton says that a model's queue (its queue policy's max_queue_size) is full.
-TRITON_QUEUE_FULL = "Exceeds maximum queue size"
 # The `method` label of the request metrics.
 INFER = "infer"
 STREAM = "stream"
-
-
-def outlier_detector(config: SidecarConfig, clock: Clock = monotonic) -> OutlierDetector:
-    """The passive outlier detection the config asks for (shared by picks and attempts)."""
-    policy = EjectionPolicy(
-        consecutive_failures=config.outlier_consecutive_failures,
-        base_ejection_s=config.outlier_base_ejection_s,
-        max_ejection_s=config.outlier_max_ejection_s,
-    )
-    return OutlierDetector(policy, clock=clock)
 
 
 class InferencePipeline:
@@ -90,6 +73,7 @@ class InferencePipeline:
         decider: Decider,
         *,
         admission: Admission,
+        flow: FlowControl,
         idempotency: IdempotencyStore | None,
         outliers: OutlierDetector,
         metrics: SidecarMetrics,
@@ -98,6 +82,8 @@ class InferencePipeline:
     ) -> None:
         self._decider = decider
         self._admission = admission
+        self._flow = flow
+        self._places = flow.places  # (address, model) -> Place: read on every attempt
         # None when replay is off; concurrent duplicates are then not coalesced either.
         self._idempotency = idempotency
         self._outliers = outliers
@@ -124,7 +110,7 @@ class InferencePipeline:
         decision: Decision | None = None
         code, message = _OK, ""
         try:
-            head = read_head(request, metadata)
+            head = read_head(request, metadata, session_header=self._decider.sessions.header)
             decision = self._decider.prepare(head, request)
             series = self._metrics.series(head.model, decision.version, INFER)
             if not head.request_id or self._idempotency is None:
@@ -145,14 +131,9 @@ class InferencePipeline:
             self._done(INFER, started, series, decision, span, code, message)
 
     async def _infer(
-        self,
-        head: CallHead,
-        decision: Decision,
-        series: RequestSeries,
-        request: bytes,
-        context: Context,
-        span: Span | None,
-    ) -> bytes:
+        self, head: CallHead, decision: Decision, series: RequestSeries, request: bytes,
+        context: Context, span: Span | None,
+    ) -> bytes:  # fmt: skip
         def send(upstream: Upstream, remaining: float | None, md: Metadata) -> Awaitable[bytes]:
             return upstream.infer(
                 decision.apply(request, remaining), timeout=remaining, metadata=md
@@ -164,7 +145,9 @@ class InferencePipeline:
         try:
             await self._decider.choose(head, decision, context, span)
             self._routed(series, decision)
-            return await self._attempts(head, decision, series, context, span, "ModelInfer", send)
+            return await self._attempts(
+                head, decision, series, context, span, "ModelInfer", send, len(request)
+            )
         finally:
             admission.leave()
 
@@ -189,7 +172,9 @@ class InferencePipeline:
                 first = await anext(requests)
             except StopAsyncIteration:
                 return  # the caller half-closed without a request: nothing to route
-            head = read_head(first, metadata, with_id=False)
+            head = read_head(
+                first, metadata, with_id=False, session_header=self._decider.sessions.header
+            )
             decision = self._decider.prepare(head, first, stream=True)
             series = self._metrics.series(head.model, decision.version, STREAM)
             # A stream holds one admission slot for its whole life.
@@ -206,6 +191,10 @@ class InferencePipeline:
                 pump = asyncio.create_task(feed.pump_to(call))
                 try:
                     async for response in call:
+                        # Before a response reached the caller, Triton's queue-full refusal
+                        # (an error response) is retried like a unary one.
+                        if feed.replayable and (refusal := stream_refusal(response)):
+                            raise refusal
                         feed.commit()
                         await context.write(response)
                 finally:
@@ -213,7 +202,7 @@ class InferencePipeline:
                     call.cancel()  # a no-op once it has ended; stops Triton if the caller left
 
             await self._attempts(
-                head, decision, series, context, span, "ModelStreamInfer", send, feed
+                head, decision, series, context, span, "ModelStreamInfer", send, len(first), feed
             )
         except asyncio.CancelledError:
             code = _CANCELLED
@@ -231,56 +220,88 @@ class InferencePipeline:
     # -- the attempt loop ----------------------------------------------------------------------
 
     async def _attempts(
-        self,
-        head: CallHead,
-        decision: Decision,
-        series: RequestSeries,
-        context: Context,
-        span: Span | None,
-        method: str,
-        send: Send[T],
-        feed: StreamFeed | None = None,
-    ) -> T:
+        self, head: CallHead, decision: Decision, series: RequestSeries, context: Context,
+        span: Span | None, method: str, send: Send[T], size: int, feed: StreamFeed | None = None,
+    ) -> T:  # fmt: skip
         """`send` on the chosen instance, then on others while `_failover` allows (for a
-        stream: only while its `feed` can replay)."""
+        stream: only while its `feed` can replay); each attempt at a place of flow control,
+        and resent after Triton refused it for a full queue."""
         upstream = decision.first
         assert upstream is not None, "choose() names the first instance"
         tried = [upstream]
+        refusals = 0
+        ticket = -1  # its place in the arrival order, once it waited for a place
         self._budget.record_request()
         try:
+            place = self._places.get((upstream.address, decision.model)) or self._flow.place(
+                upstream.address, decision.model
+            )
+            if place.outstanding < place.allowed:  # flow control: one compare while not full
+                place.outstanding += 1
+            else:
+                upstream, place, ticket = await self._wait_place(
+                    upstream, decision, series, context, size, ticket, ()
+                )
             while True:
                 # Checked before every attempt: an expired request is never forwarded.
                 remaining = time_left(context)
                 try:
-                    return await self._attempt(
-                        upstream, remaining, head.forward, send, span, method, len(tried)
-                    )
+                    answer = await self._attempt(upstream, place, remaining, head.forward, send,
+                                                 span, method, len(tried) + refusals)  # fmt: skip
+                    if decision.sequence is not None:
+                        decision.sequence.answered(upstream)
+                    return answer
                 except grpc.aio.AioRpcError as error:
                     if feed is not None and not feed.replayable:
                         raise  # a response has reached the caller: bound to this instance
+                    if refusals < self._flow.max_retries and queue_full(
+                        error.code(), error.details() or ""
+                    ):  # Triton did not run it: wait for a place again (flow control)
+                        refusals += 1
+                        series.queue_full_retries.inc()
+                        upstream, place, ticket = await self._wait_place(
+                            None if decision.sequence is None else upstream,
+                            decision, series, context, size, ticket, (),
+                        )  # fmt: skip
+                        continue
                     following = self._failover(decision, error, tried)
                     if following is None:
                         raise
-                    upstream = following
-                    tried.append(upstream)
+                    tried.append(following)
                     series.retries.inc()
+                    upstream, place = following, self._flow.place(following.address, decision.model)
+                    if not self._admission.take(place):
+                        upstream, place, ticket = await self._wait_place(
+                            following, decision, series, context, size, ticket, tried[:-1]
+                        )
         finally:
             if span is not None:
-                span.set_attributes({INSTANCE: upstream.address, ATTEMPTS: len(tried)})
+                span.set_attributes({INSTANCE: upstream.address, ATTEMPTS: len(tried) + refusals})
+
+    async def _wait_place(
+        self, preferred: Upstream | None, decision: Decision, series: RequestSeries,
+        context: Context, size: int, ticket: int, tried: Sequence[Upstream],
+    ) -> tuple[Upstream, Place, int]:  # fmt: skip
+        """A place at the holder not yet tried with the most room, waiting in the admission
+        queue while none has room; and the request's ticket (kept for later waits)."""
+        ticket = self._admission.next_seq() if ticket < 0 else ticket
+        if decision.sequence is not None and preferred is not None:
+            holders = [preferred]  # a sequence step goes where its plan says only
+        else:
+            holders = self._holders(decision, tried) or [preferred or decision.first]  # type: ignore[list-item]
+        upstream, place = await self._flow.wait(
+            holders, decision, series.held, time_left(context), size, ticket
+        )
+        return upstream, place, ticket
 
     async def _attempt(
-        self,
-        upstream: Upstream,
-        remaining: float | None,
-        md: Metadata,
-        send: Send[T],
-        span: Span | None,
-        method: str,
-        number: int,
-    ) -> T:
-        """One attempt, counted in the instance's in-flight requests while it runs, then in
-        its attempt metric and outlier record; with tracing on, in a CLIENT span whose
-        traceparent goes to Triton, so Triton's spans are its children."""
+        self, upstream: Upstream, place: Place, remaining: float | None, md: Metadata,
+        send: Send[T], span: Span | None, method: str, number: int,
+    ) -> T:  # fmt: skip
+        """One attempt at a `place` taken for it (given back at the end), counted in the
+        instance's in-flight requests while it runs, then in its attempt metric and outlier
+        record; with tracing on, in a CLIENT span whose traceparent goes to Triton, so
+        Triton's spans are its children."""
         client: Span | None = None
         if span is not None:
             assert self._tracer is not None
@@ -297,6 +318,8 @@ class InferencePipeline:
             code, message = error.code(), error.details() or ""
             if counts_against_instance(code, message):
                 self._instance_failed(upstream.address)
+            elif queue_full(code, message):
+                self._flow.refused(place)
             raise
         except asyncio.CancelledError:
             code = _CANCELLED
@@ -306,9 +329,12 @@ class InferencePipeline:
             raise
         finally:
             upstream.in_flight -= 1
-            self._metrics.attempt(upstream.address, code)
             if code is _OK:
                 self._outliers.success(upstream.address)
+                if place.allowed < place.limit or place.strikes:  # back from a refusal
+                    place.served()
+            self._admission.release(place)
+            self._metrics.attempt(upstream.address, code)
             if client is not None:
                 RpcTracer.end(client, code, message)
 
@@ -317,12 +343,20 @@ class InferencePipeline:
     ) -> Upstream | None:
         """The instance to retry on after `error`, or None to give the caller the error:
         retries must be on, the error one after which Triton did not run the request, attempts
-        left, another candidate, and room in the retry budget."""
+        left, another candidate, and room in the retry budget. A step that continues a
+        sequence follows its plan alone (it raises when no instance holds the sequence)."""
+        plan = decision.sequence
+        if plan is not None and not plan.step.start:
+            return plan.next_step(error, tried)
         if not self._retry or len(tried) >= self._max_attempts:
             return None
         if not retryable(error.code(), error.details() or ""):
             return None
-        following = self._next_target(decision, tried)
+        following = (
+            next(iter(self._holders(decision, tried)), None)
+            if plan is None
+            else plan.next_start(tried)
+        )
         if following is None:
             return None
         if not self._budget.try_spend():
@@ -330,10 +364,9 @@ class InferencePipeline:
             return None
         return following
 
-    def _next_target(self, decision: Decision, tried: Sequence[Upstream]) -> Upstream | None:
-        """Where to try after a failed attempt: the router's next fallback not yet tried
-        (per-request mode), else the least busy route-table candidate not yet tried; ejected
-        instances are left out. None when there is nowhere else."""
+    def _holders(self, decision: Decision, tried: Sequence[Upstream]) -> list[Upstream]:
+        """The instances not yet tried, best first: the router's fallbacks (per-request
+        mode), then the route table's candidates, least busy first; ejected ones left out."""
         ordered = [u for u in decision.targets or () if u not in tried]
         table = self._decider.table_targets(decision.model, decision.version)
         ordered.extend(
@@ -341,7 +374,7 @@ class InferencePipeline:
                    key=lambda u: u.in_flight)
         )  # fmt: skip
         ejected = self._outliers.is_ejected
-        return next((u for u in ordered if not ejected(u.address)), None)
+        return [u for u in ordered if not ejected(u.address)]
 
     def _instance_failed(self, address: str) -> None:
         ejected_for = self._outliers.failure(address)
@@ -359,15 +392,9 @@ class InferencePipeline:
             series.hits.inc()
 
     def _done(
-        self,
-        method: str,
-        started: float,
-        series: RequestSeries | None,
-        decision: Decision | None,
-        span: Span | None,
-        code: grpc.StatusCode,
-        message: str,
-    ) -> None:
+        self, method: str, started: float, series: RequestSeries | None,
+        decision: Decision | None, span: Span | None, code: grpc.StatusCode, message: str,
+    ) -> None:  # fmt: skip
         """A call ended with (code, message): its metrics, and its server span's last words."""
         (series or self._metrics.series("", "", method)).done(code, perf_counter() - started)
         if span is not None:
@@ -375,13 +402,9 @@ class InferencePipeline:
             RpcTracer.end(span, code, message, {MODEL: model, MODEL_VERSION: version})
 
     async def _abort(
-        self,
-        context: Context,
-        decision: Decision | None,
-        error: Exception,
-        code: grpc.StatusCode,
-        message: str,
-    ) -> NoReturn:
+        self, context: Context, decision: Decision | None, error: Exception,
+        code: grpc.StatusCode, message: str,
+    ) -> NoReturn:  # fmt: skip
         """Ends the call with (code, message), counting a shed request (with its retry hint in
         the trailing metadata) or Triton's queue-full answer."""
         model = "" if decision is None else decision.model
@@ -389,7 +412,7 @@ class InferencePipeline:
         if isinstance(error, ShedError):
             self._metrics.shed_request(model, error.priority.triton_priority)
             trailers = error.trailing_metadata()
-        elif code is _UNAVAILABLE and TRITON_QUEUE_FULL in message:
+        elif queue_full(code, message):
             self._metrics.queue_full(model)
         await context.abort(code, message, trailing_metadata=trailers)
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from pointsman.errors import ModelNotFoundError, NoReadyInstanceError, PointsmanError
 from pointsman.router.v1 import router_pb2
+from pointsman.sessions import SessionPolicy
 from pointsman.versions import VersionRules, rules_from_proto
 from sidecar.admission import NO_CLASSES, PriorityClasses, priority_classes_from_proto
 from sidecar.balancer import CandidateSet
@@ -35,6 +36,7 @@ __all__ = [
     "Route",
     "RouteCache",
     "compile_fallback",
+    "session_policy_from_proto",
     "without_weights",
 ]
 
@@ -59,6 +61,7 @@ class Route:
         "default_version",
         "fallback",
         "generation",
+        "limits",
         "model_name",
         "static",
         "version_rules",
@@ -75,6 +78,7 @@ class Route:
         default_version: str = "",
         static: bool = False,
         version_rules: VersionRules | None = None,
+        limits: Mapping[str, int] | None = None,
     ) -> None:
         self.model_name = model_name
         # "" (any version) maps to every candidate with some version ready.
@@ -88,6 +92,9 @@ class Route:
         self.static = static
         # The policy's canary split and header rules for unpinned requests; None: none.
         self.version_rules = version_rules
+        # Flow control: address -> requests of this model that instance takes before Triton
+        # refuses more (its concurrency plus its queue bound); absent: unbounded or unknown.
+        self.limits: Mapping[str, int] = limits or {}
 
     def candidates(self, version: str) -> CandidateSet | None:
         return self.by_version.get(version, self.fallback)
@@ -104,6 +111,7 @@ class Route:
 def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
     """A Route from the router's table: one CandidateSet per version some candidate has ready."""
     members: dict[str, list[tuple[str, float]]] = {}
+    limits: dict[str, int] = {}
     for candidate in table.candidates:
         target = candidate.target
         if not target.grpc_address:
@@ -111,6 +119,8 @@ def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
         versions = set(target.ready_versions)
         if not versions:
             continue  # listed but nothing ready: not a candidate for any request
+        if candidate.concurrency and candidate.queue_capacity:
+            limits[target.grpc_address] = candidate.concurrency + candidate.queue_capacity
         for version in (*versions, ""):
             members.setdefault(version, []).append((target.grpc_address, candidate.weight))
     by_version = {
@@ -129,6 +139,7 @@ def compile_table(table: router_pb2.RouteTable, pool: UpstreamPool) -> Route:
         generation=table.generation,
         default_version=table.default_version,
         version_rules=None if rules is None or rules.is_empty else rules,
+        limits=limits,
     )
 
 
@@ -158,6 +169,17 @@ def without_weights(route: Route) -> Route:
         default_version=route.default_version,
         static=route.static,
         version_rules=route.version_rules,
+        limits=route.limits,
+    )
+
+
+def session_policy_from_proto(message: router_pb2.SessionPolicy) -> SessionPolicy:
+    """The session policy a WatchRoutes message carries; unset numbers take the defaults."""
+    default = SessionPolicy()
+    return SessionPolicy(
+        header=message.header,
+        max_in_flight=message.max_in_flight or default.max_in_flight,
+        move_ttl_s=message.move_ttl_s if message.move_ttl_s > 0 else default.move_ttl_s,
     )
 
 
@@ -218,6 +240,8 @@ class RouteCache:
         self.last_message_at: float | None = None
         # The policy's priority classes, as the router last sent them (kept while it is away).
         self.priorities: PriorityClasses = NO_CLASSES
+        # The policy's session affinity (the defaults until a router sends its own).
+        self.sessions = SessionPolicy()
         self._created_at = clock()
         self._refresh()
 
@@ -256,6 +280,15 @@ class RouteCache:
         """Every Triton address any route names: the fleet, as far as this sidecar knows."""
         return set(self._addresses)
 
+    def place_limits(self) -> dict[tuple[str, str], int]:
+        """(address, model) -> how many requests of the model that instance takes before
+        Triton refuses more, for every bounded pair the routes know (flow control)."""
+        return {
+            (address, name): limit
+            for name, route in self.routes.items()
+            for address, limit in route.limits.items()
+        }
+
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Calls `listener()` after every change of the routes (not on heartbeats)."""
         self._listeners.append(listener)
@@ -272,6 +305,8 @@ class RouteCache:
             self.router_id = message.router_id
         if message.HasField("priority_policy"):
             self.priorities = priority_classes_from_proto(message.priority_policy)
+        if message.HasField("session_policy"):
+            self.sessions = session_policy_from_proto(message.session_policy)
         if not message.full_snapshot and not message.tables and not message.removed_models:
             return  # heartbeat
         routes = {} if message.full_snapshot else dict(self._router)

@@ -31,10 +31,12 @@ from sidecar.admission import Admission
 from sidecar.balancer import pick
 from sidecar.config import SidecarConfig
 from sidecar.decide import Decider
+from sidecar.flow import FlowControl
 from sidecar.head import Context, forward_metadata, time_left
-from sidecar.idempotency import IdempotencyCache
+from sidecar.idempotency import idempotency_store
 from sidecar.metrics import SidecarMetrics
-from sidecar.pipeline import InferencePipeline, outlier_detector
+from sidecar.pipeline import InferencePipeline
+from sidecar.resilience import EjectionPolicy, OutlierDetector
 from sidecar.router_picker import RouterPicker
 from sidecar.routes import NoRouteTablesError, RouteCache
 from sidecar.tracing import RpcTracer
@@ -44,11 +46,22 @@ from sidecar.wire import peek_model
 __all__ = ["InferenceProxy"]
 
 SERVER_NAME = "pointsman-sidecar"
-# What a request through the sidecar can use; shared memory, sequences (no sticky routing),
-# tracing and logging settings are missing on purpose (see README.md).
-EXTENSIONS = ("classification", "model_configuration", "binary_tensor_data", "parameters",
-              "statistics")  # fmt: skip
+# What a request through the sidecar can use (`sequence`: every step of a sequence reaches the
+# instance holding it, sidecar/sequences.py); shared memory, tracing and logging settings are
+# missing on purpose (see README.md).
+EXTENSIONS = ("classification", "sequence", "model_configuration", "binary_tensor_data",
+              "parameters", "statistics")  # fmt: skip
 _REPOSITORY_STATE_RANK = {"READY": 0, "LOADING": 1, "UNLOADING": 2, "UNAVAILABLE": 3}
+
+
+def outlier_detector(config: SidecarConfig, clock: Clock = monotonic) -> OutlierDetector:
+    """The passive outlier detection the config asks for (shared by picks and attempts)."""
+    policy = EjectionPolicy(
+        consecutive_failures=config.outlier_consecutive_failures,
+        base_ejection_s=config.outlier_base_ejection_s,
+        max_ejection_s=config.outlier_max_ejection_s,
+    )
+    return OutlierDetector(policy, clock=clock)
 
 
 def _version() -> str:
@@ -79,6 +92,8 @@ class InferenceProxy:
         self._pool = pool
         self._rng = rng
         outliers = outlier_detector(config, clock)
+        # In memory or in Redis (None when replay is off); `start_sidecar` starts and closes it.
+        self.idempotency = idempotency_store(config, metrics.idempotency)
         self._decider = Decider(
             config,
             cache,
@@ -89,21 +104,29 @@ class InferenceProxy:
             tracer=tracer,
             picker=picker,
             cold_picker=cold_picker,
+            clock=clock,
         )
+        admission = Admission(
+            config.max_in_flight,
+            config.max_queued,
+            retry_after_ms=config.shed_retry_after_ms,
+            max_queued_bytes=config.max_queued_bytes,
+        )
+        flow = FlowControl(
+            admission,
+            enabled=config.flow_control,
+            backoff_s=config.queue_full_backoff_ms / 1000,
+            max_backoff_s=config.queue_full_max_backoff_ms / 1000,
+            max_retries=config.queue_full_retries if config.retry_unavailable else 0,
+            rng=rng,
+        )
+        flow.follow(cache)
         self._pipeline = InferencePipeline(
             config,
             self._decider,
-            admission=Admission(
-                config.max_in_flight,
-                config.max_queued,
-                retry_after_ms=config.shed_retry_after_ms,
-                max_queued_bytes=config.max_queued_bytes,
-            ),
-            idempotency=(
-                IdempotencyCache(config.idempotency_ttl_s, config.idempotency_max_bytes)
-                if config.idempotency_ttl_s > 0
-                else None
-            ),
+            admission=admission,
+            flow=flow,
+            idempotency=self.idempotency,
             outliers=outliers,
             metrics=metrics,
             tracer=tracer,

@@ -8,7 +8,12 @@
 - `overload`: high-priority latency and low-priority shedding at three times capacity;
 - `route-propagation`: a fleet change and a policy file change, to routing;
 - `scale`: the router's engines on simulated fleets (no processes);
-- `scale-sweep`: holders per model at 1000 instances: index, rebuild, PickTarget over gRPC.
+- `scale-sweep`: holders per model at 1000 instances: index, rebuild, PickTarget over gRPC;
+- `proxyless`: direct vs proxyless (xDS from the router) vs sidecar vs nghttpx, CPU per request.
+
+`--quick` makes each a smoke run of seconds; the scenarios that need one Triton or a one-Triton
+fleet (`ON_SHARED_FLEET`) then share one (`quick_fleet.SharedFleet`, in `Options.shared`), and
+those that start their own systems (`OWN_SYSTEMS`) run beside them in a second process.
 """
 
 from __future__ import annotations
@@ -16,10 +21,22 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bench.report import ScenarioResult
 
-__all__ = ["SCENARIOS", "Options", "Say", "Scenario", "run_scenario"]
+if TYPE_CHECKING:
+    from bench.scenarios.quick_fleet import SharedFleet
+
+__all__ = [
+    "ON_SHARED_FLEET",
+    "OWN_SYSTEMS",
+    "SCENARIOS",
+    "Options",
+    "Say",
+    "Scenario",
+    "run_scenario",
+]
 
 Say = Callable[[str], None]
 
@@ -35,6 +52,9 @@ class Options:
     repetitions: int | None = None  # comparison: repetitions per cell
     systems: tuple[str, ...] = ()  # comparison: which systems (empty: all)
     workloads: tuple[str, ...] = ()  # comparison: which workloads (empty: all)
+    # A quick run's one small fleet, shared by the scenarios that need one Triton; None:
+    # each scenario starts its own processes.
+    shared: SharedFleet | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +75,13 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("route-propagation", "route_propagation", "fleet and policy changes to routing"),
         Scenario("scale", "scale", "router engines on simulated fleets"),
         Scenario("scale-sweep", "scale_sweep", "holders per model, index, rebuild, PickTarget"),
+        Scenario("proxyless", "proxyless", "direct vs proxyless xDS vs sidecar vs nghttpx"),
     )
 }
+# In quick mode these run on the quick run's one shared fleet (quick_fleet.SharedFleet)...
+ON_SHARED_FLEET = frozenset({"overhead", "batching", "overload", "route-propagation", "proxyless"})
+# ... and these, which start their own systems cell by cell, in a second process beside them.
+OWN_SYSTEMS = frozenset({"comparison", "seed-table"})
 
 
 def run_scenario(name: str, options: Options, say: Say) -> ScenarioResult:

@@ -28,19 +28,13 @@ import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from app.processes import stop_all
-from app.triton import (
-    DEFAULT_MODEL_REPOSITORY,
-    TritonSpec,
-    prepare_installation,
-    triton_process,
-    wait_until_ready,
-)
+from app.triton import DEFAULT_MODEL_REPOSITORY, wait_until_ready
 from bench.calls import PROMPTS, TritonCalls, codegen_request
 from bench.cell import average_batch, batch_counters
 from bench.loadgen import Request, run_closed_loop
 from bench.report import BarGroup, ScenarioResult, Table
 from bench.scenarios import Options, Say
+from bench.scenarios.quick_fleet import SharedFleet, one_triton
 from bench.stats import Interval, LoadSummary, bootstrap_median, summarize
 from bench.testbed import server_version
 
@@ -60,6 +54,7 @@ class BatchingSettings:
     rounds: int = 3
     seed: int = 7
     triton: bool = True
+    tokens: int | None = None  # tokens per request; None: the model's own default
 
 
 def _parameter(key: str) -> str:
@@ -111,8 +106,12 @@ def _decode_steps_here(batches: list[int], steps: int, repeats: int) -> dict[int
     return per_step
 
 
-def _drive(address: str, concurrency: int, duration_s: float) -> LoadSummary:
-    bodies = [codegen_request(p, int(_parameter("tokens"))) for p in PROMPTS]
+def _tokens(settings: BatchingSettings) -> int:
+    return settings.tokens or int(_parameter("tokens"))
+
+
+def _drive(address: str, concurrency: int, duration_s: float, tokens: int) -> LoadSummary:
+    bodies = [codegen_request(p, tokens) for p in PROMPTS]
 
     async def run() -> LoadSummary:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -131,39 +130,56 @@ def _drive(address: str, concurrency: int, duration_s: float) -> LoadSummary:
 Row = tuple[str, int, LoadSummary, float]
 
 
-def _triton(settings: BatchingSettings, say: Say) -> tuple[list[Row], str]:
-    log = Path(tempfile.mkdtemp(prefix="pointsman-bench-batching-")) / "triton.log"
-    spec = TritonSpec.on_free_ports("bench-batching", load_models=("codegen",), log_path=log)
-    process = triton_process(spec, prepare_installation())
+def _triton(
+    settings: BatchingSettings, say: Say, shared: SharedFleet | None
+) -> tuple[list[Row], str]:
+    workdir = Path(tempfile.mkdtemp(prefix="pointsman-bench-batching-"))
     rows: list[Row] = []
-    try:
-        process.start()
-        wait_until_ready(spec.grpc_address, ["codegen"], 60, process)
+    with (
+        one_triton(shared, ("codegen",), workdir, "bench-batching") as (spec, process),
+        grpcclient.InferenceServerClient(spec.grpc_address) as client,
+    ):
         version = server_version(spec.grpc_address)
-        with grpcclient.InferenceServerClient(spec.grpc_address) as client:
-            shipped = client.get_model_config("codegen", as_json=True)["config"]
-            configs = {
-                "on": shipped,
-                "off": {k: v for k, v in shipped.items() if k != "dynamic_batching"},
-            }
+        shipped = client.get_model_config("codegen", as_json=True)["config"]
+        configs = {
+            "on": shipped,
+            "off": {k: v for k, v in shipped.items() if k != "dynamic_batching"},
+        }
+        loaded = "on"  # as shipped
+        tokens = _tokens(settings)
+
+        def load(mode: str) -> None:
+            nonlocal loaded
+            if mode != loaded:
+                client.load_model("codegen", config=json.dumps(configs[mode]))
+                wait_until_ready(spec.grpc_address, ["codegen"], 60, process)
+                loaded = mode
+
+        try:
             for round_index in range(settings.rounds):
                 modes = ("on", "off") if round_index % 2 == 0 else ("off", "on")
                 for mode in modes:
-                    client.load_model("codegen", config=json.dumps(configs[mode]))
-                    wait_until_ready(spec.grpc_address, ["codegen"], 60, process)
+                    load(mode)
                     for concurrency in settings.concurrencies:
                         say(f"batching: round {round_index + 1}, batcher {mode}, c={concurrency}")
                         before = batch_counters([spec.metrics_url])
-                        summary = _drive(spec.grpc_address, concurrency, settings.duration_s)
+                        summary = _drive(
+                            spec.grpc_address, concurrency, settings.duration_s, tokens
+                        )
                         time.sleep(0.6)  # Triton refreshes its metrics every 250 ms here
                         batch = average_batch(before, batch_counters([spec.metrics_url]))
                         rows.append((mode, concurrency, summary, batch))
-    finally:
-        stop_all([process])
+        finally:
+            if shared is not None:
+                load("on")  # leave the shared Triton as it was
     return rows, version
 
 
-def run_batching(settings: BatchingSettings, say: Say = lambda _line: None) -> ScenarioResult:
+def run_batching(
+    settings: BatchingSettings, say: Say = lambda _line: None, shared: SharedFleet | None = None
+) -> ScenarioResult:
+    """The decode steps in process, then the batcher on and off on `shared`'s Triton when
+    given, else on a Triton of its own."""
     say("batching: decode steps in process ...")
     steps = decode_step_seconds(settings.batches, settings.steps, settings.repeats)
     base = steps[min(steps)]
@@ -182,11 +198,12 @@ def run_batching(settings: BatchingSettings, say: Say = lambda _line: None) -> S
             "rounds": settings.rounds,
             "duration_s": settings.duration_s,
             "concurrencies": list(settings.concurrencies),
+            "tokens": _tokens(settings),
         },
     }
     bars = []
     if settings.triton:
-        rows, version = _triton(settings, say)
+        rows, version = _triton(settings, say, shared)
         data["triton_version"] = version
         rng = random.Random(settings.seed)
         cells = []
@@ -201,7 +218,8 @@ def run_batching(settings: BatchingSettings, say: Say = lambda _line: None) -> S
                 cells.append((mode, c, rps, p50, p99, batch, errors, [s for s, _ in runs]))
         tables.append(
             Table(
-                f"codegen through one Triton, closed loop, {settings.duration_s:g} s per run, "
+                f"codegen ({_tokens(settings)} tokens a request) through one Triton, closed loop, "
+                f"{settings.duration_s:g} s per run, "
                 f"{settings.rounds} rounds; median [95 % interval]",
                 ("batcher", "clients", "req/s", "p50 ms", "p99 ms", "avg batch", "errors"),
                 tuple(
@@ -237,7 +255,10 @@ def run_batching(settings: BatchingSettings, say: Say = lambda _line: None) -> S
         title="Batching: decode cost by batch size, and the dynamic batcher on vs off",
         tables=tuple(tables),
         bars=tuple(bars),
-        notes=("The load generator shares the CPUs with Triton: absolute rates are low.",),
+        notes=(
+            "The load generator shares the CPUs with Triton: absolute rates are low.",
+            *(("quick mode: on the quick run's shared Triton",) if shared else ()),
+        ),
         data=data,
     )
 
@@ -250,13 +271,19 @@ def scenario(options: Options, say: Say) -> ScenarioResult:
     settings = BatchingSettings(seed=options.seed)
     if options.quick:
         settings = replace(
-            settings, steps=5, repeats=1, concurrencies=(1, 8), duration_s=1.0, rounds=1
+            settings,
+            steps=5,
+            repeats=1,
+            concurrencies=(8,),
+            duration_s=0.5,
+            rounds=1,
+            tokens=4,  # short requests: many of them in half a second, even on a busy machine
         )
     if options.duration_s:
         settings = replace(settings, duration_s=options.duration_s)
     if options.repetitions:
         settings = replace(settings, rounds=options.repetitions)
-    return run_batching(settings, say)
+    return run_batching(settings, say, options.shared)
 
 
 if __name__ == "__main__":  # the child of decode_step_seconds

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.baselines import SYSTEMS
-from bench.cell import CellResult, CellSettings, run_cell
+from bench.cell import QUICK_CELL, CellResult, CellSettings, run_cell
 from bench.report import ScenarioResult
 from bench.repository import bench_repository, copy_names, zipf_popularity
 from bench.scenarios import Options, Say
@@ -111,7 +111,9 @@ def measure_capacity(settings: ComparisonSettings, bed: Testbed, workdir: Path) 
     )
 
 
-def run_comparison(settings: ComparisonSettings, say: Say = lambda _line: None) -> ScenarioResult:
+def run_comparison(
+    settings: ComparisonSettings, say: Say = lambda _line: None, notes: Sequence[str] = ()
+) -> ScenarioResult:
     for name in settings.systems:
         if name not in SYSTEMS:
             raise ValueError(f"unknown system {name!r} (known: {', '.join(SYSTEMS)})")
@@ -172,18 +174,21 @@ def run_comparison(settings: ComparisonSettings, say: Say = lambda _line: None) 
         cells=cells,
         seed=settings.cell.seed,
         failures=failures,
-        notes=(f"raw cells as measured: {journal}", f"logs: {workdir}"),
+        notes=(*notes, f"raw cells as measured: {journal}", f"logs: {workdir}"),
     )
 
 
+# A smoke run: two systems, one closed-loop workload (so no capacity cell), one instance with
+# room for both models (a constrained one leaves requests waiting for a load that cannot
+# come, up to the deadline), the quick cell.
 QUICK = ComparisonSettings(
-    workloads=("steady-closed", "shift-open-80"),
+    systems=("static-split", "pointsman"),
+    workloads=("shift-closed",),
     repetitions=1,
-    instances=2,
-    models=3,
+    instances=1,
+    models=2,
     models_per_instance=2,
-    capacity_s=4.0,
-    cell=CellSettings(concurrency=6, max_tokens=4, warmup_s=4.0, duration_s=6.0, timeout_s=10.0),
+    cell=QUICK_CELL,
 )
 
 
@@ -199,4 +204,11 @@ def scenario(options: Options, say: Say) -> ScenarioResult:
         settings = replace(settings, systems=options.systems)
     if options.workloads:
         settings = replace(settings, workloads=options.workloads)
-    return run_comparison(settings, say)
+    notes = []
+    if options.quick:
+        notes.append(
+            f"quick mode: {len(settings.systems)} of {len(SYSTEMS)} systems, "
+            f"{len(settings.workloads)} of {len(WORKLOADS)} workloads, {settings.instances} "
+            "instance(s); the others are not run (--systems and --workloads choose)"
+        )
+    return run_comparison(settings, say, notes)

@@ -9,12 +9,14 @@ by at least the number of answers h2load counted, and fails the run otherwise.
 from __future__ import annotations
 
 import re
+import shutil
 import struct
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+from app.processes import ManagedProcess, ProcessSpec, free_port
 from bench.calls import INFER_METHOD
 from bench.loadgen import CallRecord
 from bench.stats import LoadSummary, summarize
@@ -24,8 +26,8 @@ __all__ = [
     "grpc_frame",
     "h2load_command",
     "h2load_run",
-    "h2load_seconds",
     "nghttpx_command",
+    "nghttpx_process",
     "parse_h2load_log",
     "triton_successes",
 ]
@@ -56,20 +58,39 @@ def nghttpx_command(port: int, upstream: str, log_dir: Path) -> list[str]:
     ]
 
 
-def h2load_seconds(duration_s: float) -> int:
-    return max(1, round(duration_s))
+def nghttpx_process(
+    upstream: str, log_dir: Path, notes: list[str]
+) -> tuple[ManagedProcess, str] | None:
+    """nghttpx in front of `upstream` on a free port (not started yet) and its address; None,
+    with a note saying so, where nghttpx is not installed."""
+    if not shutil.which("nghttpx"):
+        notes.append(f"nghttpx not found: its column is skipped ({INSTALL_HINT})")
+        return None
+    port = free_port()
+    argv = nghttpx_command(port, upstream, log_dir)
+    process = ManagedProcess(ProcessSpec("nghttpx", argv, log_path=log_dir / "nghttpx.log"))
+    return process, f"127.0.0.1:{port}"
+
+
+def _milliseconds(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
 
 
 def h2load_command(
-    address: str, body_file: Path, duration_s: float, concurrency: int, log_file: Path
+    address: str,
+    body_file: Path,
+    duration_s: float,
+    concurrency: int,
+    log_file: Path,
+    warmup_s: float = 1.0,
 ) -> list[str]:
     """h2load with one connection and `concurrency` streams, posting gRPC frames; every
     request's latency goes to `log_file` (start us, HTTP status, duration us; tab-separated).
-    h2load takes whole seconds: see `h2load_seconds`."""
+    Durations go to the millisecond."""
     return [
         "h2load",
-        f"--duration={h2load_seconds(duration_s)}",
-        "--warm-up-time=1",
+        f"--duration={_milliseconds(duration_s)}",
+        f"--warm-up-time={_milliseconds(warmup_s)}",
         "--clients=1",
         f"--max-concurrent-streams={concurrency}",
         "--threads=1",
@@ -108,6 +129,7 @@ def h2load_run(
     metrics_url: str,
     model: str,
     tmp: Path,
+    warmup_s: float = 1.0,
 ) -> LoadSummary:
     """One h2load run against `address`, its answers checked against Triton's counter."""
     body_file = tmp / "body.bin"
@@ -116,14 +138,14 @@ def h2load_run(
     log_file.unlink(missing_ok=True)
     before = triton_successes(metrics_url, model)
     done = subprocess.run(
-        h2load_command(address, body_file, duration_s, concurrency, log_file),
+        h2load_command(address, body_file, duration_s, concurrency, log_file, warmup_s),
         capture_output=True,
         text=True,
         check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr or done.stdout}")
-    summary = parse_h2load_log(log_file.read_text(), h2load_seconds(duration_s))
+    summary = parse_h2load_log(log_file.read_text(), duration_s)
     time.sleep(0.6)  # Triton refreshes its metrics every 250 ms here
     served = triton_successes(metrics_url, model) - before
     if served < summary.ok:  # h2load's warm-up requests are served too, hence "<"

@@ -36,6 +36,7 @@ from bench.loadgen import LoadRun, Request, poisson_arrivals, run_closed_loop, r
 from bench.procstats import ProcessSampler
 from bench.report import ScenarioResult, Table
 from bench.scenarios import Options, Say
+from bench.scenarios.quick_fleet import SharedFleet, fleet_for
 from bench.stats import percentile, summarize
 
 __all__ = [
@@ -146,7 +147,10 @@ async def open_priority_load(
 class OverloadSettings:
     max_in_flight: tuple[int, ...] = (2, 4, 8)
     max_queued: int = 32
-    duration_s: float = 8.0
+    duration_s: float = 8.0  # the loaded phase
+    capacity_s: float = 4.0  # the capacity measurement
+    unloaded_s: float = 4.0  # the unloaded phase
+    warmup_s: float = 1.0  # before the capacity measurement and before the unloaded phase
     high_share: float = 0.1
     load_factor: float = 3.0
     seed: int = 7
@@ -189,8 +193,10 @@ def _measure(
     settings: OverloadSettings, fleet: Fleet, run_dir: Path, request: bytes, say: Say
 ) -> tuple[float, list[dict[str, object]]]:
     triton = fleet.tritons[0].grpc_address
-    asyncio.run(measure_capacity(triton, request, concurrency=8, duration_s=1))
-    capacity = asyncio.run(measure_capacity(triton, request, concurrency=8, duration_s=4))
+    asyncio.run(measure_capacity(triton, request, concurrency=8, duration_s=settings.warmup_s))
+    capacity = asyncio.run(
+        measure_capacity(triton, request, concurrency=8, duration_s=settings.capacity_s)
+    )
     offered = settings.load_factor * capacity
     shares = (("high", settings.high_share), ("low", 1 - settings.high_share))
     cells = []
@@ -199,13 +205,17 @@ def _measure(
         proc, address = _start_sidecar(fleet, run_dir, max_in_flight, settings.max_queued)
         try:
             warmup = closed_priority_load(
-                address, request, priority="high", concurrency=1, duration_s=1
+                address, request, priority="high", concurrency=1, duration_s=settings.warmup_s
             )
             asyncio.run(warmup)
             unloaded = class_figures(
                 asyncio.run(
                     closed_priority_load(
-                        address, request, priority="high", concurrency=1, duration_s=4
+                        address,
+                        request,
+                        priority="high",
+                        concurrency=1,
+                        duration_s=settings.unloaded_s,
                     )
                 ),
                 "high",
@@ -244,7 +254,10 @@ def _figures_dict(figures: ClassFigures) -> dict[str, object]:
     return {name: getattr(figures, name) for name in ClassFigures.__slots__}
 
 
-def run_overload(settings: OverloadSettings, say: Say = lambda _line: None) -> ScenarioResult:
+def run_overload(
+    settings: OverloadSettings, say: Say = lambda _line: None, shared: SharedFleet | None = None
+) -> ScenarioResult:
+    """On `shared`'s fleet when given (its policy has the same classes), else on its own."""
     run_dir = Path(tempfile.mkdtemp(prefix="pointsman-bench-overload-"))
     policy = run_dir / "policy.yaml"
     policy.write_text(PRIORITY_POLICY)
@@ -258,7 +271,7 @@ def run_overload(settings: OverloadSettings, say: Say = lambda _line: None) -> S
         policy_file=policy,
         sidecar_args=("--cold-start-wait", "0"),
     )
-    with Fleet(config) as fleet:
+    with fleet_for(shared, config) as fleet:
         capacity, cells = _measure(settings, fleet, run_dir, request, say)
     rows = []
     for cell in cells:
@@ -306,7 +319,10 @@ def run_overload(settings: OverloadSettings, say: Say = lambda _line: None) -> S
                 tuple(rows),
             ),
         ),
-        notes=(f"logs: {run_dir}",),
+        notes=(
+            *(("quick mode: on the quick run's shared fleet",) if shared else ()),
+            f"logs: {run_dir}",
+        ),
         data={
             "capacity_rps": capacity,
             "offered_rps": offered,
@@ -324,7 +340,14 @@ def run_overload(settings: OverloadSettings, say: Say = lambda _line: None) -> S
 def scenario(options: Options, say: Say) -> ScenarioResult:
     settings = OverloadSettings(seed=options.seed)
     if options.quick:
-        settings = replace(settings, max_in_flight=(8,), duration_s=2.0)
+        settings = replace(
+            settings,
+            max_in_flight=(8,),
+            duration_s=0.5,
+            capacity_s=0.5,
+            unloaded_s=0.3,
+            warmup_s=0.2,
+        )
     if options.duration_s:
         settings = replace(settings, duration_s=options.duration_s)
-    return run_overload(settings, say)
+    return run_overload(settings, say, options.shared)

@@ -1,367 +1,341 @@
 """Scenario `proxyless`: direct, proxyless (xDS), sidecar and nghttpx side by side.
 
-One real Triton serves `add_one`; the router watches it and serves xDS; the sidecar follows
-the router (as in a pod); nghttpx proxies to Triton (a compiled data plane, for reference).
-One driver for all four, so they compare: the project's Python load generator (grpc.aio, raw
-bytes), in this process, at concurrency 1 and 64. The proxyless channel is `xds:///add_one`
-with GRPC_XDS_BOOTSTRAP naming the router: gRPC's own xDS client picks the instance and
-connects straight to Triton.
+A one-Triton fleet serves `add_one` (`app.fleet.Fleet`: the Triton, the router, which serves
+xDS, and a sidecar that follows the router, as in a pod); nghttpx proxies to the Triton (a
+compiled data plane, for reference). The proxyless path is the channel `xds:///add_one` with
+GRPC_XDS_BOOTSTRAP naming the router: gRPC's own xDS client picks the instance and connects
+straight to Triton. One driver for all four paths and overhead's method (bench.scenarios.paths:
+the Python load generator, grpc.aio, raw bytes, in this process; rotated rounds, medians over
+rounds with 95 % bootstrap intervals, the added latency taken per round against that round's
+direct run), at concurrency 1 and 64.
 
-Per cell: p50/p99, throughput, what each path adds over direct, and CPU per request: the
-client's (this process: load generator plus gRPC, including the xDS client's balancer), the
-proxy's (sidecar or nghttpx, every process of it); and the router's CPU over the cell, in
-cores: its background work (index polls, scrapes, xDS pushes only when routes change), which
-no request adds to.
+CPU per request over each run (warm-up included, divided by every call made): this process
+(the client: the load generator and gRPC, the xDS client's balancer included), the proxy (the
+sidecar, or nghttpx with its worker), and the Triton (with its model stub); beside them the
+router's CPU in cores over the run (its background work, since no request passes through it)
+and the proxy's peak RSS.
 
-    python -m bench.scenarios.proxyless --quick --out /tmp/proxyless   # a smoke run
-    python -m bench.scenarios.proxyless --duration 10 --out bench/results/proxyless
-
-The goal (issue 15): proxyless p50 within noise of direct. Figures from a shared, busy machine
-vary from run to run: compare cells of one run, never across runs.
+The goal (issue 15): proxyless p50 within noise of direct, i.e. the 95 % interval of the added
+p50 over rounds includes 0; judged from 3 rounds or more. GRPC_XDS_BOOTSTRAP is set in this
+process, and gRPC reads it when the process makes its first xDS channel.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import shutil
-import sys
+import random
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
-import tritonclient.grpc as grpcclient
-
-from app.processes import ManagedProcess, ProcessSpec, free_port, stop_all
-from app.triton import TritonSpec, prepare_installation, triton_process, wait_until_ready
-from bench.loadgen import LoadSummary
-from bench.report import (
-    BarGroup,
-    BenchRun,
-    ScenarioResult,
-    Table,
-    TargetCheck,
-    machine_info,
-    ratio,
-    utc_now,
-    write_report,
+from app.fleet import Fleet, FleetConfig
+from app.processes import ManagedProcess, stop_all
+from bench.procstats import ProcessSampler
+from bench.report import BarGroup, ScenarioResult, Table, TargetCheck
+from bench.scenarios import Options, Say
+from bench.scenarios.h2load import nghttpx_process
+from bench.scenarios.paths import (
+    MODEL,
+    PATH_COLUMNS,
+    PathFigures,
+    PathSettings,
+    measure_rounds,
+    path_figures,
+    python_run,
+    settings_for,
+    wait_for_answer,
 )
+from bench.scenarios.quick_fleet import SharedFleet, fleet_for
+from bench.stats import Interval, LoadSummary, bootstrap_median
+from bench.testbed import server_version
 
-# The overhead scenario's driver and readiness check, so both scenarios measure alike.
-from bench.scenarios.overhead import (
-    INSTALL_HINT,
-    OverheadSettings,
-    _python_run,
-    _wait_for_answer,
-    nghttpx_command,
-)
-from router.xds.bootstrap import write_bootstrap
+__all__ = ["CostWindow", "PathRun", "run_proxyless", "scenario"]
 
-__all__ = ["process_tree_cpu_s", "run_proxyless"]
-
-MODEL = "add_one"
-PATHS = ("direct", "proxyless", "sidecar", "nghttpx")
-# "Within noise" of direct, at concurrency 1.
-TARGET_ADDED_P50_MS = 0.1
+MiB = 1024**2
+# Whose CPU time each request costs, and where.
+CPU_PARTS = ("client", "proxy", "triton")
+MIN_ROUNDS_FOR_NOISE = 3
 
 
-def process_tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of `pid` and every process under it, now (from /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry.name)] = int(fields[1])
-        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
-    total, stack = 0.0, [pid]
-    while stack:
-        current = stack.pop()
-        total += cpu.get(current, 0.0)
-        stack += [child for child, parent in parents.items() if parent == current]
-    return total
+class CostWindow:
+    """CPU time and peak RSS of named processes over a `with` block, and its wall time."""
+
+    def __init__(self, samplers: Mapping[str, ProcessSampler]) -> None:
+        self.samplers = samplers
+        self.elapsed_s = math.nan
+        self._began = 0.0
+
+    def __enter__(self) -> CostWindow:
+        self._stack = ExitStack()
+        for sampler in self.samplers.values():
+            self._stack.enter_context(sampler)
+        self._began = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.elapsed_s = time.perf_counter() - self._began
+        self._stack.close()
+
+    def cpu_s(self, name: str) -> float:
+        return self.samplers[name].cost.cpu_s if name in self.samplers else math.nan
+
+    def peak_rss_mib(self, name: str) -> float:
+        return self.samplers[name].cost.peak_rss_bytes / MiB if name in self.samplers else math.nan
 
 
-def _python_part(name: str, argv: list[str], workdir: Path) -> ManagedProcess:
-    return ManagedProcess(
-        ProcessSpec(
-            name=name,
-            argv=[sys.executable, "-m", "app", *argv],
-            log_path=workdir / f"{name}.log",
-        )
+@dataclass(frozen=True, slots=True)
+class PathRun:
+    """One run of one path: its load summary and what it cost."""
+
+    summary: LoadSummary
+    cpu_us_per_request: Mapping[str, float]  # CPU_PARTS; "proxy" NaN where there is none
+    router_cpu_cores: float
+    proxy_peak_rss_mib: float
+
+    @property
+    def client_and_proxy_us(self) -> float:
+        """What the path spends outside Triton per request."""
+        proxy = self.cpu_us_per_request["proxy"]
+        return self.cpu_us_per_request["client"] + (0.0 if math.isnan(proxy) else proxy)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            **self.summary.to_dict(),
+            "cpu_us_per_request": dict(self.cpu_us_per_request),
+            "router_cpu_cores": self.router_cpu_cores,
+            "proxy_peak_rss_mib": self.proxy_peak_rss_mib,
+        }
+
+
+def measure_path(
+    address: str, concurrency: int, settings: PathSettings, pids: Mapping[str, int]
+) -> PathRun:
+    """One run of the Python driver against `address`, with the CPU time of the processes in
+    `pids`: "triton", "router", and "proxy" where the path has one, each with its
+    descendants (Triton's model stubs, nghttpx's worker), and this process as "client"."""
+    samplers = {name: ProcessSampler([pid], descendants=True) for name, pid in pids.items()}
+    # Not this process's descendants: they are the processes under test.
+    samplers["client"] = ProcessSampler([os.getpid()])
+    window = CostWindow(samplers)
+    run = python_run(address, concurrency, settings, around=window)
+    calls = max(1, run.calls)
+    return PathRun(
+        summary=run.summary,
+        cpu_us_per_request={part: window.cpu_s(part) / calls * 1e6 for part in CPU_PARTS},
+        router_cpu_cores=window.cpu_s("router") / window.elapsed_s,
+        proxy_peak_rss_mib=window.peak_rss_mib("proxy"),
     )
+
+
+def _pid(fleet: Fleet, name: str) -> int:
+    for process in fleet.processes:
+        if process.name == name and process.pid is not None:
+            return process.pid
+    raise RuntimeError(f"the fleet has no running {name}")
+
+
+def _process(fleet: Fleet, name: str) -> ManagedProcess:
+    return next(p for p in fleet.processes if p.name == name)
 
 
 def run_proxyless(
-    settings: OverheadSettings, progress: Callable[[str], None] = lambda _line: None
+    settings: PathSettings, say: Say = lambda _line: None, shared: SharedFleet | None = None
 ) -> ScenarioResult:
+    """Measures every path; on `shared`'s fleet when given, else on a fleet of its own."""
     workdir = Path(tempfile.mkdtemp(prefix="pointsman-bench-proxyless-"))
-    triton = TritonSpec.on_free_ports(
-        "triton-0", load_models=(MODEL,), log_path=workdir / "triton.log"
+    notes: list[str] = []
+    config = FleetConfig(
+        instances=1,
+        placement={"triton-0": (MODEL,)},
+        models=(MODEL,),
+        sidecar_port=0,
+        router_port=0,
+        run_dir=workdir,
     )
-    router_address = f"127.0.0.1:{free_port()}"
-    sidecar_address = f"127.0.0.1:{free_port()}"
-    processes = {
-        "triton": triton_process(triton, prepare_installation()),
-        "router": _python_part(
-            "router",
-            [
-                "router",
-                "--listen",
-                router_address,
-                "--instance",
-                f"triton-0={triton.grpc_address},{triton.metrics_url}",
-                "--no-placement",
-            ],
-            workdir,
-        ),
-        "sidecar": _python_part(
-            "sidecar",
-            ["sidecar", "--listen", sidecar_address, "--router", router_address],
-            workdir,
-        ),
-    }
-    addresses = {
-        "direct": triton.grpc_address,
-        "proxyless": f"xds:///{MODEL}",
-        "sidecar": sidecar_address,
-    }
-    notes = [f"logs: {workdir}"]
-    if shutil.which("nghttpx"):
-        port = free_port()
-        processes["nghttpx"] = ManagedProcess(
-            ProcessSpec(
-                name="nghttpx",
-                argv=nghttpx_command(port, triton.grpc_address, workdir),
-                log_path=workdir / "nghttpx.log",
-            )
-        )
-        addresses["nghttpx"] = f"127.0.0.1:{port}"
-    else:
-        notes.append(f"nghttpx not found: its column is skipped ({INSTALL_HINT})")
-    # gRPC reads the bootstrap when this process makes its first xDS channel.
-    os.environ["GRPC_XDS_BOOTSTRAP"] = str(
-        write_bootstrap(workdir / "xds-bootstrap.json", [router_address])
-    )
-    results: dict[tuple[int, str], dict[str, object]] = {}
-    triton_version = ""
-    try:
-        processes["triton"].start()
-        wait_until_ready(triton.grpc_address, [MODEL], 60, processes["triton"])
-        for name in ("router", "sidecar", "nghttpx"):
-            if name in processes:
-                processes[name].start()
-        with grpcclient.InferenceServerClient(triton.grpc_address) as client:
-            triton_version = str(client.get_server_metadata().version)
-        for path in ("proxyless", "sidecar", "nghttpx"):
-            if path in addresses:
-                proxy = processes["router" if path == "proxyless" else path]
-                _wait_for_answer(addresses[path], proxy, timeout_s=60)
-        for concurrency in settings.concurrencies:
-            for path, address in addresses.items():
-                label = f"proxyless: c={concurrency} {path}"
-                progress(label)
-                results[(concurrency, path)] = _measured_cell(
-                    address, concurrency, settings, label, processes, path
-                )
-    finally:
-        stop_all(list(processes.values())[::-1])
-    result = _result(results, settings, list(addresses), notes)
+    with fleet_for(shared, config) as fleet:
+        if fleet.xds_bootstrap is None:
+            raise RuntimeError("the fleet wrote no xDS bootstrap")
+        os.environ["GRPC_XDS_BOOTSTRAP"] = str(fleet.xds_bootstrap)
+        triton = fleet.tritons[0]
+        triton_version = server_version(triton.grpc_address)
+        addresses = {
+            "direct": triton.grpc_address,
+            "proxyless": f"xds:///{MODEL}",
+            "sidecar": fleet.sidecar_address,
+        }
+        # What serves each path (its exit ends the wait for an answer).
+        serving = {"proxyless": _process(fleet, "router"), "sidecar": _process(fleet, "sidecar")}
+        nghttpx: list[ManagedProcess] = []
+        if found := nghttpx_process(triton.grpc_address, workdir, notes):
+            nghttpx.append(found[0])
+            addresses["nghttpx"] = found[1]
+            serving["nghttpx"] = found[0]
+        try:
+            for process in nghttpx:
+                process.start()
+            for path, process in serving.items():
+                wait_for_answer(addresses[path], process, timeout_s=60)
+            base = {
+                "triton": _pid(fleet, triton.instance_id),
+                "router": _pid(fleet, "router"),
+            }
+            proxies = {"sidecar": _pid(fleet, "sidecar")}
+            for process in nghttpx:
+                if process.pid is not None:
+                    proxies[process.name] = process.pid
+
+            def measure(path: str, concurrency: int) -> PathRun:
+                pids = base | ({"proxy": proxies[path]} if path in proxies else {})
+                return measure_path(addresses[path], concurrency, settings, pids)
+
+            runs = measure_rounds(list(addresses), settings, measure, say, "proxyless")
+        finally:
+            stop_all(nghttpx)
+    if shared is not None:
+        notes.append(f"quick mode: on the quick run's shared fleet (logs: {fleet.run_dir})")
+    notes.append(f"logs: {workdir}")
+    result = _result(runs, settings, list(addresses), notes)
     result.data["triton_version"] = triton_version
     return result
 
 
-def _measured_cell(
-    address: str,
-    concurrency: int,
-    settings: OverheadSettings,
-    label: str,
-    processes: dict[str, ManagedProcess],
-    path: str,
-) -> dict[str, object]:
-    """One cell's load summary, CPU per request of client and proxy, the router's cores."""
-    proxy = processes.get(path)  # the sidecar or nghttpx; none for direct and proxyless
-    router = processes["router"]
+@dataclass(frozen=True, slots=True)
+class _Cell:
+    concurrency: int
+    path: str
+    figures: PathFigures
+    cpu_us_per_request: dict[str, Interval]  # CPU_PARTS and "client + proxy"
+    router_cpu_cores: Interval
+    proxy_peak_rss_mib: Interval
+    runs: Sequence[PathRun]
 
-    def cpu_now() -> tuple[float, float, float]:
-        proxy_pid = proxy.pid if proxy is not None else None
-        return (
-            time.process_time(),
-            process_tree_cpu_s(proxy_pid) if proxy_pid else 0.0,
-            process_tree_cpu_s(router.pid) if router.pid else 0.0,
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "concurrency": self.concurrency,
+            "path": self.path,
+            **self.figures.to_dict(),
+            "cpu_us_per_request": {k: v.to_dict() for k, v in self.cpu_us_per_request.items()},
+            "router_cpu_cores": self.router_cpu_cores.to_dict(),
+            "proxy_peak_rss_mib": self.proxy_peak_rss_mib.to_dict(),
+            "rounds": [r.to_dict() for r in self.runs],
+        }
+
+
+def _cells(runs: Mapping[tuple[int, str], list[PathRun]], seed: int) -> list[_Cell]:
+    def interval(values: Sequence[float]) -> Interval:
+        return bootstrap_median(values, random.Random(seed))
+
+    cells = []
+    for (concurrency, path), path_runs in runs.items():
+        direct = [r.summary for r in runs[(concurrency, "direct")]]
+        cpu = {
+            part: interval([r.cpu_us_per_request[part] for r in path_runs]) for part in CPU_PARTS
+        }
+        cpu["client + proxy"] = interval([r.client_and_proxy_us for r in path_runs])
+        cells.append(
+            _Cell(
+                concurrency,
+                path,
+                path_figures([r.summary for r in path_runs], direct, seed),
+                cpu,
+                interval([r.router_cpu_cores for r in path_runs]),
+                interval([r.proxy_peak_rss_mib for r in path_runs]),
+                tuple(path_runs),
+            )
         )
-
-    before, began = cpu_now(), time.monotonic()
-    summary = _python_run(address, concurrency, settings, label)
-    after, elapsed = cpu_now(), time.monotonic() - began
-    # CPU covers warm-up and measured calls alike: divide by the calls of both (estimated
-    # from the measured window's rate).
-    calls = (summary.ok + summary.errors) * (settings.warmup_s + settings.duration_s)
-    calls = max(1.0, calls / settings.duration_s)
-    client, proxy_cpu, router_cpu = (b - a for a, b in zip(before, after, strict=True))
-    return {
-        "summary": summary,
-        "client_cpu_us_per_request": client / calls * 1e6,
-        "proxy_cpu_us_per_request": proxy_cpu / calls * 1e6 if proxy is not None else math.nan,
-        "router_cpu_cores": router_cpu / elapsed,
-    }
+    return cells
 
 
 def _result(
-    results: dict[tuple[int, str], dict[str, object]],
-    settings: OverheadSettings,
+    runs: Mapping[tuple[int, str], list[PathRun]],
+    settings: PathSettings,
     paths: list[str],
     notes: list[str],
 ) -> ScenarioResult:
-    rows, cells = [], []
-    for (concurrency, path), cell in results.items():
-        summary = cell["summary"]
-        direct = results[(concurrency, "direct")]["summary"]
-        assert isinstance(summary, LoadSummary) and isinstance(direct, LoadSummary)
-        added_p50 = math.nan if path == "direct" else summary.p50_ms - direct.p50_ms
-        added_p99 = math.nan if path == "direct" else summary.p99_ms - direct.p99_ms
-        cpu = [cell[k] for k in _CPU_KEYS]
-        rows.append(
-            (
-                concurrency,
-                path,
-                summary.p50_ms,
-                summary.p99_ms,
-                added_p50,
-                added_p99,
-                summary.throughput_rps,
-                ratio(summary.throughput_rps, direct.throughput_rps),
-                *cpu,
-                summary.errors,
-            )
-        )
-        cells.append(
-            {
-                "concurrency": concurrency,
-                "path": path,
-                **summary.to_dict(),
-                "added_p50_ms": added_p50,
-                "added_p99_ms": added_p99,
-                **{k: cell[k] for k in _CPU_KEYS},
-            }
-        )
+    cells = _cells(runs, settings.seed)
+    low, high = min(settings.concurrencies), max(settings.concurrencies)
+    at = {(c.concurrency, c.path): c for c in cells}
+    cpu_columns = (*CPU_PARTS, "client + proxy")
     return ScenarioResult(
         name="proxyless",
         title="Proxyless: direct vs proxyless (xDS) vs sidecar vs nghttpx on add_one",
         tables=(
             Table(
-                f"add_one FP32[16], one Triton, Python driver, {settings.duration_s:g} s per cell",
+                f"add_one FP32[16], one Triton, Python driver, {settings.duration_s:g} s per run, "
+                f"{settings.rounds} rounds; median [95 % bootstrap interval] over rounds",
+                ("concurrency", "path", *PATH_COLUMNS),
+                tuple((c.concurrency, c.path, *c.figures.cells(c.path == "direct")) for c in cells),
+            ),
+            Table(
+                "CPU microseconds per request (warm-up included), the router's CPU in cores, "
+                "the proxy's peak RSS; median [95 % bootstrap interval] over rounds",
                 (
                     "concurrency",
                     "path",
-                    "p50 ms",
-                    "p99 ms",
-                    "added p50 ms",
-                    "added p99 ms",
-                    "req/s",
-                    "throughput vs direct",
-                    "client CPU us/req",
-                    "proxy CPU us/req",
+                    *(f"{part} CPU us/req" for part in cpu_columns),
                     "router CPU cores",
-                    "errors",
+                    "proxy peak RSS MiB",
                 ),
-                tuple(rows),
+                tuple(
+                    (
+                        c.concurrency,
+                        c.path,
+                        *(c.cpu_us_per_request[part].text() for part in cpu_columns),
+                        c.router_cpu_cores.text(),
+                        c.proxy_peak_rss_mib.text(),
+                    )
+                    for c in cells
+                ),
             ),
         ),
-        bars=_bars(results, settings, paths),
-        targets=_targets(results, settings),
+        bars=(
+            BarGroup(
+                f"p50 latency, concurrency {low}",
+                "ms",
+                tuple(paths),
+                tuple(at[(low, p)].figures.p50_ms.median for p in paths),
+            ),
+            BarGroup(
+                f"throughput, concurrency {high}",
+                "requests/s",
+                tuple(paths),
+                tuple(at[(high, p)].figures.throughput_rps.median for p in paths),
+            ),
+            BarGroup(
+                f"client + proxy CPU per request, concurrency {high}",
+                "us",
+                tuple(paths),
+                tuple(at[(high, p)].cpu_us_per_request["client + proxy"].median for p in paths),
+            ),
+        ),
+        targets=(_noise_target(at[(low, "proxyless")].figures.added_p50_ms, low),),
         notes=(
             *notes,
-            "CPU per request counts warm-up calls too; the client is this Python process.",
-            "Shared, busy machine: compare cells within one run only.",
+            "The client is this Python process; CPU per request counts the warm-up's calls too.",
+            "On a shared, busy machine compare cells within one run only.",
         ),
-        data={"duration_s": settings.duration_s, "cells": cells},
+        data={
+            "settings": settings.describe(),
+            "cells": [c.to_dict() for c in cells],
+        },
     )
 
 
-_CPU_KEYS = (
-    "client_cpu_us_per_request",
-    "proxy_cpu_us_per_request",
-    "router_cpu_cores",
-)
-
-
-def _bars(
-    results: dict[tuple[int, str], dict[str, object]],
-    settings: OverheadSettings,
-    paths: list[str],
-) -> tuple[BarGroup, ...]:
-    bars = []
-    for concurrency in settings.concurrencies:
-        summaries = [results[(concurrency, p)]["summary"] for p in paths]
-        if concurrency == min(settings.concurrencies):
-            values = tuple(s.p50_ms for s in summaries)  # type: ignore[attr-defined]
-            bars.append(
-                BarGroup(f"p50 latency, concurrency {concurrency}", "ms", tuple(paths), values)
-            )
-        else:
-            values = tuple(s.throughput_rps for s in summaries)  # type: ignore[attr-defined]
-            bars.append(
-                BarGroup(
-                    f"throughput, concurrency {concurrency}", "requests/s", tuple(paths), values
-                )
-            )
-    return tuple(bars)
-
-
-def _targets(
-    results: dict[tuple[int, str], dict[str, object]], settings: OverheadSettings
-) -> tuple[TargetCheck, ...]:
-    low = min(settings.concurrencies)
-    direct, proxyless = (results[(low, p)]["summary"] for p in ("direct", "proxyless"))
-    assert isinstance(direct, LoadSummary) and isinstance(proxyless, LoadSummary)
-    added = proxyless.p50_ms - direct.p50_ms
-    return (
-        TargetCheck(
-            f"proxyless adds, p50 (concurrency {low})",
-            f"<= {TARGET_ADDED_P50_MS} ms (within noise of direct)",
-            f"{added:.3f} ms",
-            added <= TARGET_ADDED_P50_MS,
-        ),
+def _noise_target(added: Interval, concurrency: int) -> TargetCheck:
+    """Within noise: the interval of the added p50 over rounds includes 0."""
+    judged = added.samples >= MIN_ROUNDS_FOR_NOISE
+    return TargetCheck(
+        f"proxyless adds, p50 (concurrency {concurrency})",
+        "within noise of direct: the 95 % interval includes 0",
+        f"{added.text()} ms"
+        + ("" if judged else f" (under {MIN_ROUNDS_FOR_NOISE} rounds: not judged)"),
+        (added.low <= 0.0 <= added.high) if judged else None,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, help="measured seconds per cell (default 8)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s per cell")
-    parser.add_argument("--out", type=Path, help="folder for results.json, .md, .png")
-    args = parser.parse_args(argv)
-    settings = OverheadSettings()
-    if args.quick:
-        settings = replace(settings, duration_s=1.0, warmup_s=0.5)
-    if args.duration:
-        settings = replace(settings, duration_s=args.duration)
-    started = utc_now()
-    result = run_proxyless(settings, lambda line: print(line, file=sys.stderr, flush=True))
-    machine = replace(machine_info(), triton_server=str(result.data.get("triton_version", "")))
-    command = " ".join(["python -m bench.scenarios.proxyless", *(argv or sys.argv[1:])])
-    run = BenchRun(command, started, machine, (result,))
-    for table in result.tables:
-        print(table.title)
-        for row in table.rows:
-            print(
-                "  " + "  ".join(str(round(v, 3)) if isinstance(v, float) else str(v) for v in row)
-            )
-    if args.out:
-        for path in write_report(run, args.out):
-            print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def scenario(options: Options, say: Say) -> ScenarioResult:
+    return run_proxyless(settings_for(options), say, options.shared)

@@ -1,7 +1,7 @@
 """Scenario `route-propagation`: how fast a change reaches routing.
 
-A local fleet (3 Tritons, router, sidecar, each its own process) with a policy file that splits
-`codegen` between its versions 1 and 2.
+A local fleet (3 Tritons, router, sidecar, each its own process; in quick mode the quick run's
+shared one-Triton fleet) with a policy file that splits `codegen` between its versions 1 and 2.
 
 1. Fleet change: `echo` is loaded and unloaded on one instance directly through Triton's API,
    behind the router's back; timed from Triton's answer until the sidecar routes accordingly
@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from bench.calls import INFER_METHOD, PROMPTS, TritonCalls, codegen_request
 from bench.loadgen import LoadRun, Request, run_closed_loop
 from bench.report import ScenarioResult, Table, TargetCheck
 from bench.scenarios import Options, Say
+from bench.scenarios.quick_fleet import SharedFleet, fleet_for
 from bench.stats import summarize
 from pointsman.router.v1 import router_pb2 as pb
 from pointsman.router.v1 import router_pb2_grpc as pb_grpc
@@ -56,6 +58,7 @@ class PropagationSettings:
     rounds: int = 10
     policy_rounds: int = 6
     clients: int = 4
+    policy_period_s: float = 2.5  # from one policy change to the next
 
 
 def _echo_request() -> bytes:
@@ -82,7 +85,7 @@ def _until(infer: grpc.UnaryUnaryMultiCallable, want_ok: bool, limit_s: float = 
 
 
 def _fleet_changes(fleet: Fleet, rounds: int, say: Say) -> tuple[list[float], list[float]]:
-    target = fleet.tritons[2]
+    target = fleet.tritons[-1]
     load_ms: list[float] = []
     unload_ms: list[float] = []
     with (
@@ -98,7 +101,8 @@ def _fleet_changes(fleet: Fleet, rounds: int, say: Say) -> tuple[list[float], li
             load_ms.append(_until(infer, want_ok=True) * 1000)
             direct.unload_model("echo")
             unload_ms.append(_until(infer, want_ok=False) * 1000)
-            time.sleep(1.5)  # let Triton finish UNLOADING before the next load
+            if index + 1 < rounds:
+                time.sleep(1.5)  # let Triton finish UNLOADING before the next load
     return load_ms, unload_ms
 
 
@@ -108,7 +112,7 @@ def _picked_versions(stub: pb_grpc.RouterServiceStub, picks: int = 30) -> set[st
 
 
 def _policy_changes(
-    fleet: Fleet, policy: Path, settings: PropagationSettings, say: Say
+    fleet: Fleet, write_policy: Callable[[str], object], settings: PropagationSettings, say: Say
 ) -> tuple[list[float], LoadRun]:
     """Milliseconds from each file write to routing by it, and the traffic sent through the
     sidecar meanwhile (on a thread, for the whole series of changes)."""
@@ -124,7 +128,7 @@ def _policy_changes(
             )
 
     runs: list[LoadRun] = []
-    period_s = 2.5
+    period_s = settings.policy_period_s
     sender = threading.Thread(
         target=lambda: runs.append(asyncio.run(traffic(1.0 + period_s * settings.policy_rounds)))
     )
@@ -137,7 +141,7 @@ def _policy_changes(
             for index in range(settings.policy_rounds):
                 text = ALL_ON_TWO if index % 2 == 0 else SPLIT
                 say(f"route-propagation: policy change {index + 1}/{settings.policy_rounds}")
-                policy.write_text(text)
+                write_policy(text)
                 written = time.perf_counter()
                 while (_picked_versions(stub) == {"2"}) != (text == ALL_ON_TWO):
                     if time.perf_counter() - written > 10:
@@ -154,8 +158,9 @@ def _row(label: str, values: list[float]) -> tuple[object, ...]:
 
 
 def run_route_propagation(
-    settings: PropagationSettings, say: Say = lambda _line: None
+    settings: PropagationSettings, say: Say = lambda _line: None, shared: SharedFleet | None = None
 ) -> ScenarioResult:
+    """On `shared`'s fleet when given (it writes the policy through it), else on its own."""
     run_dir = Path(tempfile.mkdtemp(prefix="pointsman-bench-propagation-"))
     policy = run_dir / "policy-file.yaml"
     policy.write_text(SPLIT)
@@ -169,9 +174,11 @@ def run_route_propagation(
         policy_file=policy,
         sidecar_args=("--cold-start-wait", "0"),
     )
-    with Fleet(config) as fleet:
+    write_policy = shared.write_policy if shared is not None else policy.write_text
+    with fleet_for(shared, config) as fleet:
+        instances = len(fleet.tritons)
         load_ms, unload_ms = _fleet_changes(fleet, settings.rounds, say)
-        policy_ms, traffic = _policy_changes(fleet, policy, settings, say)
+        policy_ms, traffic = _policy_changes(fleet, write_policy, settings, say)
     sent = summarize(traffic.records, traffic.elapsed_s)
     rows = (
         _row("model loaded on an instance -> sidecar routes to it", load_ms),
@@ -184,7 +191,7 @@ def run_route_propagation(
         title="Route propagation: fleet and policy changes to routing",
         tables=(
             Table(
-                "3 Tritons, router, sidecar (own processes); milliseconds",
+                f"{instances} Triton(s), router, sidecar (own processes); milliseconds",
                 ("change", "rounds", "p50 ms", "max ms", "target ms"),
                 rows,
             ),
@@ -215,7 +222,10 @@ def run_route_propagation(
                 "requests lost during policy reloads", "0", str(sent.errors), sent.errors == 0
             ),
         ),
-        notes=(f"logs: {run_dir}",),
+        notes=(
+            *(("quick mode: on the quick run's shared fleet",) if shared else ()),
+            f"logs: {run_dir}",
+        ),
         data={
             "load_ms": load_ms,
             "unload_ms": unload_ms,
@@ -228,7 +238,7 @@ def run_route_propagation(
 def scenario(options: Options, say: Say) -> ScenarioResult:
     settings = PropagationSettings()
     if options.quick:
-        settings = replace(settings, rounds=2, policy_rounds=2)
+        settings = replace(settings, rounds=1, policy_rounds=2, clients=2, policy_period_s=1.0)
     if options.repetitions:
         settings = replace(settings, rounds=options.repetitions, policy_rounds=options.repetitions)
-    return run_route_propagation(settings, say)
+    return run_route_propagation(settings, say, options.shared)

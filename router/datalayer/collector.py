@@ -8,6 +8,7 @@ large fleet's scrapes are spread over time.
 Rates (inferences per second, average batch size) come from counter deltas over a window of
 recent scrapes. A model version seen LOADING and later READY is reported to `on_model_loaded`
 with the time between the two sightings: its load time, give or take one poll interval.
+Each newly ready version's config is read once (ModelConfig; `model_config.model_facts`).
 A change wakes whoever waits on `FleetCollector.changed`; `snapshot()` copies the current
 state into a `FleetSnapshot` that scheduling reads without locks or I/O.
 
@@ -40,12 +41,12 @@ from router.datalayer.counters import (
     RequestDelta,
     request_increases,
 )
+from router.datalayer.model_config import ModelFacts, combined, facts_of, model_facts
 from router.datalayer.scrape import MetricsConnection, MetricsFetchError
 from router.datalayer.triton_metrics import TritonMetrics, parse_triton_metrics
 from router.discovery import Discovery
 
 __all__ = [
-    "DECLARED_MEMORY_PARAMETER",
     "FleetCollector",
     "GpuMemoryReading",
     "InstanceWatcher",
@@ -56,8 +57,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The model config parameter that declares a model's memory footprint in bytes.
-DECLARED_MEMORY_PARAMETER = "pointsman.memory_bytes"
 # Throughput and batch sizes are measured over this many seconds of counter history.
 _RATE_WINDOW_S = 5.0
 
@@ -122,7 +121,8 @@ class InstanceWatcher:
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._states: dict[str, _ModelStates] = {}
         self.known_models: frozenset[str] = frozenset()
-        self._declared: dict[tuple[str, str], int] = {}
+        # (model, version) -> what its config says (router/datalayer/model_config.py).
+        self._facts: dict[tuple[str, str], ModelFacts] = {}
         self._metrics = TritonMetrics()
         self._counters = CounterWindow(_RATE_WINDOW_S)
         # (model, version) -> clock time it was first seen LOADING.
@@ -193,7 +193,7 @@ class InstanceWatcher:
                 states.setdefault(entry.name, _ModelStates()).ready.add(entry.version or "1")
             elif entry.state == "LOADING":
                 states.setdefault(entry.name, _ModelStates()).loading.add(entry.version or "")
-        await self._learn_declared_memory(states)
+        await self._learn_model_facts(states)
         changed = (
             not self._healthy or states != self._states or frozenset(known) != self.known_models
         )
@@ -225,21 +225,22 @@ class InstanceWatcher:
         for key in self._loading_since.keys() - loading:
             del self._loading_since[key]
 
-    async def _learn_declared_memory(self, states: dict[str, _ModelStates]) -> None:
+    async def _learn_model_facts(self, states: dict[str, _ModelStates]) -> None:
+        """Reads the config of every newly ready version (ModelConfig), once; forgets the
+        versions no longer ready, so a model loaded again with a new config is read again."""
+        ready = {(name, version) for name, model in states.items() for version in model.ready}
+        self._facts = {key: facts for key, facts in self._facts.items() if key in ready}
         for name, model in states.items():
-            for version in model.ready - {v for (n, v) in self._declared if n == name}:
+            for version in model.ready:
+                if (name, version) in self._facts:
+                    continue
                 try:
                     response = await self._stub.ModelConfig(
                         service_pb2.ModelConfigRequest(name=name, version=version), timeout=2.0
                     )
                 except grpc.aio.AioRpcError:
                     continue  # unloaded meanwhile; learnt on the next refresh
-                declared = response.config.parameters.get(DECLARED_MEMORY_PARAMETER)
-                try:
-                    self._declared[(name, version)] = int(declared.string_value) if declared else 0
-                except ValueError:
-                    log.warning("%s: %s is not an integer", name, DECLARED_MEMORY_PARAMETER)
-                    self._declared[(name, version)] = 0
+                self._facts[(name, version)] = model_facts(response.config)
 
     async def refresh_metrics(self) -> None:
         if self._scraper is None:
@@ -279,16 +280,16 @@ class InstanceWatcher:
         models: dict[str, ModelOnInstance] = {}
         declared_total = 0
         for name, st in self._states.items():
-            declared = sum(self._declared.get((name, v), 0) for v in st.ready)
-            declared_total += declared
+            facts = combined(f for v in st.ready if (f := self._facts.get((name, v))))
+            declared_total += facts.declared_memory_bytes
             batches = executions.get(name, 0.0)
             models[name] = ModelOnInstance(
                 name=name,
                 ready_versions=frozenset(st.ready),
                 loading_versions=frozenset(st.loading),
                 pending_requests=metrics.pending_by_model.get(name, 0),
-                declared_memory_bytes=declared,
                 average_batch_size=inferences.get(name, 0.0) / batches if batches else 0.0,
+                **facts_of(facts),
             )
         if metrics.gpu_memory_used_bytes is not None:
             used, source = metrics.gpu_memory_used_bytes, MemorySource.GPU_METRICS

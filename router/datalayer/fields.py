@@ -26,7 +26,8 @@ __all__ = [
 ]
 
 # InstanceWatcher.refresh_index: the repository index every refresh_interval_s, and the
-# declared footprints of ready versions (pointsman.memory_bytes). Memory used is the GPU figure
+# config of each ready version (its declared footprint, pointsman.memory_bytes; its batch size,
+# instance count, queue bound and sequence batching). Memory used is the GPU figure
 # where Triton reports one, else the declared sum; the budget is configured or the GPU total.
 INDEX_FILLS: Final = frozenset(
     {
@@ -35,6 +36,11 @@ INDEX_FILLS: Final = frozenset(
         SnapshotField.READY_VERSIONS,
         SnapshotField.LOADING_VERSIONS,
         SnapshotField.DECLARED_MEMORY,
+        SnapshotField.MAX_BATCH_SIZE,
+        SnapshotField.INSTANCE_COUNT,
+        SnapshotField.MAX_QUEUE_SIZE,
+        SnapshotField.SEQUENCE_BATCHING,
+        SnapshotField.MAX_SEQUENCE_IDLE,
         SnapshotField.MEMORY_USED,
         SnapshotField.MEMORY_BUDGET,
     }

@@ -1,6 +1,8 @@
 """`pointsman bench`: the load generator (open and closed loop, timeouts, streams, no coordinated
-omission), the report files, the scale scenarios in quick mode, and quick end-to-end runs of the
-overhead scenario and of streaming calls against a real Triton."""
+omission), the report files and their JSON Schema, the pieces of the path scenarios (rotated
+rounds, added latency per round) and of the quick run's shared fleet, the scale scenario in
+quick mode, streaming calls against a real Triton, and the CI smoke run: `pointsman bench
+--quick`, every scenario end to end on real Tritons."""
 
 from __future__ import annotations
 
@@ -11,11 +13,17 @@ import math
 import random
 import shutil
 import statistics
+import subprocess
+import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
+import jsonschema
 import pytest
+import yaml
 
 from app.cli import main
 from app.processes import stop_all
@@ -38,6 +46,7 @@ from bench.loadgen import (
     status_of,
 )
 from bench.report import (
+    SCHEMA,
     BarGroup,
     BenchRun,
     ScenarioResult,
@@ -46,13 +55,25 @@ from bench.report import (
     format_cell,
     machine_info,
     provenance,
+    render_markdown,
+    scenario_from_json,
     write_report,
 )
 from bench.repository import model_config, zipf_popularity
-from bench.scenarios.h2load import grpc_frame, parse_h2load_log
+from bench.scenarios import ON_SHARED_FLEET, SCENARIOS
+from bench.scenarios.h2load import grpc_frame, h2load_command, parse_h2load_log
+from bench.scenarios.paths import PathSettings, measure_rounds, path_figures
+from bench.scenarios.quick_fleet import merged, shared_policy
+from bench.scenarios.route_propagation import ALL_ON_TWO, SPLIT
 from bench.scenarios.scale import QUICK, run_scale
-from bench.stats import LoadSummary, summarize
+from bench.stats import LoadSummary, bootstrap_median, summarize
 from tests.support.fakes import FakeClock
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+RESULTS = BENCH / "results"
+RESULTS_SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((BENCH / "results.schema.json").read_text())
+)
 
 # --- the load generator ------------------------------------------------------------------------
 
@@ -244,7 +265,7 @@ def test_model_config_variants_rename_reseed_and_drop_only_the_batcher(template:
         assert "version_policy" not in variant
         assert "max_batch_size: 8" in variant
     assert 'key: "pointsman.memory_bytes" value: { string_value: "123456" }' in on
-    assert 'key: "pointsman.memory_bytes" value: { string_value: "67108864" }' in off
+    assert 'key: "pointsman.memory_bytes" value: { string_value: "75497472" }' in off
     assert "dynamic_batching" in on and "max_queue_delay_microseconds" in on
     assert "dynamic_batching" not in off and "default_queue_policy" not in off
 
@@ -327,32 +348,132 @@ def test_format_cell(value: object, text: str) -> None:
     assert format_cell(value) == text
 
 
+def test_a_scenario_read_back_from_results_json_renders_the_same(tmp_path: Path) -> None:
+    """What a quick run's second lane hands back: the scenario as written, NaN and inf
+    included, renders the same markdown."""
+    result = ScenarioResult(
+        name="demo",
+        title="Demo",
+        tables=(Table("figures", ("system", "p99 ms"), (("a", 1.5), ("b", math.nan))),),
+        bars=(BarGroup("p99", "ms", ("a", "b", "c"), (1.5, math.nan, math.inf), log_scale=True),),
+        targets=(TargetCheck("p99", "< 2 ms", "1.5 ms", None),),
+        notes=("a note",),
+        data={"tail": math.inf},
+        wall_s=2.5,
+    )
+    run = BenchRun("pointsman bench --scenario demo", "2026-01-01T00:00:00Z", machine_info(), ())
+    paths = write_report(replace(run, scenarios=(result,)), tmp_path / "out", plot=False)
+    assert [p.name for p in paths] == ["results.json", "results.md"]
+    (entry,) = json.loads(paths[0].read_text())["scenarios"]
+    back = scenario_from_json(entry)
+    assert back.bars[0].values[0] == 1.5 and math.isnan(back.bars[0].values[1])
+    assert back.bars[0].values[2] == math.inf and back.bars[0].log_scale
+    assert (back.targets, back.notes, back.wall_s) == (result.targets, result.notes, 2.5)
+    assert render_markdown(replace(run, scenarios=(back,))) == paths[1].read_text()
+    assert "- ran 2.5 s" in paths[1].read_text()
+
+
+@pytest.mark.parametrize(
+    ("values", "text"),
+    [([], "-"), ([2.0], "2"), ([1.0, 2.0, 3.0], "2 [1, 3]")],
+)
+def test_an_interval_reads_as_median_and_bounds_from_two_samples_on(
+    values: list[float], text: str
+) -> None:
+    assert bootstrap_median(values, random.Random(0)).text() == text
+
+
+def test_rounds_rotate_the_paths_and_keep_every_run_in_round_order() -> None:
+    settings = PathSettings(rounds=3, concurrencies=(1, 64))
+    order: list[tuple[int, str]] = []
+
+    def measure(path: str, concurrency: int) -> str:
+        order.append((concurrency, path))
+        return f"{path}@{concurrency}#{len(order)}"
+
+    runs = measure_rounds(["a", "b", "c"], settings, measure, lambda _line: None, "test")
+    assert [p for c, p in order if c == 1] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert list(runs) == [(1, "a"), (1, "b"), (1, "c"), (64, "a"), (64, "b"), (64, "c")]
+    assert runs[(64, "b")] == ["b@64#5", "b@64#10", "b@64#18"]
+
+
+def _summary(p50_ms: float, p99_ms: float, rps: float, errors: int = 0) -> LoadSummary:
+    return LoadSummary(
+        requests=100 + errors,
+        ok=100,
+        timed_out=0,
+        failed=errors,
+        errors_by_status={"UNAVAILABLE": errors} if errors else {},
+        elapsed_s=1.0,
+        throughput_rps=rps,
+        p50_ms=p50_ms,
+        p90_ms=p50_ms,
+        p99_ms=p99_ms,
+        max_ms=p99_ms,
+        mean_ms=p50_ms,
+    )
+
+
+def test_what_a_path_adds_is_taken_per_round_against_that_rounds_direct_run() -> None:
+    direct = [_summary(1.0, 2.0, 1000.0), _summary(3.0, 6.0, 500.0), _summary(2.0, 4.0, 800.0)]
+    # Each round's sidecar run is its direct run plus 0.5 ms at p50, at 80 % of its rate:
+    # the rounds' drift (1 to 3 ms) cancels out.
+    sidecar = [_summary(d.p50_ms + 0.5, d.p99_ms + 1.0, d.throughput_rps * 0.8) for d in direct]
+    sidecar[1] = replace(sidecar[1], requests=102, failed=2)
+    figures = path_figures(sidecar, direct, seed=1)
+    assert figures.added_p50_ms.median == pytest.approx(0.5)
+    assert figures.added_p50_ms.low == pytest.approx(0.5) == figures.added_p50_ms.high
+    assert figures.added_p99_ms.median == pytest.approx(1.0)
+    assert figures.throughput_vs_direct.median == pytest.approx(0.8)
+    assert figures.p50_ms.median == pytest.approx(2.5) and figures.p50_ms.samples == 3
+    assert figures.errors == 2
+    assert figures.cells(is_direct=True)[3:6] == ("-", "-", "-")
+
+
+def test_h2load_takes_durations_to_the_millisecond() -> None:
+    argv = h2load_command("127.0.0.1:1", Path("body"), 0.3, 64, Path("log"), warmup_s=0.1)
+    assert "--duration=300ms" in argv and "--warm-up-time=100ms" in argv
+    assert "--max-concurrent-streams=64" in argv
+
+
+def test_the_shared_fleets_policy_is_the_union_and_the_router_accepts_it(tmp_path: Path) -> None:
+    document = yaml.safe_load(shared_policy(ALL_ON_TWO))
+    assert document["placement"] == {"enabled": False}
+    assert set(document["priority_classes"]) == {"high", "low"}
+    assert document["models"]["codegen"] == {"min_copies": 1, "versions": {"split": {"2": 1}}}
+    for text in (SPLIT, ALL_ON_TWO):
+        path = tmp_path / "policy.yaml"
+        path.write_text(shared_policy(text))
+        assert main(["policy", "check", str(path)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("base", "overlay", "expected"),
+    [
+        ({"a": 1}, {"b": 2}, {"a": 1, "b": 2}),
+        ({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}, {"a": {"x": 1, "y": 3}}),
+        ({"a": {"x": 1}}, {"a": 5}, {"a": 5}),
+        ({"a": [1]}, {"a": [2]}, {"a": [2]}),
+    ],
+)
+def test_merged_writes_the_overlay_over_the_base_key_by_key(
+    base: dict[str, object], overlay: dict[str, object], expected: dict[str, object]
+) -> None:
+    assert merged(base, overlay) == expected
+
+
+def test_committed_results_of_this_schema_are_valid() -> None:
+    """Every committed results.json that says pointsman-bench/2 matches the JSON Schema."""
+    checked = 0
+    for path in sorted(RESULTS.rglob("results.json")):
+        document = json.loads(path.read_text())
+        if document.get("schema") == SCHEMA:
+            RESULTS_SCHEMA.validate(document)
+            checked += 1
+    assert checked > 0
+
+
 # --- end to end, real Triton ----------------------------------------------------------------
-
-
-@pytest.mark.triton
-@pytest.mark.timeout(180)
-def test_overhead_quick_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "bench"
-    code = main(
-        ["bench", "--scenario", "overhead", "--quick", "--duration", "0.5", "--no-progress",
-         "--out", str(out)]
-    )  # fmt: skip
-    assert code == 0
-    document = json.loads((out / "results.json").read_text())
-    assert document["machine"]["triton_server"]
-    cells = document["scenarios"][0]["data"]["cells"]
-    paths = {c["path"] for c in cells}
-    assert {"direct", "sidecar", "minimal proxy"} <= paths
-    assert ("nghttpx" in paths) is (shutil.which("nghttpx") is not None)
-    drivers = {c["driver"] for c in cells}
-    assert ("h2load" in drivers) is (shutil.which("h2load") is not None)
-    for cell in cells:
-        (only,) = cell["rounds"]
-        assert only["ok"] > 0 and only["errors"] == 0, cell
-        assert 0 < cell["p50_ms"]["median"] <= cell["p99_ms"]["median"]
-    assert (out / "results.png").stat().st_size > 0
-    assert "Overhead" in (out / "results.md").read_text()
 
 
 @pytest.mark.triton
@@ -392,3 +513,107 @@ def test_stream_calls_time_every_token_and_count_model_errors(tmp_path: Path) ->
     assert 0 < ok.ttft_p50_ms <= ok.p50_ms
     assert 0 < ok.itl_p50_ms < ok.p50_ms
     assert failed.ok == 0 and failed.errors_by_status == {"StreamError": failed.requests}
+
+
+@pytest.mark.triton
+@pytest.mark.timeout(600)
+def test_bench_quick_smokes_every_scenario_on_real_tritons(tmp_path: Path) -> None:
+    """The CI smoke run: `pointsman bench --quick` runs every scenario end to end (its own
+    process: the proxyless scenario sets GRPC_XDS_BOOTSTRAP), exits 0, and writes a
+    results.json that matches the JSON Schema and holds what each scenario must measure."""
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "bench", "--quick", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=580, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    document = json.loads((out / "results.json").read_text())
+    RESULTS_SCHEMA.validate(document)
+    assert document["machine"]["triton_server"] and "--quick" in document["command"]
+    assert len(document["provenance"]["commit"]) == 40
+    assert (out / "results.md").exists() and not (out / "results.png").exists()
+    scenarios = {s["name"]: s for s in document["scenarios"]}
+    assert list(scenarios) == list(SCENARIOS)  # every one, in the registry's order
+    assert all(s["wall_s"] > 0 for s in scenarios.values())
+    for name in ON_SHARED_FLEET:
+        assert any("shared" in note for note in scenarios[name]["notes"]), name
+    _check_comparison(scenarios["comparison"]["data"])
+    _check_seed_table(scenarios["seed-table"])
+    # Pointsman served, in one of its two quick cells at least: each has two seconds of warm-up
+    # to load its models from nothing, which a busy machine may not be enough for.
+    pointsman = [
+        c["latency"]["ok"]
+        for c in (
+            *scenarios["comparison"]["data"]["cells"],
+            *scenarios["seed-table"]["data"]["systems"],
+        )
+        if c["system"] == "pointsman"
+    ]
+    assert len(pointsman) == 2 and sum(pointsman) > 0, pointsman
+    _check_paths(scenarios["overhead"], {"direct", "sidecar", "minimal proxy"})
+    _check_paths(scenarios["proxyless"], {"direct", "proxyless", "sidecar"})
+    _check_proxyless_costs(scenarios["proxyless"]["data"]["cells"])
+    batching = scenarios["batching"]["data"]
+    assert set(batching["decode_step_ms"]) == {"1", "2", "4", "8"}
+    assert {c["batcher"] for c in batching["triton"]} == {"on", "off"}
+    assert all(run["ok"] > 0 for c in batching["triton"] for run in c["runs"])
+    (overload,) = scenarios["overload"]["data"]["cells"]
+    assert overload["max_in_flight"] == 8 and overload["high"]["sent"] > 0
+    propagation = scenarios["route-propagation"]["data"]
+    assert (len(propagation["load_ms"]), len(propagation["policy_applied_ms"])) == (1, 2)
+    assert propagation["traffic_during_reloads"]["ok"] > 0
+    sweep = scenarios["scale-sweep"]["data"]["sweep"]
+    assert [m["holders_per_model"] for m in sweep] == [1, 8, 100]
+
+
+def _check_comparison(data: dict[str, Any]) -> None:
+    """Two systems, one closed-loop workload (no capacity cell), one instance."""
+    assert data["capacity"] is None and data["failed_cells"] == []
+    cells = data["cells"]
+    assert [(c["system"], c["workload"]) for c in cells] == [
+        ("static-split", "shift-closed"),
+        ("pointsman", "shift-closed"),
+    ]
+    for cell in cells:
+        assert cell["latency"]["requests"] > 0, cell
+        assert cell["final_placement"] and {"tritons", "bench_process"} <= set(cell["cost"])
+    static, pointsman = cells
+    assert static["latency"]["ok"] > 0, static  # placed at start, before the window
+    assert static["warmup_loads"]["loads"] == static["loads"]["loads"] == 0
+    assert sorted(m for ms in static["final_placement"].values() for m in ms) == [
+        "codegen_a",
+        "codegen_b",
+    ]
+    assert {"router", "sidecar"} <= set(pointsman["cost"])
+    # It started empty and placed by demand.
+    assert pointsman["warmup_loads"]["loads"] + pointsman["loads"]["loads"] > 0
+    assert set(data["aggregates"]["shift-closed"]) == {"static-split", "pointsman"}
+
+
+def _check_seed_table(scenario: dict[str, Any]) -> None:
+    systems = scenario["data"]["systems"]
+    assert [s["label"][:3] for s in systems] == ["(a)", "(c)"]
+    assert "(b) not run (quick mode)" in scenario["notes"]
+    assert all(s["latency"]["requests"] > 0 for s in systems), systems
+
+
+def _check_paths(scenario: dict[str, Any], paths: set[str]) -> None:
+    """Every path answered every call, at both concurrencies; nghttpx where installed."""
+    cells = scenario["data"]["cells"]
+    if shutil.which("nghttpx"):
+        paths.add("nghttpx")
+    assert {c["path"] for c in cells} == paths
+    assert {c["concurrency"] for c in cells} == {1, 64}
+    for cell in cells:
+        (only,) = cell["rounds"]
+        assert only["ok"] > 0 and only["errors"] == 0, cell
+        assert 0 < cell["p50_ms"]["median"] <= cell["p99_ms"]["median"]
+
+
+def _check_proxyless_costs(cells: list[dict[str, Any]]) -> None:
+    for cell in cells:
+        cpu = cell["cpu_us_per_request"]
+        assert cpu["client"]["median"] > 0, cell  # the load generator is this process
+        assert (cpu["proxy"]["median"] is None) is (cell["path"] in ("direct", "proxyless"))
+    # The sidecar spends CPU on the requests it proxies (summed: one short run each).
+    assert sum(c["cpu_us_per_request"]["proxy"]["median"] for c in cells if c["path"] == "sidecar")

@@ -1,6 +1,6 @@
 """The comparison's method, piece by piece: workloads, baselines' placement and routing rules,
-bootstrap intervals, interleaving, load counting, aggregation and the goal checks; and one
-small end-to-end comparison on real Tritons."""
+bootstrap intervals, interleaving, load counting, aggregation and the goal checks. The
+comparison end to end on real Tritons is part of the quick run (tests/app/test_bench.py)."""
 
 from __future__ import annotations
 
@@ -266,48 +266,6 @@ def test_aggregation_and_goal_checks() -> None:
     json.dumps(result.data, default=str)  # plain data, ready for results.json
     assert len(result.data["cells"]) == 20  # type: ignore[arg-type]
     assert statistics.median(c.summary.p99_ms for c in cells[:5]) == 102
-
-
-# --- end to end, real Tritons -----------------------------------------------------------------
-
-
-@pytest.mark.triton
-@pytest.mark.timeout(420)
-def test_comparison_smoke_end_to_end(tmp_path: Path) -> None:
-    """Two systems, the shifting closed-loop workload, one repetition, a few seconds each (a
-    closed loop needs no capacity measurement, which keeps this test short)."""
-    out = tmp_path / "bench"
-    code = main(
-        ["bench", "--scenario", "comparison", "--quick", "--no-progress", "--duration", "4",
-         "--systems", "static-split,pointsman", "--workloads", "shift-closed",
-         "--out", str(out)]
-    )  # fmt: skip
-    assert code == 0
-    document = json.loads((out / "results.json").read_text())
-    assert len(document["provenance"]["commit"]) == 40
-    data = document["scenarios"][0]["data"]
-    assert data["capacity"] is None  # only open loops need it
-    assert data["failed_cells"] == []
-    cells = data["cells"]
-    assert [(c["system"], c["workload"]) for c in cells] == [
-        ("static-split", "shift-closed"),
-        ("pointsman", "shift-closed"),
-    ]
-    for cell in cells:
-        assert cell["latency"]["requests"] > 0, cell
-        assert cell["latency"]["ok"] > 0, cell
-        assert cell["final_placement"], cell
-        assert set(cell["cost"]) >= {"tritons", "bench_process"}
-        assert len(cell["loadavg_1_5_15"]) == 3
-    pointsman = cells[1]
-    assert {"router", "sidecar"} <= set(pointsman["cost"])
-    assert pointsman["warmup_loads"]["loads"] > 0  # it started empty and placed by demand
-    static = cells[0]
-    assert static["warmup_loads"]["loads"] == 0  # placed at start, before the watcher
-    assert static["loads"]["loads"] == 0
-    placed = [m for models in static["final_placement"].values() for m in models]
-    assert len(placed) == 4  # 2 instances x 2 slots (quick testbed)
-    assert set(data["aggregates"]["shift-closed"]) == {"static-split", "pointsman"}
 
 
 def test_scale_sweep_quick_times_index_rebuild_and_pick_target_over_grpc() -> None:

@@ -8,7 +8,13 @@ from pointsman.router.v1 import router_pb2 as pb
 from router.contracts import FleetSnapshot, InstanceSnapshot, MemorySource, ModelOnInstance
 from router.decision import DecisionPolicy, decide
 from router.plugins.registry import default_profile
-from router.proto_convert import instances_to_proto, pick_to_proto, request_from_proto
+from router.proto_convert import (
+    instances_to_proto,
+    pick_to_proto,
+    request_from_proto,
+    table_to_proto,
+)
+from router.routes import ModelRoutes, RouteEntry
 
 NOW = 10.0
 
@@ -65,3 +71,18 @@ def test_instances_report_age_and_model_states() -> None:
         ("2", pb.MODEL_STATE_LOADING, 3),
     ]
     assert listed[0].memory_source == pb.MEMORY_SOURCE_DECLARED
+
+
+def test_route_tables_carry_capacity_clamped_to_uint32() -> None:
+    table = ModelRoutes(
+        "codegen",
+        (RouteEntry("a", "10.0.0.1:8001", ("1",), 1.0, concurrency=8, queue_capacity=2**40),
+         RouteEntry("b", "10.0.0.2:8001", ("1",), 0.5)),
+        default_version="1",
+        generation=3,
+    )  # fmt: skip
+    message = table_to_proto(table, ttl_ms=1000)
+    assert [(c.concurrency, c.queue_capacity) for c in message.candidates] == [
+        (8, 2**32 - 1),
+        (0, 0),
+    ]

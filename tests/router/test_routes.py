@@ -149,3 +149,23 @@ def test_starting_from_holders_ranks_as_starting_from_everyone() -> None:
     assert [(s.candidate.instance_id, s.total) for s in full] == [
         (s.candidate.instance_id, s.total) for s in held
     ]
+
+
+def test_tables_carry_each_holders_capacity_and_a_change_of_it_is_sent() -> None:
+    def holder(instance_id: str, instances: int, queue: int) -> InstanceSnapshot:
+        model = ModelOnInstance(
+            "codegen", ready_versions=frozenset({"1"}), max_batch_size=8,
+            instance_count=instances, max_queue_size=queue,
+        )  # fmt: skip
+        return InstanceSnapshot(
+            instance_id, f"10.0.0.{instance_id[-1]}:8001", healthy=True, refreshed_at=NOW,
+            models={"codegen": model}, memory_budget_bytes=1000,
+        )  # fmt: skip
+
+    book = _book()
+    book.rebuild(_snapshot(holder("i1", 1, 4), holder("i2", 2, 0)), NOW)
+    capacity = {c.instance_id: (c.concurrency, c.queue_capacity)
+                for c in book.tables["codegen"].candidates}  # fmt: skip
+    assert capacity == {"i1": (8, 4), "i2": (16, 0)}
+    update = book.rebuild(_snapshot(holder("i1", 1, 2), holder("i2", 2, 0)), NOW)
+    assert update is not None and [t.model_name for t in update.tables] == ["codegen"]

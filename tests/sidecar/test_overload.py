@@ -130,7 +130,8 @@ def test_three_times_capacity_sheds_low_priority_only(overload_fleet: Fleet) -> 
 @pytest.mark.timeout(120)
 def test_triton_queue_full_is_counted(overload_fleet: Fleet) -> None:
     """Triton answers a full queue (codegen's max_queue_size: 64) with UNAVAILABLE "Exceeds
-    maximum queue size" and counts it nowhere; a sidecar that lets more through counts it."""
+    maximum queue size" and counts it nowhere; a sidecar that lets more through (flow control
+    off: it would hold and resend them, tests/integration/test_flow_control.py) counts it."""
     triton = overload_fleet.tritons[0].grpc_address
 
     async def flood() -> tuple[list[grpc.StatusCode], str, float]:
@@ -140,6 +141,7 @@ def test_triton_queue_full_is_counted(overload_fleet: Fleet) -> None:
                 static_routes={"codegen": (triton,)},
                 max_in_flight=400,
                 max_queued=0,
+                flow_control=False,
             ),
             registry=CollectorRegistry(),
         )
