@@ -44,9 +44,17 @@ __all__ = [
 WEIGHT_STEP = 0.05
 # A watcher this many updates behind is sent a full snapshot instead.
 _WATCHER_QUEUE = 64
-# Snapshot fields `RouteBook.build` reads itself, beyond the policy's plugins (its other reads,
-# such as the instance's address, are not snapshot fields and always count as inputs).
-TABLE_READS = frozenset({SnapshotField.READY_VERSIONS})
+# Snapshot fields `RouteBook.build` reads itself, beyond the policy's plugins: a rebuild
+# recomputes a table when one of them changes (its other reads, such as the instance's
+# address, are not snapshot fields and always count). Add here what `build` starts reading.
+TABLE_READS = frozenset(
+    {
+        SnapshotField.READY_VERSIONS,
+        SnapshotField.MAX_BATCH_SIZE,  # concurrency
+        SnapshotField.INSTANCE_COUNT,  # concurrency
+        SnapshotField.MAX_QUEUE_SIZE,  # queue_capacity
+    }
+)
 # How long `rebuild_async` works before giving the event loop back (at least one model).
 REBUILD_SLICE_S = 0.005
 
