@@ -197,11 +197,12 @@ def candidates_for(
     `only_holders`, only the instances where the model is ready or loading (what a profile's
     `only_model_holders` allows)."""
     instances = snapshot.holders(model_name) if only_holders else snapshot.instances
+    if assumed is None:  # route tables: no assumed load, the cheaper loop (once per holder)
+        return [
+            Candidate(inst) for inst in instances if (model_name, inst.instance_id) not in draining
+        ]
     return [
-        Candidate(
-            instance=inst,
-            assumed_inflight=assumed.count(inst.instance_id, model_name, now) if assumed else 0,
-        )
+        Candidate(inst, assumed.count(inst.instance_id, model_name, now))
         for inst in instances
         if (model_name, inst.instance_id) not in draining
     ]

@@ -128,8 +128,9 @@ def run_scorers(
         columns.append(column)
         totals = [total + weight * score for total, score in zip(totals, column, strict=True)]
     rows = zip(*columns, strict=True) if columns else ((),) * len(candidates)
+    # Positional: this runs once per candidate, 50,000 times for a full rebuild of a large fleet.
     return [
-        ScoredCandidate(candidate=candidate, total=total, scores=dict(zip(names, row, strict=True)))
+        ScoredCandidate(candidate, total, dict(zip(names, row, strict=True)))
         for candidate, total, row in zip(candidates, totals, rows, strict=True)
     ]
 

@@ -131,7 +131,8 @@ class RouterServer:
 
 
 async def _keep_routes(router: RouterServer, refresh_interval_s: float, clock: Clock) -> None:
-    """Rebuilds route tables on every change, and at least every refresh interval (staleness)."""
+    """Rebuilds route tables on every change, and at least every refresh interval (staleness):
+    only the tables whose inputs changed, without holding the event loop for long."""
     collector, book, metrics = router.collector, router.book, router.metrics
     while True:
         with contextlib.suppress(TimeoutError):  # asyncio.timeout: see PlacementController.run
@@ -139,13 +140,13 @@ async def _keep_routes(router: RouterServer, refresh_interval_s: float, clock: C
                 await collector.changed.wait()
         collector.changed.clear()
         router.snapshot = collector.snapshot()
-        started = metrics.timer()
         try:
-            update = book.rebuild(router.snapshot, clock())
+            # In slices: PickTarget and WatchRoutes are served between them.
+            update = await book.rebuild_async(router.snapshot, clock(), timer=metrics.timer)
         except Exception:  # a bad plugin must not stop route publishing
             log.exception("rebuilding route tables failed")
         else:
-            metrics.observe_rebuild(metrics.timer() - started)
+            metrics.observe_rebuild(book.last_rebuild.busy_s)
             if update is not None:
                 metrics.count_route_update()
         # Coalesce bursts of changes (several instances refreshing at once).
