@@ -24,12 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.calls import PROMPTS, codegen_request
+from bench.cell_detail import (
+    instance_work,
+    phases,
+    placement_events,
+    served_by_model,
+    timeline,
+)
 from bench.loadgen import LoadRun, Request, poisson_arrivals, run_closed_loop, run_open_loop
 from bench.placement_watch import LoadCounts, PlacementWatcher, load_counts
 from bench.procstats import ProcessCost, ProcessSampler
 from bench.stats import LoadSummary, summarize
 from bench.testbed import Deployment, System, Testbed, server_version
-from bench.workloads import ModelChooser, Workload, on_off_arrivals
+from bench.workloads import ModelChooser, Workload, long_prompt, on_off_arrivals
 from router.datalayer.triton_metrics import parse_triton_metrics
 
 __all__ = ["CellResult", "CellSettings", "average_batch", "run_cell"]
@@ -79,6 +86,8 @@ class CellResult:
     records_by_tag: Mapping[str, int] = field(default_factory=dict)
     triton_version: str = ""
     start_attempts: int = 1
+    # What explains the figures (bench.cell_detail): phases, timeline, instances, events.
+    detail: Mapping[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -99,6 +108,7 @@ class CellResult:
             "average_batch_size": self.average_batch,
             "cost": {name: c.to_dict(self.summary.requests) for name, c in self.costs.items()},
             "final_placement": dict(self.placement),
+            "detail": dict(self.detail),
         }
 
 
@@ -141,8 +151,9 @@ async def _phase(
     chooser = ModelChooser(
         bed.models, bed.expected_popularity, seed=seed, streams=streams, shift_at_s=shift_at_s
     )
+    prompts = [long_prompt(p, bed.prompt_bytes) for p in PROMPTS]
     bodies = {
-        m: [codegen_request(p, settings.max_tokens, model=m) for p in PROMPTS] for m in bed.models
+        m: [codegen_request(p, settings.max_tokens, model=m) for p in prompts] for m in bed.models
     }
     tokens = settings.max_tokens if workload.streaming else None
     async with deployment.connect(settings.timeout_s) as send:
@@ -265,7 +276,8 @@ def run_cell(
         with PlacementWatcher(deployment.tritons) as watch:
             run = asyncio.run(warm_then_measure())
             time.sleep(0.6)  # Triton refreshes its metrics every 250 ms here
-            batch = average_batch(marks.counters, batch_counters(urls))
+            counters_after = batch_counters(urls)
+            batch = average_batch(marks.counters, counters_after)
             delayed = deployment.delayed_requests() - marks.delayed
         delayed_before, loadavg = marks.delayed, marks.loadavg
         window_start, window_end = marks.start, marks.end
@@ -275,6 +287,14 @@ def run_cell(
         warm = LoadCounts(
             sum(e.loaded for e in before), sum(not e.loaded for e in before), delayed_before, 0.0
         )
+        instance_of_url = {t.metrics_url: t.instance_id for t in deployment.tritons}
+        detail = {
+            "phases": phases(run.records, run.elapsed_s, shift_at_s),
+            "timeline": timeline(run.records, run.elapsed_s),
+            "served_by_model": served_by_model(run.records, run.elapsed_s),
+            "instances": instance_work(marks.counters, counters_after, instance_of_url),
+            "placement_events": placement_events(watch.events, window_start, window_end),
+        }
         by_tag: dict[str, int] = {}
         for record in run.records:
             by_tag[record.tag] = by_tag.get(record.tag, 0) + 1
@@ -296,6 +316,7 @@ def run_cell(
             records_by_tag=dict(sorted(by_tag.items())),
             triton_version=version,
             start_attempts=attempts,
+            detail=detail,
         )
     finally:
         deployment.stop()
