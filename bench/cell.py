@@ -1,12 +1,15 @@
 """One measured cell: one system, on one testbed, under one workload, once.
 
 The system starts fresh (its own processes), gets a warm-up under the workload's pre-shift
-popularity, then the measured window. Around the window the cell reads, the same way for every
-system: the load generator's records (bench.stats), loads and unloads from the Tritons'
-repository indexes (bench.placement_watch), the system's own count of requests that waited for
-a load, Triton's average batch size, the CPU time and peak RSS of the Tritons, of the router
-and the sidecar where the system has them, and of this process (the load generator, and the
-client-side routing of the baselines), the load average, and the final placement.
+popularity, prolonged while its placement still moves (a system that places by demand starts
+empty and loads during the warm-up; on a busy machine those loads can outlast it, and the
+window is about serving, not about starting), then the measured window. Around the window
+the cell reads, the same way for every system: the load generator's records (bench.stats),
+loads and unloads from the Tritons' repository indexes (bench.placement_watch), the system's
+own count of requests that waited for a load, Triton's average batch size, the CPU time and
+peak RSS of the Tritons, of the router and the sidecar where the system has them, and of this
+process (the load generator, and the client-side routing of the baselines), the load average,
+and the final placement.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class CellSettings:
     concurrency: int = 16  # closed loop clients
     max_tokens: int = 8  # tokens per request (a stream reads this many responses)
     warmup_s: float = 15.0
+    # The warm-up goes on, `settle_s` at a time and `settle_max_s` at most, until no model was
+    # loaded or unloaded for `settle_s`.
+    settle_s: float = 5.0
+    settle_max_s: float = 30.0
     duration_s: float = 30.0
     timeout_s: float = 10.0  # each request's deadline; a timeout is an infinite latency
     capacity_rps: float = math.nan  # open loops offer a fraction of this
@@ -60,6 +67,8 @@ class CellSettings:
             "concurrency": self.concurrency,
             "max_tokens": self.max_tokens,
             "warmup_s": self.warmup_s,
+            "settle_s": self.settle_s,
+            "settle_max_s": self.settle_max_s,
             "duration_s": self.duration_s,
             "timeout_s": self.timeout_s,
             "capacity_rps": self.capacity_rps,
@@ -86,6 +95,8 @@ class CellResult:
     records_by_tag: Mapping[str, int] = field(default_factory=dict)
     triton_version: str = ""
     start_attempts: int = 1
+    # The warm-up it had, settling included.
+    warmup_s: float = 0.0
     # What explains the figures (bench.cell_detail): phases, timeline, instances, events.
     detail: Mapping[str, object] = field(default_factory=dict)
 
@@ -95,6 +106,7 @@ class CellResult:
             "workload": self.workload,
             "triton_version": self.triton_version,
             "start_attempts": self.start_attempts,
+            "warmup_s": self.warmup_s,
             "repetition": self.repetition,
             "order": self.order,
             "seed": self.seed,
@@ -198,6 +210,7 @@ class _Marks:
     delayed: int = 0
     counters: Counters = field(default_factory=dict)
     loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    warmup_s: float = 0.0
     start: float = 0.0
     end: float = 0.0
 
@@ -255,6 +268,21 @@ def run_cell(
                     seed=seed + 500_000,
                     label=f"{label}: warm-up",
                 )
+                marks.warmup_s = settings.warmup_s
+                while marks.warmup_s < settings.warmup_s + settings.settle_max_s and (
+                    watch.changed_within(settings.settle_s)
+                ):
+                    await _phase(
+                        deployment,
+                        bed,
+                        workload,
+                        settings,
+                        duration_s=settings.settle_s,
+                        shift_at_s=None,
+                        seed=seed + 600_000 + round(marks.warmup_s),
+                        label=f"{label}: warm-up, placement settling",
+                    )
+                    marks.warmup_s += settings.settle_s
             marks.delayed, marks.counters = deployment.delayed_requests(), batch_counters(urls)
             marks.loadavg, marks.start = os.getloadavg(), time.perf_counter()
             with ExitStack() as stack:
@@ -316,6 +344,7 @@ def run_cell(
             records_by_tag=dict(sorted(by_tag.items())),
             triton_version=version,
             start_attempts=attempts,
+            warmup_s=marks.warmup_s,
             detail=detail,
         )
     finally:

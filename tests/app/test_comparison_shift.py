@@ -15,7 +15,7 @@ import pytest
 from app.triton import DEFAULT_MODEL_REPOSITORY
 from bench.cell_detail import instance_work, phases, placement_events, served_by_model, timeline
 from bench.loadgen import CallRecord
-from bench.placement_watch import PlacementEvent
+from bench.placement_watch import PlacementEvent, PlacementWatcher
 from bench.procstats import ProcessSampler
 from bench.repository import model_config
 from bench.testbed import EmulatedAccelerator
@@ -169,3 +169,13 @@ def test_process_sampler_keeps_the_cpu_of_a_child_that_ended_in_the_window() -> 
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_the_watcher_says_whether_the_placement_moved_lately() -> None:
+    now = [100.0]
+    watcher = PlacementWatcher([], clock=lambda: now[0])
+    assert not watcher.changed_within(5.0)
+    watcher.events.append(PlacementEvent(97.0, "i0", "a", True))
+    assert watcher.changed_within(5.0)
+    now[0] = 102.5
+    assert not watcher.changed_within(5.0)
