@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.fleet import Fleet, FleetConfig
 from app.triton import TritonSpec
-from bench.calls import Metadata, TritonCalls
+from bench.calls import Metadata, TritonCalls, closing
 from bench.loadgen import Call
 from bench.testbed import Sender, Testbed
 from sidecar.config import PickMode
@@ -128,9 +128,7 @@ class PointsmanDeployment:
                 model: str, body: bytes, tokens: int | None = None, metadata: Metadata = ()
             ) -> Call:
                 # The sidecar reads the model from the request itself.
-                if tokens is None:
-                    return calls.unary(body, metadata)
-                return calls.stream(body, tokens, metadata)
+                return calls.call(body, tokens, metadata)
 
             yield send
 
@@ -172,15 +170,10 @@ class ProxylessDeployment(PointsmanDeployment):
             if model not in calls:
                 channels[model] = grpc.aio.insecure_channel(f"xds:///{model}")
                 calls[model] = TritonCalls(channels[model], timeout_s)
-            if tokens is None:
-                return calls[model].unary(body, metadata)
-            return calls[model].stream(body, tokens, metadata)
+            return calls[model].call(body, tokens, metadata)
 
-        try:
+        async with closing(channels):
             yield send
-        finally:
-            for channel in channels.values():
-                await channel.close()
 
     def delayed_requests(self) -> int:
         """0: with no sidecar nothing waits for a load (a model loaded nowhere has no route)."""
