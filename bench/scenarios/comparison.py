@@ -114,11 +114,32 @@ def _testbeds(settings: ComparisonSettings, workdir: Path) -> dict[str, Testbed]
     return beds
 
 
-def measure_capacity(settings: ComparisonSettings, bed: Testbed, workdir: Path) -> CellResult:
+# A Triton can crash under a starved machine (the Python backend's IPC lock times out:
+# boost::interprocess::lock_exception, triton-inference-server/server#8882); the capacity,
+# which every open loop of its testbed needs, is measured again on fresh processes.
+CAPACITY_ATTEMPTS = 3
+
+
+def measure_capacity(
+    settings: ComparisonSettings, bed: Testbed, workdir: Path, say: Say = lambda _line: None
+) -> CellResult:
     """The static split's closed-loop goodput under steady popularity on `bed`: the offered
     load of the open-loop workloads on that testbed is a fraction of it."""
     cell = replace(settings.cell, duration_s=settings.capacity_s)
-    return run_cell(SYSTEMS[CAPACITY_SYSTEM](), bed, WORKLOADS["steady-closed"], cell, workdir)
+    for attempt in range(1, CAPACITY_ATTEMPTS + 1):
+        try:
+            return run_cell(
+                SYSTEMS[CAPACITY_SYSTEM](),
+                bed,
+                WORKLOADS["steady-closed"],
+                cell,
+                workdir / f"attempt-{attempt}",
+            )
+        except Exception as exc:
+            if attempt == CAPACITY_ATTEMPTS:
+                raise
+            say(f"comparison: capacity cell failed ({exc!r}); measuring it again")
+    raise AssertionError("unreachable")
 
 
 def run_comparison(settings: ComparisonSettings, say: Say = lambda _line: None) -> ScenarioResult:
@@ -135,7 +156,7 @@ def run_comparison(settings: ComparisonSettings, say: Say = lambda _line: None) 
     open_loops = [WORKLOADS[w] for w in settings.workloads if WORKLOADS[w].loop == "open"]
     for kind in sorted({w.testbed for w in open_loops}):
         say(f"comparison: measuring capacity, {kind} testbed ({CAPACITY_SYSTEM}, closed loop) ...")
-        capacities[kind] = measure_capacity(settings, beds[kind], workdir / f"capacity-{kind}")
+        capacities[kind] = measure_capacity(settings, beds[kind], workdir / f"capacity-{kind}", say)
         say(f"comparison: capacity ({kind}) {capacities[kind].summary.throughput_rps:.1f} req/s")
     cells: list[CellResult] = []
     failures: list[dict[str, object]] = []
