@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,13 +24,24 @@ from typing import IO
 __all__ = ["ManagedProcess", "ProcessSpec", "free_port", "stop_all"]
 
 _PR_SET_PDEATHSIG = 1
+# util-linux's setpriv sets the parent-death signal and execs the child: no Python runs
+# between fork and exec, which is what makes forking safe while grpc's threads run.
+_SETPRIV = shutil.which("setpriv")
+# Loaded here, in the parent: loading a library in a forked child of a threaded process can
+# deadlock on the loader's lock.
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setpgrp()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _die_with_parent() -> None:  # runs in the child between fork and exec (no setpriv)
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _argv_dying_with_parent(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """The command that dies with its parent, and whether it still needs `_die_with_parent`."""
+    if _SETPRIV is not None:
+        return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv], False
+    return list(argv), _LIBC is not None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,18 +81,21 @@ class ManagedProcess:
 
     def start(self) -> None:
         env = {**os.environ, **self.spec.env}
+        argv, needs_hook = _argv_dying_with_parent(self.spec.argv)
         out: IO[bytes] | None = None
         if self.spec.log_path is not None:
             self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = out = open(self.spec.log_path, "ab")  # noqa: SIM115 - lives with the child
         self._popen = subprocess.Popen(
-            list(self.spec.argv),
+            argv,
             env=env,
             cwd=self.spec.cwd,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
-            preexec_fn=_die_with_parent,
+            # Each child leads its own process group (Ctrl-C reaches only the parent).
+            process_group=0,
+            preexec_fn=_die_with_parent if needs_hook else None,
         )
 
     def exited(self) -> int | None:
@@ -105,7 +120,7 @@ class ManagedProcess:
     def kill_leftovers(self) -> None:
         """SIGKILL what is left of the child's process group once the child has ended: a
         Triton killed with -9 leaves its Python backend stubs running, and they are in its
-        group (each child leads its own, see `_die_with_parent`)."""
+        group (each child leads its own, see `start`)."""
         if self._popen is None or self._popen.poll() is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left

@@ -8,6 +8,8 @@
      ├── OverloadedError           RESOURCE_EXHAUSTED too much in flight; retry later
      ├── NotSupportedError         UNIMPLEMENTED      an RPC the sidecar deliberately refuses
      ├── ManagedByRouterError      FAILED_PRECONDITION placement is the router's job
+     ├── SequenceNotLiveError      FAILED_PRECONDITION no instance holds the sequence of a step
+     ├── SequenceLostError         ABORTED            the instance holding a sequence failed
      ├── UnauthenticatedError      UNAUTHENTICATED    an admin RPC without a valid token
      ├── PermissionDeniedError     PERMISSION_DENIED  an admin RPC from a caller not allowed
      └── ConfigError               INVALID_ARGUMENT   a config or policy file that does not validate
@@ -32,6 +34,8 @@ __all__ = [
     "OverloadedError",
     "PermissionDeniedError",
     "PointsmanError",
+    "SequenceLostError",
+    "SequenceNotLiveError",
     "UnauthenticatedError",
     "abort",
     "status_of",
@@ -84,6 +88,22 @@ class NotSupportedError(PointsmanError):
 
 class ManagedByRouterError(PointsmanError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SequenceNotLiveError(PointsmanError):
+    """A step that continues a sequence (no START) which no instance holds: it never started,
+    it ended, it was idle past the model's max_sequence_idle_microseconds, or its instance
+    restarted. Its state, if it had any, is lost; the client must start it again."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SequenceLostError(PointsmanError):
+    """A step of a live sequence whose instance failed (unreachable, or gone from the fleet):
+    the sequence's state was on that instance only and is lost. Never sent elsewhere, where it
+    would run without its state; the client must start the sequence again."""
+
+    code = grpc.StatusCode.ABORTED
 
 
 class UnauthenticatedError(PointsmanError):

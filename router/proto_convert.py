@@ -24,6 +24,7 @@ __all__ = [
     "policy_to_proto",
     "priority_policy_to_proto",
     "request_from_proto",
+    "session_policy_to_proto",
     "table_to_proto",
     "update_to_proto",
 ]
@@ -117,6 +118,16 @@ def priority_policy_to_proto(policy: Policy) -> pb.PriorityPolicy:
             for _, pc in sorted(policy.priority_classes.items())
         ],
         default_class=policy.default_priority_class,
+    )
+
+
+def session_policy_to_proto(policy: Policy) -> pb.SessionPolicy:
+    """The policy's session affinity as sidecars receive it on WatchRoutes."""
+    sessions = policy.sessions
+    return pb.SessionPolicy(
+        header=sessions.header,
+        max_in_flight=sessions.max_in_flight,
+        move_ttl_s=sessions.move_ttl_s,
     )
 
 

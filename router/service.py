@@ -34,6 +34,7 @@ from router.proto_convert import (
     policy_to_proto,
     priority_policy_to_proto,
     request_from_proto,
+    session_policy_to_proto,
     update_to_proto,
 )
 from router.routes import RouteBook, RouteUpdate
@@ -238,9 +239,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         # A fresh router's first snapshot would name only the instances read so far.
         await self._first_view.wait(self._stopping)
         queue = self._book.watch()
-        # Priority classes go with the full snapshot and again whenever a reload changes them;
-        # a policy change wakes the stream with an empty update so they go out at once.
+        # Priority classes and the session policy go with the full snapshot and again whenever
+        # a reload changes them; a policy change wakes the stream with an empty update so they
+        # go out at once.
         sent_priorities: pb.PriorityPolicy | None = None
+        sent_sessions: pb.SessionPolicy | None = None
 
         def wake(policy: Policy) -> None:
             if not queue.full():
@@ -266,6 +269,10 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 if message.full_snapshot or priorities != sent_priorities:
                     message.priority_policy.CopyFrom(priorities)
                     sent_priorities = priorities
+                sessions = session_policy_to_proto(self._policy.current)
+                if message.full_snapshot or sessions != sent_sessions:
+                    message.session_policy.CopyFrom(sessions)
+                    sent_sessions = sessions
                 yield message
         finally:
             unsubscribe()

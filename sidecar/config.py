@@ -18,6 +18,9 @@ command line overrides the file (see `sidecar.main`). Read by the one config rea
     max_in_flight: 256                 # overload: sent on at once; more wait in a queue of
     max_queued: 1024                   #   this many; a full queue sheds the lowest class
     idempotency_ttl_s: 60              # replay finished outcomes of a request id this long
+    idempotency:                       # coalesce and replay across every sidecar sharing Redis
+      backend: redis                   #   (default: memory, each sidecar on its own)
+      url: redis://redis:6379/0
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ from pointsman.errors import ConfigError
 from pointsman.tls import TlsConfig, check_calling, check_listening, tls_from_mapping
 
 __all__ = [
+    "IDEMPOTENCY_BACKENDS",
     "PICK_MODES",
+    "IdempotencyBackend",
+    "IdempotencyConfig",
     "PickMode",
     "SidecarConfig",
     "config_from_mapping",
@@ -53,6 +59,9 @@ __all__ = [
 PickMode = Literal["table", "per-request"]
 PICK_MODES: tuple[PickMode, ...] = ("table", "per-request")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+IdempotencyBackend = Literal["memory", "redis"]
+IDEMPOTENCY_BACKENDS: tuple[IdempotencyBackend, ...] = ("memory", "redis")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _default_client_id() -> str:
@@ -64,6 +73,46 @@ def _dialled(address: str) -> None:
     host_port(address)
     if address.endswith(":0"):
         raise ValueError("must be host:port with a port > 0")
+
+
+def _redis_url(value: str) -> None:
+    if not value.startswith(_REDIS_SCHEMES) or value in _REDIS_SCHEMES:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+
+
+@dataclass(frozen=True)
+class IdempotencyConfig:
+    """Where requests with an id are coalesced and replayed (sidecar/README.md, Idempotency).
+
+    memory: each sidecar on its own. redis: every sidecar whose `url` and `key_prefix` are the
+    same shares one store, so a duplicate sent through another pod's sidecar runs once too.
+    """
+
+    backend: IdempotencyBackend = "memory"
+    # redis://[[user]:password@]host:port/db, rediss:// for TLS, unix:///path?db=0.
+    url: str = field(default="", metadata=rule(check=or_empty(_redis_url)))
+    # Put before every key and channel, so fleets (or tests) can share one Redis.
+    key_prefix: str = "pointsman:idempotency:"
+    # An outcome (response bytes, or error status) larger than this is not kept in Redis:
+    # duplicates after it run again (counted in idempotency_too_large_total).
+    max_value_bytes: int = field(default=1024 * 1024, metadata=rule(above=0))
+    # The running execution's lock lives this long unless its sidecar renews it (every third
+    # of it): duplicates elsewhere wait at most this long after that sidecar died, then run.
+    lease_s: float = field(default=10.0, metadata=rule(above=0))
+    # A duplicate waiting on another sidecar's execution is told by pub/sub when it ends; it
+    # also looks at least this often (a missed message, an expired lease).
+    poll_interval_s: float = field(default=0.25, metadata=rule(above=0))
+    # Connecting and each Redis operation: past it the store counts as down and requests run
+    # without it, paying nothing more, until a probe every retry_interval_s finds it back.
+    timeout_s: float = field(default=0.05, metadata=rule(above=0))
+    retry_interval_s: float = field(default=1.0, metadata=rule(above=0))
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.backend == "redis" and not self.url:
+            raise ConfigError("url: required with backend: redis")
+        if self.backend != "redis" and self.url:
+            raise ConfigError(f"url: only with backend: redis (backend is {self.backend})")
 
 
 @dataclass(frozen=True)
@@ -165,6 +214,9 @@ class SidecarConfig:
     # idempotency_max_bytes of kept responses.
     idempotency_ttl_s: float = field(default=60.0, metadata=rule(minimum=0))
     idempotency_max_bytes: int = field(default=64 * 1024 * 1024, metadata=rule(minimum=0))
+    # The store: memory (each sidecar its own, within idempotency_max_bytes) or redis (shared
+    # by every sidecar; the TTL above applies). See IdempotencyConfig.
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
 
     def __post_init__(self) -> None:
         """Holds a config built in code to the rules of one read from a file, then checks the

@@ -16,9 +16,12 @@ per-request mode the router's PickTarget gives an ordered list (its policy may c
 version); without an answer the tables decide. Where the attempts go after a failure is the
 attempt loop's business (`sidecar.pipeline`), from the same candidates (`Decider.candidates`).
 
-Where the next rules go (issues 12 and 14): sequence and session affinity, and a prompt-prefix
-key (bounded-load consistent hashing over the holders), are each a choice made in `_pick`
-from the head, before the balancer's random pick; the holders are `candidates(...)`.
+Affinity (issue 12), in `_choose_among`, before the balancer's random pick, over the
+holders `candidates(...)`, in table mode and per-request mode alike (the router knows neither
+sequences nor sessions): a request that carries a `sequence_id` goes where its sequence lives
+(`sidecar.sequences`: its plan rides on the Decision, for the attempt loop), and one that names
+a session to its session's holder (`sidecar.sessions`). A prompt-prefix key (issue 14) is one
+more such choice.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from functools import lru_cache
 import grpc
 from opentelemetry.trace import Span
 
+from pointsman.clock import Clock, monotonic
 from pointsman.errors import NoReadyInstanceError, PointsmanError
 from pointsman.versions import select_version
 from sidecar.admission import PriorityClass
@@ -39,6 +43,8 @@ from sidecar.metrics import SidecarMetrics
 from sidecar.resilience import OutlierDetector
 from sidecar.router_picker import ROUTER_SERVICE, RouterPicker, RouterUnreachableError
 from sidecar.routes import NoRouteTablesError, RouteCache
+from sidecar.sequences import SequenceAffinity, SequencePlan
+from sidecar.sessions import SessionAffinity
 from sidecar.tracing import INSTANCE, MODEL, RpcTracer
 from sidecar.upstream import Metadata, Upstream, UpstreamPool
 from sidecar.wire import (
@@ -64,8 +70,8 @@ class Decision:
     """Where one call goes and what is appended to its bytes; `prepare` makes it, `choose`
     names the instance."""
 
-    __slots__ = ("first", "hit", "model", "priority", "queue_timeout", "suffix", "targets",
-                 "version")  # fmt: skip
+    __slots__ = ("first", "hit", "model", "priority", "queue_timeout", "sequence", "suffix",
+                 "targets", "version")  # fmt: skip
 
     def __init__(
         self,
@@ -89,6 +95,8 @@ class Decision:
         self.first: Upstream | None = None
         self.targets: list[Upstream] | None = None
         self.hit = False
+        # Set by `choose` for a step of a sequence: where it may go, and what to remember.
+        self.sequence: SequencePlan | None = None
 
     def apply(self, request: bytes, remaining: float | None) -> bytes:
         """The bytes one attempt sends: `request` with the sidecar's fields, in one copy (none
@@ -116,6 +124,7 @@ class Decider:
         tracer: RpcTracer | None,
         picker: RouterPicker | None,
         cold_picker: RouterPicker | None,
+        clock: Clock = monotonic,
     ) -> None:
         self._cache = cache
         self._pool = pool
@@ -128,6 +137,10 @@ class Decider:
         self._cold_picker = cold_picker
         self._cold_start_wait_s = config.cold_start_wait_s
         self._queue_timeout: bool | None = None if config.deadline_queue_timeout else False
+        self.sequences = SequenceAffinity(
+            cache, pool, metrics, max_probes=config.max_attempts, clock=clock
+        )
+        self.sessions = SessionAffinity(cache, metrics, clock=clock)
 
     # -- before admission ----------------------------------------------------------------------
 
@@ -136,7 +149,9 @@ class Decider:
         stream is bound to what its first message chose and its messages get no priority or
         queue timeout."""
         version, suffix = head.version, b""
-        if not version and self._picker is None:
+        # Sequences and sessions are routed from the tables in either mode: the version too.
+        by_tables = self._picker is None or head.sequence is not None or bool(head.session)
+        if not version and by_tables:
             version = self._policy_version(head)
             if version:
                 suffix = _version_field(version)
@@ -164,8 +179,9 @@ class Decider:
     async def choose(
         self, head: CallHead, decision: Decision, context: Context, span: Span | None
     ) -> None:
-        """Names the instance to try first (`decision.first`, `.targets`, `.hit`)."""
-        if self._picker is None:
+        """Names the instance to try first (`decision.first`, `.targets`, `.hit`; `.sequence`
+        for a sequence step)."""
+        if self._picker is None or head.sequence is not None or head.session:
             # Route tables list only instances with the model ready (static routes are
             # assumed to serve every version): a table pick is always an affinity hit.
             decision.first, decision.hit = await self._table_pick(head, decision, context)
@@ -191,6 +207,25 @@ class Decider:
             raise NoReadyInstanceError(name, version)
         return candidates
 
+    async def _choose_among(
+        self, head: CallHead, decision: Decision, candidates: CandidateSet, context: Context
+    ) -> Upstream:
+        """The instance for a call among the holders: its sequence's, its session's, or the
+        balancer's pick."""
+        if head.sequence is not None:
+            plan = await self.sequences.plan(
+                decision.model, head.sequence, candidates, self._outliers.is_ejected,
+                time_left(context),
+            )  # fmt: skip
+            if plan is not None:
+                decision.sequence = plan
+                return plan.first
+        if head.session:
+            return self.sessions.choose(
+                decision.model, head.session, candidates, self._outliers.is_ejected
+            )
+        return self._pick(candidates)
+
     def _pick(self, candidates: CandidateSet) -> Upstream:
         """`pick`, skipping instances that outlier detection has ejected while others exist
         (the check costs one truth test while none is ejected)."""
@@ -206,12 +241,26 @@ class Decider:
         request waits for that load, up to `cold_start_wait_s` and the caller's deadline."""
         name, version = decision.model, decision.version
         try:
-            return self._pick(self.candidates(name, version)), True
+            candidates = self.candidates(name, version)
         except NoRouteTablesError:
             raise
         except NoReadyInstanceError:
+            step = head.sequence
+            if step is not None and not step.start:
+                # Ready nowhere now, but the sequence may live on a holder that just left.
+                plan = await self.sequences.plan(
+                    name, step, None, self._outliers.is_ejected, time_left(context)
+                )
+                if plan is None:
+                    raise
+                decision.sequence = plan
+                return plan.first, True
             if self._cold_picker is None:
                 raise
+        else:
+            if head.sequence is None and not head.session:  # the common case, no await
+                return self._pick(candidates), True
+            return await self._choose_among(head, decision, candidates, context), True
         wait_s = self._cold_start_wait_s
         remaining = time_left(context)
         if remaining is not None:

@@ -6,10 +6,11 @@ at), and from ONE pass over the metadata the request id and priority class heade
 version pin, and the metadata to forward to Triton (hop-by-hop keys dropped). Nothing here
 depends on the route tables or the config: the head is what the caller said.
 
-Where the next readers go (issues 12 and 14): a session header is one more key in the same
-metadata pass; a sequence's id and start/end flags, and a prompt prefix, are peeks of the bytes
-read here (lazily, for models whose route asks for them), so the decision stage gets them
-without touching the metadata or the bytes again.
+Two more things for affinity (issue 12): the session header (its name is the router's policy,
+so the caller passes it) is one more key in the same metadata pass, and a sequence's id and
+start/end flags are read from the parameters (`sidecar.sequence_wire`) only when the walk of
+the top-level fields saw some: a request without parameters pays nothing for sequences. A
+prompt prefix (issue 14) is a peek of the same bytes, lazily, for models whose route asks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import grpc
 
 from pointsman.errors import DeadlineExpiredError
 from pointsman.versions import PIN_HEADER
+from sidecar.sequence_wire import SequenceStep, peek_sequence
 from sidecar.upstream import Metadata
 from sidecar.wire import peek_model, peek_request
 
@@ -47,7 +49,7 @@ class CallHead:
     """What one inference call asks for, as read from its bytes and metadata."""
 
     __slots__ = ("forward", "metadata", "model", "pinned_version", "priority", "request_id",
-                 "version")  # fmt: skip
+                 "sequence", "session", "version")  # fmt: skip
 
     def __init__(
         self,
@@ -58,6 +60,8 @@ class CallHead:
         pinned_version: str | None,
         metadata: Sequence[tuple[str, Any]],
         forward: Metadata,
+        sequence: SequenceStep | None = None,
+        session: str = "",
     ) -> None:
         self.model = model
         # The version the request names; "" for none (the decision stage may choose one).
@@ -71,6 +75,10 @@ class CallHead:
         # The caller's metadata as it came, and the part of it that goes on to Triton.
         self.metadata = metadata
         self.forward = forward
+        # The request's place in a Triton sequence; None for a request outside any.
+        self.sequence = sequence
+        # The session header's value; "" for none (or session affinity off).
+        self.session = session
 
     def headers(self) -> dict[str, str]:
         """The caller's text metadata, for the policy's header rules (built when asked)."""
@@ -78,16 +86,23 @@ class CallHead:
 
 
 def read_head(
-    request: bytes, metadata: Sequence[tuple[str, Any]] | None, *, with_id: bool = True
+    request: bytes,
+    metadata: Sequence[tuple[str, Any]] | None,
+    *,
+    with_id: bool = True,
+    session_header: str = "",
 ) -> CallHead:
     """The head of a call whose (first) request is `request`; raises InvalidRequestError for
-    malformed bytes. `with_id`: read the request's `id` too (a stream's first message is
-    routed by its model alone)."""
+    malformed bytes or sequence parameters. `with_id`: read the request's `id` too (a stream's
+    first message is routed by its model alone). `session_header`: the metadata key naming a
+    session ("" none)."""
     if with_id:
-        name, version, body_id = peek_request(request)
+        name, version, body_id, parameters_at = peek_request(request)
+        sequence = None if parameters_at < 0 else peek_sequence(request, parameters_at)
     else:
         (name, version), body_id = peek_model(request), ""
-    request_id = priority = ""
+        sequence = peek_sequence(request)
+    request_id = priority = session = ""
     pinned: str | None = None
     forward: list[tuple[str, Any]] = []
     for item in metadata or ():
@@ -102,8 +117,18 @@ def read_head(
                 priority = item[1]
             elif key == PIN_HEADER and pinned is None:
                 pinned = item[1]
+        if key == session_header and isinstance(item[1], str):
+            session = item[1]
     return CallHead(
-        name, version, request_id or body_id, priority, pinned, metadata or (), tuple(forward)
+        name,
+        version,
+        request_id or body_id,
+        priority,
+        pinned,
+        metadata or (),
+        tuple(forward),
+        sequence,
+        session,
     )
 
 

@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 from pointsman.config import flag_dest, with_flags
 from pointsman.errors import ConfigError
 from pointsman.tls import add_tls_arguments
-from sidecar.config import PICK_MODES, SidecarConfig, config_from_mapping, sidecar_config_data
+from sidecar.config import (
+    IDEMPOTENCY_BACKENDS,
+    PICK_MODES,
+    SidecarConfig,
+    config_from_mapping,
+    sidecar_config_data,
+)
 
 if TYPE_CHECKING:
     from pointsman.telemetry import Tracing
@@ -140,6 +146,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="SECONDS",
         help="replay the outcome of a request id this long (default 60; 0: no replay)",
+    )
+    parser.add_argument(
+        "--idempotency-backend",
+        dest=flag_dest("idempotency.backend"),
+        choices=IDEMPOTENCY_BACKENDS,
+        help="where request ids are coalesced and replayed: memory (this sidecar alone, the "
+        "default) or redis (every sidecar sharing --idempotency-url)",
+    )
+    parser.add_argument(
+        "--idempotency-url",
+        dest=flag_dest("idempotency.url"),
+        metavar="URL",
+        help="the Redis of --idempotency-backend redis: redis://host:6379/0, rediss://...",
     )
     parser.add_argument(
         "--cpus",

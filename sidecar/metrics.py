@@ -23,7 +23,14 @@ from prometheus_client.registry import Collector
 from sidecar.routes import RouteCache
 from sidecar.upstream import UpstreamPool
 
-__all__ = ["DURATION_BUCKETS_S", "UNKNOWN", "RequestSeries", "SidecarMetrics"]
+__all__ = [
+    "DURATION_BUCKETS_S",
+    "STORE_OPERATIONS",
+    "UNKNOWN",
+    "IdempotencyMetrics",
+    "RequestSeries",
+    "SidecarMetrics",
+]
 
 # From 1 ms (a small request on a warm instance) to 30 s (a long generation or stream).
 DURATION_BUCKETS_S = (
@@ -36,6 +43,8 @@ DEFAULT_VERSION = "default"
 # Priorities with their own `shed_total` label value; any other is "_other".
 _PRIORITY_LABELS = frozenset(str(p) for p in range(10))
 _OTHER = "_other"
+# The `operation` label of idempotency store errors (sidecar/idempotency_redis.py).
+STORE_OPERATIONS = ("acquire", "renew", "finish", "probe", "subscribe")
 
 
 class RequestSeries:
@@ -131,10 +140,12 @@ class SidecarMetrics:
         self.idempotent = Counter(
             "pointsman_sidecar_idempotent_requests",
             "Requests with an id, by how they were answered: executed, coalesced onto a "
-            "running duplicate, or replayed from a finished one",
+            "running duplicate, replayed from a finished one, or bypassed (executed without "
+            "the shared store, which was unreachable)",
             ("outcome",),
             registry=registry,
         )
+        self.idempotency = IdempotencyMetrics(registry)
         self.cold_starts = Counter(
             "pointsman_sidecar_cold_starts",
             "Requests that had to wait for their model to be loaded somewhere",
@@ -150,6 +161,26 @@ class SidecarMetrics:
         self.affinity_hits = Counter(
             "pointsman_sidecar_affinity_hits",
             "Routed requests whose chosen instance had the model (and version) ready",
+            ("model",),
+            registry=registry,
+        )
+        self.sequence_probes = Counter(
+            "pointsman_sidecar_sequence_probes",
+            "Steps of a sequence sent to an instance that did not hold it (refused there "
+            "without running, or unreachable) while looking for the one that does",
+            ("model",),
+            registry=registry,
+        )
+        self.sequence_failures = Counter(
+            "pointsman_sidecar_sequence_failures",
+            "Steps of a sequence that no instance held: ABORTED when its instance failed, "
+            "FAILED_PRECONDITION when it never started, ended or idled out",
+            ("model", "code"),
+            registry=registry,
+        )
+        self.session_moves = Counter(
+            "pointsman_sidecar_session_moves",
+            "Sessions moved to another holder because theirs was saturated",
             ("model",),
             registry=registry,
         )
@@ -217,9 +248,80 @@ class SidecarMetrics:
         """Triton answered "Exceeds maximum queue size" for a request of `model`."""
         self.triton_queue_full.labels(self.model_label(model)).inc()
 
+    def sequence_probe(self, model: str) -> None:
+        """A sequence step went on to the next instance: the last one did not hold it."""
+        self.sequence_probes.labels(self.model_label(model)).inc()
+
+    def sequence_failed(self, model: str, code: grpc.StatusCode) -> None:
+        """A sequence step failed because no instance held its sequence."""
+        self.sequence_failures.labels(self.model_label(model), code.name).inc()
+
+    def session_move(self, model: str) -> None:
+        """A session left its saturated holder for another."""
+        self.session_moves.labels(self.model_label(model)).inc()
+
     def cold_start(self, model: str) -> None:
         """A request that waited for its model to load (counted once the sidecar can wait)."""
         self.cold_starts.labels(self.model_label(model)).inc()
+
+
+class IdempotencyMetrics:
+    """The idempotency store's own series (the requests are counted by `idempotent`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.store_errors = Counter(
+            "pointsman_sidecar_idempotency_store_errors",
+            "Calls to the shared idempotency store (Redis) that failed or timed out, by "
+            "operation; while it is down requests run without it",
+            ("operation",),
+            registry=registry,
+        )
+        # Whether the shared store answers; None (no series) with the in-memory store.
+        self.store_up: bool | None = None
+        registry.register(_StoreUpGauge(self))
+        self.too_large = Counter(
+            "pointsman_sidecar_idempotency_too_large",
+            "Finished outcomes not kept for replay because they were larger than the limit "
+            "(max_value_bytes in Redis, the whole budget in memory)",
+            registry=registry,
+        )
+        self.takeovers = Counter(
+            "pointsman_sidecar_idempotency_takeovers",
+            "Duplicates that waited on another sidecar's execution and then ran the request "
+            "themselves: that execution was not run or not kept, or its lease expired",
+            registry=registry,
+        )
+        self._errors = {op: self.store_errors.labels(op) for op in STORE_OPERATIONS}
+
+    def store_error(self, operation: str) -> None:
+        """A store call of `operation` (one of STORE_OPERATIONS) failed."""
+        self._errors[operation].inc()
+
+
+class _StoreUpGauge(Collector):
+    """`pointsman_sidecar_idempotency_store_up`, read at scrape time."""
+
+    def __init__(self, metrics: IdempotencyMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        up = self._metrics.store_up
+        if up is not None:
+            family.add_metric([], 1.0 if up else 0.0)
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "pointsman_sidecar_idempotency_store_up",
+            "1 while the shared idempotency store (Redis) answers, 0 while requests bypass "
+            "it; absent with the in-memory store",
+        )
 
 
 class _LiveGauges(Collector):

@@ -17,10 +17,8 @@ may fail over only until its first response reaches the caller (`StreamFeed` rep
 messages sent so far), then it is bound to its instance. Errors become statuses in one place
 per handler (`status_of`), which also counts sheds and Triton's queue-full answers.
 
-Where the next features go (issues 12 and 15): a bounded queue keyed to Triton's queue
-capacity, and retries of Triton's queue-full answer after a back-off, belong to `_failover`
-(which already moves a queue-full answer to another holder) and to admission; a pinned
-sequence makes `_failover` answer None with the sequence's own status instead of moving it.
+A sequence step follows its plan (`Decision.sequence`, `sidecar.sequences`). Issue 15's
+back-off retries of Triton's queue-full answer belong to `_failover` and to admission.
 """
 
 from __future__ import annotations
@@ -124,7 +122,7 @@ class InferencePipeline:
         decision: Decision | None = None
         code, message = _OK, ""
         try:
-            head = read_head(request, metadata)
+            head = read_head(request, metadata, session_header=self._decider.sessions.header)
             decision = self._decider.prepare(head, request)
             series = self._metrics.series(head.model, decision.version, INFER)
             if not head.request_id or self._idempotency is None:
@@ -189,7 +187,9 @@ class InferencePipeline:
                 first = await anext(requests)
             except StopAsyncIteration:
                 return  # the caller half-closed without a request: nothing to route
-            head = read_head(first, metadata, with_id=False)
+            head = read_head(
+                first, metadata, with_id=False, session_header=self._decider.sessions.header
+            )
             decision = self._decider.prepare(head, first, stream=True)
             series = self._metrics.series(head.model, decision.version, STREAM)
             # A stream holds one admission slot for its whole life.
@@ -252,9 +252,12 @@ class InferencePipeline:
                 # Checked before every attempt: an expired request is never forwarded.
                 remaining = time_left(context)
                 try:
-                    return await self._attempt(
+                    answer = await self._attempt(
                         upstream, remaining, head.forward, send, span, method, len(tried)
                     )
+                    if decision.sequence is not None:
+                        decision.sequence.answered(upstream)
+                    return answer
                 except grpc.aio.AioRpcError as error:
                     if feed is not None and not feed.replayable:
                         raise  # a response has reached the caller: bound to this instance
@@ -317,12 +320,16 @@ class InferencePipeline:
     ) -> Upstream | None:
         """The instance to retry on after `error`, or None to give the caller the error:
         retries must be on, the error one after which Triton did not run the request, attempts
-        left, another candidate, and room in the retry budget."""
+        left, another candidate, and room in the retry budget. A step that continues a
+        sequence follows its plan alone (it raises when no instance holds the sequence)."""
+        plan = decision.sequence
+        if plan is not None and not plan.step.start:
+            return plan.next_step(error, tried)
         if not self._retry or len(tried) >= self._max_attempts:
             return None
         if not retryable(error.code(), error.details() or ""):
             return None
-        following = self._next_target(decision, tried)
+        following = self._next_target(decision, tried) if plan is None else plan.next_start(tried)
         if following is None:
             return None
         if not self._budget.try_spend():

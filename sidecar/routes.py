@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from pointsman.errors import ModelNotFoundError, NoReadyInstanceError, PointsmanError
 from pointsman.router.v1 import router_pb2
+from pointsman.sessions import SessionPolicy
 from pointsman.versions import VersionRules, rules_from_proto
 from sidecar.admission import NO_CLASSES, PriorityClasses, priority_classes_from_proto
 from sidecar.balancer import CandidateSet
@@ -35,6 +36,7 @@ __all__ = [
     "Route",
     "RouteCache",
     "compile_fallback",
+    "session_policy_from_proto",
     "without_weights",
 ]
 
@@ -161,6 +163,16 @@ def without_weights(route: Route) -> Route:
     )
 
 
+def session_policy_from_proto(message: router_pb2.SessionPolicy) -> SessionPolicy:
+    """The session policy a WatchRoutes message carries; unset numbers take the defaults."""
+    default = SessionPolicy()
+    return SessionPolicy(
+        header=message.header,
+        max_in_flight=message.max_in_flight or default.max_in_flight,
+        move_ttl_s=message.move_ttl_s if message.move_ttl_s > 0 else default.move_ttl_s,
+    )
+
+
 class _FallbackRoutes(dict[str, Route]):
     """A routes dict whose `get` answers the fallback route for a model it lacks.
 
@@ -218,6 +230,8 @@ class RouteCache:
         self.last_message_at: float | None = None
         # The policy's priority classes, as the router last sent them (kept while it is away).
         self.priorities: PriorityClasses = NO_CLASSES
+        # The policy's session affinity (the defaults until a router sends its own).
+        self.sessions = SessionPolicy()
         self._created_at = clock()
         self._refresh()
 
@@ -272,6 +286,8 @@ class RouteCache:
             self.router_id = message.router_id
         if message.HasField("priority_policy"):
             self.priorities = priority_classes_from_proto(message.priority_policy)
+        if message.HasField("session_policy"):
+            self.sessions = session_policy_from_proto(message.session_policy)
         if not message.full_snapshot and not message.tables and not message.removed_models:
             return  # heartbeat
         routes = {} if message.full_snapshot else dict(self._router)

@@ -23,6 +23,7 @@ from pointsman.errors import ConfigError
 from pointsman.telemetry import MetricsEndpoint, Tracing, serve_metrics
 from pointsman.tls import add_port
 from sidecar.config import SidecarConfig
+from sidecar.idempotency import IdempotencyStore
 from sidecar.metrics import SidecarMetrics
 from sidecar.router_picker import RouterPicker
 from sidecar.router_watch import RouterWatch, RouteSource
@@ -54,6 +55,7 @@ class SidecarServer:
         picker: RouterPicker | None,
         metrics: SidecarMetrics,
         metrics_endpoint: MetricsEndpoint | None,
+        idempotency: IdempotencyStore | None = None,
     ) -> None:
         self.port = port
         self.config = config
@@ -67,6 +69,7 @@ class SidecarServer:
         self.metrics_port = metrics_endpoint.port if metrics_endpoint else None
         self._server = server
         self._picker = picker
+        self._idempotency = idempotency
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = False
 
@@ -107,6 +110,8 @@ class SidecarServer:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._picker is not None:
             await self._picker.close()
+        if self._idempotency is not None:
+            await self._idempotency.close()
         await self.pool.close()
 
     async def wait_for_termination(self) -> None:
@@ -252,7 +257,10 @@ async def start_sidecar(
         picker=cold_picker,  # closed on stop
         metrics=metrics,
         metrics_endpoint=metrics_endpoint,
+        idempotency=proxy.idempotency,
     )
+    if proxy.idempotency is not None:
+        proxy.idempotency.start()
     await health.set("", _SERVING)
     await _health_follows_routes(health, cache)
 

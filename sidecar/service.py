@@ -32,7 +32,7 @@ from sidecar.balancer import pick
 from sidecar.config import SidecarConfig
 from sidecar.decide import Decider
 from sidecar.head import Context, forward_metadata, time_left
-from sidecar.idempotency import IdempotencyCache
+from sidecar.idempotency import idempotency_store
 from sidecar.metrics import SidecarMetrics
 from sidecar.pipeline import InferencePipeline, outlier_detector
 from sidecar.router_picker import RouterPicker
@@ -44,10 +44,11 @@ from sidecar.wire import peek_model
 __all__ = ["InferenceProxy"]
 
 SERVER_NAME = "pointsman-sidecar"
-# What a request through the sidecar can use; shared memory, sequences (no sticky routing),
-# tracing and logging settings are missing on purpose (see README.md).
-EXTENSIONS = ("classification", "model_configuration", "binary_tensor_data", "parameters",
-              "statistics")  # fmt: skip
+# What a request through the sidecar can use (`sequence`: every step of a sequence reaches the
+# instance holding it, sidecar/sequences.py); shared memory, tracing and logging settings are
+# missing on purpose (see README.md).
+EXTENSIONS = ("classification", "sequence", "model_configuration", "binary_tensor_data",
+              "parameters", "statistics")  # fmt: skip
 _REPOSITORY_STATE_RANK = {"READY": 0, "LOADING": 1, "UNLOADING": 2, "UNAVAILABLE": 3}
 
 
@@ -79,6 +80,8 @@ class InferenceProxy:
         self._pool = pool
         self._rng = rng
         outliers = outlier_detector(config, clock)
+        # In memory or in Redis (None when replay is off); `start_sidecar` starts and closes it.
+        self.idempotency = idempotency_store(config, metrics.idempotency)
         self._decider = Decider(
             config,
             cache,
@@ -89,6 +92,7 @@ class InferenceProxy:
             tracer=tracer,
             picker=picker,
             cold_picker=cold_picker,
+            clock=clock,
         )
         self._pipeline = InferencePipeline(
             config,
@@ -99,11 +103,7 @@ class InferenceProxy:
                 retry_after_ms=config.shed_retry_after_ms,
                 max_queued_bytes=config.max_queued_bytes,
             ),
-            idempotency=(
-                IdempotencyCache(config.idempotency_ttl_s, config.idempotency_max_bytes)
-                if config.idempotency_ttl_s > 0
-                else None
-            ),
+            idempotency=self.idempotency,
             outliers=outliers,
             metrics=metrics,
             tracer=tracer,

@@ -6,7 +6,9 @@ ModelMetadataRequest, ModelConfigRequest and ModelStatisticsRequest, which share
 `peek_model` walks the top-level tags of the protobuf wire format, skips every other field by
 its length (tensor contents are never copied) and checks the top-level structure as it goes:
 a request that a protobuf parser would reject is rejected here too, with InvalidRequestError.
-Nested messages (inputs, parameters) are not looked into; Triton parses those itself.
+Nested messages (inputs, parameters) are not looked into; the walk notes where the first
+parameters entry starts (`RequestHead.parameters_at`), so that `sidecar.sequence_wire` reads
+a sequence's parameters only from requests that have some.
 
 Wire format: each field is a varint tag `(field_number << 3) | wire_type` followed by
     0 VARINT  a varint            1 I64  8 bytes
@@ -33,31 +35,35 @@ __all__ = [
 ]
 
 _MAX_FIELD_NUMBER = (1 << 29) - 1
-# Field numbers of the strings we read; their wire type must be LEN.
-_NAME, _VERSION, _ID = 1, 2, 3
+# Field numbers of the strings we read; their wire type must be LEN. ModelInferRequest's
+# parameters (field 4) is a map<string, InferParameter>: LEN entries too.
+_NAME, _VERSION, _ID, _PARAMETERS = 1, 2, 3, 4
 _FIELD_NAMES = {_NAME: "model_name", _VERSION: "model_version", _ID: "id"}
 
 
 class RequestHead(NamedTuple):
-    """The routing-relevant strings of a request: model name, version and request id."""
+    """The routing-relevant strings of a request: model name, version and request id, and
+    where its first parameters entry starts (-1: the request has no parameters)."""
 
     model_name: str
     model_version: str
     request_id: str
+    parameters_at: int = -1
 
 
 def _truncated(what: str, offset: int) -> InvalidRequestError:
     return InvalidRequestError(f"malformed request: truncated {what} at byte {offset}")
 
 
-def _walk(data: bytes) -> tuple[int, int, int, int, int, int]:
-    """Offsets (start, end) of the last model_name, model_version and id; -1 when absent.
+def _walk(data: bytes) -> tuple[int, int, int, int, int, int, int]:
+    """Offsets (start, end) of the last model_name, model_version and id, and of the first
+    parameters entry's tag; -1 when absent.
 
     Raises InvalidRequestError when the top-level structure is not valid protobuf.
     """
     n = len(data)
     i = 0
-    ns = ne = vs = ve = is_ = ie = -1
+    ns = ne = vs = ve = is_ = ie = ps = -1
     while i < n:
         # Tag varint; most tags are one byte, so that path comes first.
         start = i
@@ -106,13 +112,15 @@ def _walk(data: bytes) -> tuple[int, int, int, int, int, int]:
             end = i + length
             if end > n:
                 raise _truncated(f"field {field} ({length} bytes)", start)
-            if field <= _ID:
+            if field <= _PARAMETERS:
                 if field == _NAME:
                     ns, ne = i, end
                 elif field == _VERSION:
                     vs, ve = i, end
-                else:
+                elif field == _ID:
                     is_, ie = i, end
+                elif ps < 0:
+                    ps = start
             i = end
             continue
         if field <= _ID:
@@ -142,7 +150,7 @@ def _walk(data: bytes) -> tuple[int, int, int, int, int, int]:
             raise InvalidRequestError(
                 f"malformed request: unsupported wire type {wire_type} at byte {start}"
             )
-    return ns, ne, vs, ve, is_, ie
+    return ns, ne, vs, ve, is_, ie, ps
 
 
 def _text(data: bytes, start: int, end: int, field: str) -> str:
@@ -160,7 +168,7 @@ def peek_model(data: bytes, *, require_name: bool = True) -> tuple[str, str]:
     Raises InvalidRequestError for malformed bytes, invalid UTF-8 in either string, or
     (when `require_name`) a missing or empty model name.
     """
-    ns, ne, vs, ve, _, _ = _walk(data)
+    ns, ne, vs, ve, _, _, _ = _walk(data)
     if ns < 0 or ns == ne:
         if require_name:
             raise InvalidRequestError("malformed request: model_name is required")
@@ -173,13 +181,14 @@ def peek_model(data: bytes, *, require_name: bool = True) -> tuple[str, str]:
 
 def peek_request(data: bytes, *, require_name: bool = True) -> RequestHead:
     """Like `peek_model`, with the request id as well (for logs and errors, not the hot path)."""
-    ns, ne, vs, ve, is_, ie = _walk(data)
+    ns, ne, vs, ve, is_, ie, ps = _walk(data)
     if require_name and (ns < 0 or ns == ne):
         raise InvalidRequestError("malformed request: model_name is required")
     return RequestHead(
         _text(data, ns, ne, "model_name"),
         _text(data, vs, ve, "model_version"),
         _text(data, is_, ie, "id"),
+        ps,
     )
 
 
@@ -216,7 +225,6 @@ def model_version_field(version: str) -> bytes:
 # ModelInferRequest.parameters is field 4, a map<string, InferParameter>; a map entry is a
 # message with the key as field 1 and the value as field 2. In InferParameter, int64_param is
 # field 2 and uint64_param field 5 (both varints).
-_PARAMETERS = 4
 _INT64_PARAM, _UINT64_PARAM = 2, 5
 
 

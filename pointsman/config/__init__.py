@@ -32,7 +32,15 @@ Command-line flags take the same path: a flag added with `dest=flag_dest("tls.ce
 
 from pointsman.config._flags import flag_dest, relative_files, with_flags
 from pointsman.config._reader import Hooks, keys_of, read, read_fields, read_value, validate
-from pointsman.config._rules import Rule, host_port, http_url, non_empty, or_empty, rule
+from pointsman.config._rules import (
+    Rule,
+    host_port,
+    http_url,
+    metadata_key,
+    non_empty,
+    or_empty,
+    rule,
+)
 from pointsman.config._yaml import load_yaml, load_yaml_file
 
 __all__ = [
@@ -44,6 +52,7 @@ __all__ = [
     "keys_of",
     "load_yaml",
     "load_yaml_file",
+    "metadata_key",
     "non_empty",
     "or_empty",
     "read",

@@ -3,6 +3,7 @@ checks (host:port, URL, non-empty)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,19 @@ def or_empty(check: Callable[[str], None]) -> Callable[[str], None]:
 def non_empty(value: str) -> None:
     if not value:
         raise ValueError("must be a non-empty string")
+
+
+# gRPC metadata keys: lower case letters, digits, '-', '_' and '.'.
+_METADATA_KEY = re.compile(r"[0-9a-z_.\-]+")
+
+
+def metadata_key(value: str) -> None:
+    """A gRPC metadata key (a header name): non-empty, lower case, a-z 0-9 '-' '_' '.'."""
+    non_empty(value)
+    if value != value.lower():
+        raise ValueError("must be lower case (gRPC metadata keys are)")
+    if not _METADATA_KEY.fullmatch(value):
+        raise ValueError("a metadata key has only a-z, 0-9, '-', '_', '.'")
 
 
 def http_url(value: str) -> None:

@@ -10,6 +10,9 @@ for an unload to finish.
                     (UNLOADING in its index for a second or two), letting in-flight requests end
     wait_unloaded   polls RepositoryIndex until no version of the model is READY, LOADING or
                     UNLOADING: only then is its memory free for what comes next
+    sequence_idle_s ModelConfig: the model's max_sequence_idle_microseconds (Triton's 1 s when
+                    unset) when it has a sequence batcher, else None (an unload drain waits
+                    that long after the last request, so live sequences end first)
 Every failure is a `ModelControlError` with Triton's status code and message.
 """
 
@@ -26,6 +29,8 @@ from pointsman.tls import TlsConfig, aio_channel
 
 __all__ = ["ModelControl", "ModelControlError", "TritonModelControl"]
 
+# Triton's max_sequence_idle_microseconds when a sequence batcher leaves it unset.
+_DEFAULT_SEQUENCE_IDLE_S = 1.0
 # Index states in which a model version still holds memory.
 _PRESENT_STATES = frozenset({"READY", "LOADING", "UNLOADING"})
 
@@ -50,6 +55,8 @@ class ModelControl(Protocol):
     async def unload(self, address: str, model: str) -> None: ...
 
     async def wait_unloaded(self, address: str, model: str, timeout_s: float) -> None: ...
+
+    async def sequence_idle_s(self, address: str, model: str) -> float | None: ...
 
 
 class TritonModelControl:
@@ -93,6 +100,18 @@ class TritonModelControl:
             await self._stub(address).RepositoryModelUnload(request, timeout=self._rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _error("unload", model, address, exc) from exc
+
+    async def sequence_idle_s(self, address: str, model: str) -> float | None:
+        request = service_pb2.ModelConfigRequest(name=model)
+        try:
+            response = await self._stub(address).ModelConfig(request, timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _error("read the config of", model, address, exc) from exc
+        config = response.config
+        if not config.HasField("sequence_batching"):
+            return None
+        idle_us = config.sequence_batching.max_sequence_idle_microseconds
+        return idle_us / 1e6 if idle_us else _DEFAULT_SEQUENCE_IDLE_S
 
     async def present_versions(self, address: str, model: str) -> dict[str, str]:
         """Version -> state for each version of `model` that is READY, LOADING or UNLOADING."""

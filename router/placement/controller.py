@@ -126,6 +126,7 @@ class PlacementController:
             clock=clock,
             snapshot=source.snapshot,
             gpu_memory=source.gpu_memory,
+            last_request_at=lambda model, instance_id: self._last_used.get((model, instance_id)),
             on_routes_changed=on_routes_changed,
             on_finished=self._finished,
             settings=executor_settings,

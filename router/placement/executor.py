@@ -9,9 +9,13 @@ instance, in the order planned.
     Unload  adds the pair to `RouteBook.draining` and asks for a route rebuild; waits until
             the model's route table no longer lists the instance, then `drain_grace_s` more
             (sidecars drop the route; at least two route propagations), then until Triton
-            holds no queued request of the model there; both waits end at `max_drain_s`.
-            Then `RepositoryModelUnload`, and a wait until Triton's index shows every version
-            gone (UNLOADING still holds memory).
+            holds no queued request of the model there. A model with a sequence batcher (its
+            ModelConfig) may hold live sequences there, which sidecars keep sending to it:
+            the drain then also waits until no request of the model reached the instance for
+            its `max_sequence_idle_microseconds` (plus `sequence_idle_margin_s`, as the
+            request counters arrive late), when Triton itself would have ended them. Every
+            wait ends at `max_drain_s`. Then `RepositoryModelUnload`, and a wait until
+            Triton's index shows every version gone (UNLOADING still holds memory).
 
 A REQUESTED load (a request waits for it) goes ahead of the proactive work still queued on its
 instance, together with the unloads it waits for.
@@ -61,9 +65,11 @@ class PlacementExecutor:
     """Runs actions on per-instance lanes (module docstring).
 
     `snapshot` gives the current fleet view (queued requests, settling); `gpu_memory` an
-    instance's latest GPU memory reading; `on_routes_changed` asks for a route rebuild (the
-    router's route loop; a rebuild reads `book.draining`); `on_finished` hears of each job once
-    Triton has done it or it failed (the controller records decisions and footprints there).
+    instance's latest GPU memory reading; `last_request_at` the clock time by which Triton's
+    counters last showed a request of (model, instance id), None if never; `on_routes_changed`
+    asks for a route rebuild (the router's route loop; a rebuild reads `book.draining`);
+    `on_finished` hears of each job once Triton has done it or it failed (the controller records
+    decisions and footprints there).
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class PlacementExecutor:
         clock: Clock,
         snapshot: Callable[[], FleetSnapshot],
         gpu_memory: Callable[[str], GpuMemoryReading | None] = lambda _: None,
+        last_request_at: Callable[[str, str], float | None] = lambda _, __: None,
         on_routes_changed: Callable[[], None] = lambda: None,
         on_finished: Callable[[Job], None] = lambda _: None,
         settings: ExecutorSettings | None = None,
@@ -87,6 +94,7 @@ class PlacementExecutor:
         self._clock = clock
         self._snapshot = snapshot
         self._gpu_memory = gpu_memory
+        self._last_request_at = last_request_at
         self._on_routes_changed = on_routes_changed
         self._on_finished = on_finished
         self.failures = LoadFailures(
@@ -245,6 +253,7 @@ class PlacementExecutor:
         key = (action.model, action.instance_id)
         self._book.draining.add(key)
         self._on_routes_changed()
+        started = self._clock()
         deadline = loop.time() + settings.max_drain_s
         while self._routed(*key) and loop.time() < deadline:
             await asyncio.sleep(settings.poll_interval_s)
@@ -253,12 +262,37 @@ class PlacementExecutor:
         await asyncio.sleep(settings.drain_grace_s)
         while self._queued(*key) and loop.time() < deadline:
             await asyncio.sleep(settings.poll_interval_s)
+        idle_s = await self._sequence_idle_s(job.address, action.model)
+        if idle_s is not None:
+            idle_s += settings.sequence_idle_margin_s
+            while not self._idle(*key, idle_s, started) and loop.time() < deadline:
+                await asyncio.sleep(settings.poll_interval_s)
+            if not self._idle(*key, idle_s, started):
+                log.warning("placement: %s may hold live sequences on %s when unloading", *key)
         await self._control.unload(job.address, action.model)
         await self._control.wait_unloaded(job.address, action.model, settings.unload_timeout_s)
 
     def _routed(self, model: str, instance_id: str) -> bool:
         table = self._book.tables.get(model)
         return table is not None and any(c.instance_id == instance_id for c in table.candidates)
+
+    async def _sequence_idle_s(self, address: str, model: str) -> float | None:
+        """The model's sequence idle time, None without a sequence batcher (or unreadable)."""
+        try:
+            return await self._control.sequence_idle_s(address, model)
+        except Exception as exc:  # the unload goes ahead; a live sequence may be cut
+            log.warning("placement: no sequence drain for %s on %s: %s", model, address, exc)
+            return None
+
+    def _idle(self, model: str, instance_id: str, idle_s: float, started: float) -> bool:
+        """Whether no request of the model reached the instance for `idle_s`: a request
+        counted before the drain started has had `idle_s` since, and the drain has lasted
+        the margin, so a request just before it shows in the counters if there was one."""
+        now = self._clock()
+        if now - started < self.settings.sequence_idle_margin_s:
+            return False
+        last = self._last_request_at(model, instance_id)
+        return last is None or now - last >= idle_s
 
     def _queued(self, model: str, instance_id: str) -> int:
         inst = self._snapshot().instance(instance_id)

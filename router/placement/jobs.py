@@ -17,8 +17,12 @@ __all__ = ["ExecutorSettings", "Job", "JobState", "LoadFailures"]
 class ExecutorSettings:
     # After the route table drops the instance: time for sidecars to drop it too.
     drain_grace_s: float = 0.5
-    # The most an unload waits for routes to drop the instance and Triton's queue to empty.
+    # The most an unload waits for routes to drop the instance, Triton's queue to empty and
+    # (a sequence model) its live sequences to end.
     max_drain_s: float = 30.0
+    # Added to a sequence model's idle time when waiting for its last request: the request
+    # counters reach the executor up to a metrics scrape and a placement tick late.
+    sequence_idle_margin_s: float = 2.0
     # The most an unload waits for Triton's index to show the model gone.
     unload_timeout_s: float = 60.0
     # The most a finished job waits for the fleet snapshot to show its effect.
@@ -35,6 +39,7 @@ class ExecutorSettings:
         for name in (
             "drain_grace_s",
             "max_drain_s",
+            "sequence_idle_margin_s",
             "unload_timeout_s",
             "settle_timeout_s",
             "gpu_settle_s",

@@ -32,6 +32,10 @@ Typed and frozen, parsed and validated once. A file looks like (see examples/pol
       high: {triton_priority: 1}
       low: {triton_priority: 2, sheddable: true}
     default_priority_class: low
+    sessions:                              # session affinity (sidecars; pointsman/sessions.py)
+      header: x-session-id                 # the header naming a session; "" turns it off
+      max_in_flight: 8                     # a holder with this many of one sidecar's requests
+      move_ttl_s: 600                      #   in flight is saturated: its sessions move, once
 
 Every section may be left out: `{}` is the default policy (an empty file is refused, since it
 is also what a writer leaves half-way). A key given twice is refused. Every error is a

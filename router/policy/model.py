@@ -2,7 +2,8 @@
 
 `Policy` is the whole file; `ModelPolicy` is one model's entry, and doubles as the schema the
 reader (pointsman/config/) reads that entry by: its fields, types, defaults and bounds are the
-file's. `PriorityClass` is the kernel's (pointsman/priority.py), shared with the sidecar.
+file's. `PriorityClass` (pointsman/priority.py) and `SessionPolicy` (pointsman/sessions.py) are
+the kernel's, shared with the sidecar.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import yaml
 from pointsman.config import rule
 from pointsman.errors import ConfigError
 from pointsman.priority import PriorityClass
+from pointsman.sessions import SessionPolicy
 from pointsman.versions import VersionRules
 from router.demand import DemandWindows
 from router.placement import ModelSpec, PlacementPolicy
 from router.scheduling import SchedulingProfile
 
-__all__ = ["DEFAULT_SOURCE", "ModelPolicy", "Policy", "PriorityClass"]
+__all__ = ["DEFAULT_SOURCE", "ModelPolicy", "Policy", "PriorityClass", "SessionPolicy"]
 
 # `Policy.source` of the built-in policy.
 DEFAULT_SOURCE: Final = "default"
@@ -66,6 +68,8 @@ class Policy:
     models: Mapping[str, ModelPolicy]
     priority_classes: Mapping[str, PriorityClass]
     default_priority_class: str
+    # Session affinity: the header that names a session, and when its holder is saturated.
+    sessions: SessionPolicy
     demand: DemandWindows
     # Short content hash of the normalised data.
     version: str

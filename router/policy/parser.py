@@ -26,9 +26,18 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from pointsman.config import load_yaml, non_empty, read, read_fields, read_value, rule
+from pointsman.config import (
+    load_yaml,
+    metadata_key,
+    non_empty,
+    read,
+    read_fields,
+    read_value,
+    rule,
+)
 from pointsman.errors import ConfigError
 from pointsman.priority import PriorityClass
+from pointsman.sessions import SessionPolicy
 from pointsman.versions import HeaderRule, VersionRules
 from router.demand import DemandWindows
 from router.placement import PlacementPolicy
@@ -38,8 +47,6 @@ from router.policy.model import DEFAULT_SOURCE, ModelPolicy, Policy
 __all__ = ["default_policy", "parse_policy", "parse_policy_file", "parse_policy_text"]
 
 _DEFAULT_PRIORITY_CLASS = "default"
-# gRPC metadata keys: lower case letters, digits, '-', '_' and '.'.
-_METADATA_KEY = re.compile(r"[0-9a-z_.\-]+")
 _VERSION_NUMBER = re.compile(r"[1-9][0-9]*")
 
 
@@ -67,14 +74,6 @@ def parse_policy_text(text: str, *, source: str = "<text>", allow_empty: bool = 
 
 
 # --- the file's sections, as the reader reads them -------------------------------------------
-
-
-def _metadata_key(value: str) -> None:
-    non_empty(value)
-    if value != value.lower():
-        raise ValueError("must be lower case (gRPC metadata keys are)")
-    if not _METADATA_KEY.fullmatch(value):
-        raise ValueError("a metadata key has only a-z, 0-9, '-', '_', '.'")
 
 
 def _version(value: Any, at: str) -> str:
@@ -115,7 +114,7 @@ def _split(raw: Any, at: str) -> tuple[tuple[str, float], ...]:
 
 @dataclass(frozen=True, slots=True)
 class _HeaderRuleSection:
-    header: str = field(metadata=rule(check=_metadata_key))
+    header: str = field(metadata=rule(check=metadata_key))
     value: str = field(metadata=rule(parse=_header_value))
     version: str = field(metadata=rule(parse=_version))
 
@@ -123,7 +122,7 @@ class _HeaderRuleSection:
 @dataclass(frozen=True, slots=True)
 class _VersionsSection:
     split: tuple[tuple[str, float], ...] = field(default=(), metadata=rule(parse=_split))
-    sticky_header: str = field(default="", metadata=rule(check=_metadata_key))
+    sticky_header: str = field(default="", metadata=rule(check=metadata_key))
     header_rules: tuple[_HeaderRuleSection, ...] = ()
 
 
@@ -200,6 +199,7 @@ class _PolicySection:
     default_priority_class: str = field(
         default=_DEFAULT_PRIORITY_CLASS, metadata=rule(check=non_empty)
     )
+    sessions: SessionPolicy = field(default_factory=SessionPolicy)
 
 
 # --- the policy ------------------------------------------------------------------------------
@@ -236,6 +236,7 @@ def parse_policy(data: Any, *, source: str = "<data>", yaml_text: str | None = N
             for name, pc in sorted(classes.items())
         },
         "default_priority_class": top.default_priority_class,
+        "sessions": dataclasses.asdict(top.sessions),
         "demand": dataclasses.asdict(top.demand),
     }
     policy = Policy(
@@ -249,6 +250,7 @@ def parse_policy(data: Any, *, source: str = "<data>", yaml_text: str | None = N
         models=MappingProxyType(dict(top.models)),
         priority_classes=MappingProxyType(dict(classes)),
         default_priority_class=top.default_priority_class,
+        sessions=top.sessions,
         demand=top.demand,
         version=_content_hash(normalised),
         source=source,

@@ -244,7 +244,7 @@ def test_model_config_variants_rename_reseed_and_drop_only_the_batcher(template:
         assert "version_policy" not in variant
         assert "max_batch_size: 8" in variant
     assert 'key: "pointsman.memory_bytes" value: { string_value: "123456" }' in on
-    assert 'key: "pointsman.memory_bytes" value: { string_value: "67108864" }' in off
+    assert 'key: "pointsman.memory_bytes" value: { string_value: "75497472" }' in off
     assert "dynamic_batching" in on and "max_queue_delay_microseconds" in on
     assert "dynamic_batching" not in off and "default_queue_policy" not in off
 

@@ -32,9 +32,11 @@ from app.triton import (
     triton_process,
     wait_until_ready,
 )
+from sidecar.sequence_wire import MAX_SEQUENCE_ID_CHARS
+from sidecar.sequences import NOT_STARTED
 
 REPO = Path(__file__).resolve().parents[2] / "triton_models"
-MODELS = ("codegen", "codegen_stream", "echo", "slow", "add_one")
+MODELS = ("codegen", "codegen_stream", "echo", "slow", "add_one", "accumulate")
 MiB = 1 << 20
 DEFAULT_TOKENS = 24
 MAX_TOKENS_CAP = 256
@@ -139,7 +141,7 @@ def test_repository_layout_shares_one_implementation() -> None:
         for folder in (REPO / "codegen" / "2", REPO / "codegen_stream" / "1")
         for name in ("model.py", *helpers)
     ] + [(REPO / m / "1" / "resident_memory.py", home / "resident_memory.py")
-         for m in ("echo", "slow", "add_one")]  # fmt: skip
+         for m in ("echo", "slow", "add_one", "accumulate")]  # fmt: skip
     for link, target in links:
         assert link.is_symlink(), link
         assert not Path(link.readlink()).is_absolute()
@@ -510,6 +512,47 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _accumulate(
+    client: grpcclient.InferenceServerClient, sid: int | str, n: int, start: bool, end: bool = False
+) -> int:
+    tensor = grpcclient.InferInput("INPUT", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[n]], dtype=np.int32))
+    result = client.infer("accumulate", [tensor], sequence_id=sid, sequence_start=start,
+                          sequence_end=end, client_timeout=10)  # fmt: skip
+    return int(result.as_numpy("OUTPUT")[0][0])
+
+
+@pytest.mark.triton
+def test_accumulate_keeps_a_sum_per_sequence_as_the_sidecar_expects(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """The facts sidecar/sequences.py relies on, as this Triton shows them."""
+    config = client.get_model_config("accumulate").config
+    idle_s = config.sequence_batching.max_sequence_idle_microseconds / 1e6
+    assert idle_s == 5.0
+    # Interleaved sequences, integer and string ids, each its own sum.
+    assert _accumulate(client, 11, 5, start=True) == 5
+    assert _accumulate(client, "eleven", 7, start=True) == 7
+    assert _accumulate(client, 11, 1, start=False) == 6
+    assert _accumulate(client, "eleven", 1, start=False) == 8
+    assert _accumulate(client, 11, 4, start=False, end=True) == 10
+    # After END, and for a sequence never started, a step without START is refused (not run),
+    # with the message the sidecar looks for.
+    for sid in (11, 12):
+        with pytest.raises(InferenceServerException) as refused:
+            _accumulate(client, sid, 1, start=False)
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert NOT_STARTED in (refused.value.message() or "")
+    # Triton's own limit on string ids, which the sidecar applies before routing.
+    with pytest.raises(InferenceServerException, match="cannot be longer than 128"):
+        _accumulate(client, "x" * (MAX_SEQUENCE_ID_CHARS + 1), 1, start=True)
+    # A sequence idle past max_sequence_idle_microseconds is gone: its next step needs START.
+    assert _accumulate(client, 13, 1, start=True) == 1
+    time.sleep(idle_s + 0.5)
+    with pytest.raises(InferenceServerException, match="must specify the START flag"):
+        _accumulate(client, 13, 1, start=False)
+
+
 def _rss_bytes(pid: int) -> int:
     for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -538,6 +581,7 @@ def test_every_model_process_holds_its_declared_memory(
         ("echo", "1"),
         ("slow", "1"),
         ("add_one", "1"),
+        ("accumulate", "1"),
     }
     for (model, version), rss in resident.items():
         declared = int(served_parameters(client, model, version)["pointsman.memory_bytes"])

@@ -144,6 +144,8 @@ class FakeControl:
     calls: list[tuple[str, str, str]] = field(default_factory=list)
     # At each unload: (routed there, draining there).
     unload_views: list[tuple[bool, bool]] = field(default_factory=list)
+    # model -> max_sequence_idle in seconds, for models with a sequence batcher.
+    sequence_idle: dict[str, float] = field(default_factory=dict)
 
     async def load(self, address: str, model: str) -> None:
         self.calls.append(("load", address, model))
@@ -163,6 +165,9 @@ class FakeControl:
 
     async def wait_unloaded(self, address: str, model: str, timeout_s: float) -> None:
         self.on_unloaded(address, model)
+
+    async def sequence_idle_s(self, address: str, model: str) -> float | None:
+        return self.sequence_idle.get(model)
 
 
 def _book() -> RouteBook:
@@ -278,6 +283,46 @@ async def test_unload_leaves_the_routes_and_drains_before_triton_unloads() -> No
     source.fleet = _fleet(_instance("i1"), _instance("i2", {"m": 10}))
     assert executor.reconcile(source.fleet) == [job]
     assert book.draining == set() and executor.in_progress() == ()
+
+
+@pytest.mark.parametrize("max_drain_s", [30.0, 0.3])
+@pytest.mark.asyncio
+async def test_unloading_a_sequence_model_waits_for_its_live_sequences(max_drain_s: float) -> None:
+    """Sidecars keep a live sequence's steps on its instance after the routes drop it: the
+    unload waits until no request reached it for the model's idle time, at most max_drain_s."""
+    clock = FakeClock()
+    book = _book()
+    source = FakeSource(_fleet(_instance("i1", {"seq": 10 * MiB}), _instance("i2", {"seq": 10})))
+    book.rebuild(source.fleet, clock())
+    control = FakeControl(book, sequence_idle={"seq": 2.0})
+    last: dict[tuple[str, str], float] = {("seq", "i1"): clock()}
+    executor = PlacementExecutor(
+        control,
+        book=book,
+        clock=clock,
+        snapshot=source.snapshot,
+        last_request_at=lambda model, iid: last.get((model, iid)),
+        on_routes_changed=lambda: book.rebuild(source.snapshot(), clock()),
+        settings=ExecutorSettings(
+            drain_grace_s=0.0, max_drain_s=max_drain_s, sequence_idle_margin_s=1.0
+        ),
+    )
+    (job,) = executor.submit([Unload("seq", "i1", "scale down", 10 * MiB)], source.fleet)
+    await asyncio.sleep(0.1)
+    assert [c.instance_id for c in book.tables["seq"].candidates] == ["i2"]
+    clock.advance(2.5)  # idle 2.5 s: not yet idle + margin (3 s)
+    await asyncio.sleep(0.1)
+    if max_drain_s < 1:  # the bound: the unload goes ahead although steps still arrive
+        await _until(lambda: job.state is JobState.SETTLING, 2, "unload after the bound")
+        return
+    assert control.calls == [] and job.state is JobState.RUNNING
+    last[("seq", "i1")] = clock()  # a step of a live sequence reached i1
+    clock.advance(2.9)
+    await asyncio.sleep(0.1)
+    assert control.calls == []
+    clock.advance(0.2)  # 3.1 s since the last request
+    await _until(lambda: job.state is JobState.SETTLING, 2, "unload once idle")
+    assert control.calls == [("unload", "10.0.0.1:8001", "seq")]
 
 
 @pytest.mark.asyncio

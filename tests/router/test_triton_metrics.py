@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.fleet import Fleet
-from app.workload import codegen_inputs
+from bench.calls import codegen_inputs
 from router.datalayer.triton_metrics import (
     WANTED_FAMILIES,
     TritonMetrics,

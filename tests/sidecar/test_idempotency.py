@@ -15,8 +15,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.fleet import Fleet
 from bench.calls import INFER_METHOD, codegen_request
-from pointsman.errors import InvalidRequestError, OverloadedError
-from sidecar.idempotency import ENTRY_OVERHEAD_BYTES, IdempotencyCache, Reuse, StoredStatusError
+from pointsman.errors import InvalidRequestError, NoReadyInstanceError, OverloadedError
+from sidecar.idempotency import (
+    ENTRY_OVERHEAD_BYTES,
+    IdempotencyCache,
+    IdempotencyStore,
+    Reuse,
+    StoredStatusError,
+)
 from tests.support.fakes import FakeClock
 
 KEY = ("codegen", "", "r-1")
@@ -72,26 +78,34 @@ async def test_replay_within_ttl_then_run_again() -> None:
     assert execute.runs == 4
 
 
-@pytest.mark.asyncio
-async def test_errors_kept_unless_the_request_did_not_run() -> None:
-    cache, _ = _cache()
+async def errors_kept_unless_not_run(first: IdempotencyStore, later: IdempotencyStore) -> None:
+    """The rule for errors, shared by every store: `first` runs, `later` sees a duplicate (the
+    same store, or another sidecar's on the same Redis). A kept error is replayed with its code
+    and message; one that says the request did not run (overload, UNAVAILABLE, deadlines...)
+    is not kept, so a retry runs it."""
     bad = Executions(error=InvalidRequestError("bad input"))
     bad.release.set()
     with pytest.raises(InvalidRequestError):
-        await cache.run(KEY, bad)
+        await first.run(KEY, bad)
     with pytest.raises(StoredStatusError) as replayed:
-        await cache.run(KEY, bad)
+        await later.run(KEY, bad)
     assert replayed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert replayed.value.details() == "bad input"
     assert bad.runs == 1
-    # Overload (and UNAVAILABLE, deadlines...) means not run: a retry runs it.
     key = ("codegen", "", "r-9")
-    shed = Executions(error=OverloadedError("overloaded"))
-    shed.release.set()
-    for _ in range(2):
-        with pytest.raises(OverloadedError):
-            await cache.run(key, shed)
-    assert shed.runs == 2
+    for error in (OverloadedError("overloaded"), NoReadyInstanceError("no instance")):
+        refused = Executions(error=error)
+        refused.release.set()
+        for store in (first, later):
+            with pytest.raises(type(error)):
+                await store.run(key, refused)
+        assert refused.runs == 2
+
+
+@pytest.mark.asyncio
+async def test_errors_kept_unless_the_request_did_not_run() -> None:
+    cache, _ = _cache()
+    await errors_kept_unless_not_run(cache, cache)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +179,7 @@ async def test_ttl_zero_coalesces_but_keeps_nothing() -> None:
 # -- on real Tritons -----------------------------------------------------------------------------
 
 
-def _codegen_inferences(fleet: Fleet) -> int:
+def codegen_inferences(fleet: Fleet) -> int:
     """Triton's own count of codegen inferences, summed over every instance that has it."""
     total = 0
     for spec in fleet.tritons:
@@ -203,9 +217,9 @@ async def _send_all(
 
 
 def _after(fleet: Fleet, action: Callable[[], object]) -> int:
-    before = _codegen_inferences(fleet)
+    before = codegen_inferences(fleet)
     action()
-    return _codegen_inferences(fleet) - before
+    return codegen_inferences(fleet) - before
 
 
 @pytest.mark.triton

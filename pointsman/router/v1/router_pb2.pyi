@@ -79,20 +79,32 @@ class WatchRoutesRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., model_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchRoutesResponse(_message.Message):
-    __slots__ = ("full_snapshot", "tables", "removed_models", "generation", "router_id", "priority_policy")
+    __slots__ = ("full_snapshot", "tables", "removed_models", "generation", "router_id", "priority_policy", "session_policy")
     FULL_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     REMOVED_MODELS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_POLICY_FIELD_NUMBER: _ClassVar[int]
     full_snapshot: bool
     tables: _containers.RepeatedCompositeFieldContainer[RouteTable]
     removed_models: _containers.RepeatedScalarFieldContainer[str]
     generation: int
     router_id: str
     priority_policy: PriorityPolicy
-    def __init__(self, full_snapshot: _Optional[bool] = ..., tables: _Optional[_Iterable[_Union[RouteTable, _Mapping]]] = ..., removed_models: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ..., router_id: _Optional[str] = ..., priority_policy: _Optional[_Union[PriorityPolicy, _Mapping]] = ...) -> None: ...
+    session_policy: SessionPolicy
+    def __init__(self, full_snapshot: _Optional[bool] = ..., tables: _Optional[_Iterable[_Union[RouteTable, _Mapping]]] = ..., removed_models: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ..., router_id: _Optional[str] = ..., priority_policy: _Optional[_Union[PriorityPolicy, _Mapping]] = ..., session_policy: _Optional[_Union[SessionPolicy, _Mapping]] = ...) -> None: ...
+
+class SessionPolicy(_message.Message):
+    __slots__ = ("header", "max_in_flight", "move_ttl_s")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MOVE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    header: str
+    max_in_flight: int
+    move_ttl_s: float
+    def __init__(self, header: _Optional[str] = ..., max_in_flight: _Optional[int] = ..., move_ttl_s: _Optional[float] = ...) -> None: ...
 
 class PriorityPolicy(_message.Message):
     __slots__ = ("classes", "default_class")

@@ -1,0 +1,1 @@
+../../codegen/1/resident_memory.py
