@@ -61,6 +61,8 @@ COMPRESSED_TIMELINE: Mapping[str, Mapping[str, float]] = {
         "long_window_s": 30,
         "fit_window_s": 10,
         "horizon_s": 5,
+        # Two buckets: the one under way and the last complete one.
+        "recent_window_s": 2,
     },
 }
 

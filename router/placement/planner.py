@@ -50,7 +50,7 @@ class ModelDecision:
     copies: int
     desired: int
     target: int
-    # max(rate, forecast), requests per second.
+    # max(rate, forecast, recent), requests per second.
     demand_rps: float
     reason: str
 
@@ -182,6 +182,7 @@ class _Round:
             spec,
             rate_rps=demand.rate_rps,
             forecast_rps=demand.forecast_rps,
+            recent_rps=demand.recent_rps,
             recently_used=recently_used,
             requested=requested,
             healthy_instances=len(self.ledger.instances),

@@ -89,15 +89,21 @@ def spec(
 
 
 def want(
-    model: str, rps: float = 0.0, *, forecast: float | None = None, seen_ago: float | None = 0.0
+    model: str,
+    rps: float = 0.0,
+    *,
+    forecast: float | None = None,
+    recent: float = 0.0,
+    seen_ago: float | None = 0.0,
 ) -> ModelDemand:
-    """Demand for `model`: `rps` now, `forecast` (default = rps), last request `seen_ago` s ago
-    (None: never, and then no rate either)."""
+    """Demand for `model`: `rps` now, `forecast` (default = rps), `recent` demand, last request
+    `seen_ago` s ago (None: never, and then no rate either)."""
     return ModelDemand(
         model,
         rate_rps=rps,
         long_rate_rps=rps,
         forecast_rps=rps if forecast is None else forecast,
+        recent_rps=recent,
         last_seen=None if seen_ago is None else NOW - seen_ago,
     )
 
@@ -230,6 +236,34 @@ def test_desired_copies(
         healthy_instances=healthy,
     )
     assert (count.desired, count.bound) == (expected, bound)
+
+
+@pytest.mark.parametrize(
+    ("rate", "forecast", "recent", "expected", "bound"),
+    [
+        pytest.param(20, 30, 0, 1, CopyBound.FORECAST, id="no-recent"),
+        pytest.param(20, 30, 120, 3, CopyBound.RECENT, id="recent-above-both"),
+        pytest.param(120, 30, 100, 3, CopyBound.DEMAND, id="recent-below-rate"),
+        pytest.param(20, 20, 20, 1, CopyBound.DEMAND, id="tie-is-demand"),
+    ],
+)
+def test_desired_copies_size_for_the_recent_demand_too(
+    rate: float, forecast: float, recent: float, expected: int, bound: CopyBound
+) -> None:
+    count = desired_copies(
+        spec("m"),
+        rate_rps=rate,
+        forecast_rps=forecast,
+        recent_rps=recent,
+        recently_used=True,
+        requested=False,
+        healthy_instances=4,
+    )
+    assert (count.desired, count.bound, count.demand_rps) == (
+        expected,
+        bound,
+        max(rate, forecast, recent),
+    )
 
 
 @pytest.mark.parametrize(
@@ -711,6 +745,12 @@ def test_requested_flag_ignored_once_a_copy_exists() -> None:
             id="requested",
         ),
         pytest.param(
+            [inst("a", 8, held("m")), inst("b", 8)],
+            [want("m", 30, recent=80)],
+            "recent demand 80 rps > 1 copy x 50 rps: loading on b",
+            id="recent",
+        ),
+        pytest.param(
             [inst("a", 8, held("m")), inst("b", 8, held("m"))],
             [want("m", 60)],
             "steady at 2 copies: demand 60 rps",
@@ -733,6 +773,39 @@ def test_decision_reasons(
     assert decision.reason == expected_reason
     for load in done.loads:
         assert load.reason == expected_reason.split(": loading")[0]
+
+
+def test_a_shift_evicts_the_cooled_model_for_the_one_with_a_queue_at_once() -> None:
+    """Popularity shifted: "new"'s short window still trails (30 rps: 1 copy), but its copy
+    answers at its ceiling with a queue (recent 140 rps: 3 copies); "old" has fallen to one
+    copy's worth. Both extra copies of "new" are planned in this one round, each in place of a
+    copy of "old" (the last copies of x and y are kept warm); without the recent demand, none
+    would be."""
+    fleet = [
+        inst("a", 2, held("new"), held("old")),
+        inst("b", 2, held("old"), held("x")),
+        inst("c", 2, held("old"), held("y")),
+    ]
+    specs = [spec("new"), spec("old"), spec("x"), spec("y")]
+    done = plan(
+        inputs(
+            fleet,
+            specs,
+            want("new", 30, recent=140),
+            want("old", 40, recent=5),
+            want("x", 1, seen_ago=100),
+            want("y", 1, seen_ago=100),
+        )
+    )
+    loads = sorted((a.model, a.instance_id) for a in done.loads)
+    assert loads == [("new", "b"), ("new", "c")]
+    decision = done.decision("new")
+    assert decision is not None and decision.target == 3
+    assert decision.reason.startswith("recent demand 140 rps > 1 copy x 50 rps")
+    unloads = sorted((a.model, a.instance_id) for a in done.unloads)
+    assert unloads == [("old", "b"), ("old", "c")]
+    trailing = plan(inputs(fleet, specs, want("new", 30), want("old", 40)))
+    assert not trailing.loads
 
 
 def test_in_progress_actions_count_and_block() -> None:
