@@ -23,14 +23,12 @@ Formulas (b = bucket length, B(t) = floor(t / b), now = the clock):
                       plus the requests waiting now (Triton's queue, `queued` in `snapshot`),
                       to be answered within the same window.
 
-Why `recent`: the requests counted are those Triton ANSWERED, so a model whose copies are all
-busy shows the rate its copies can serve, not the rate asked of it, and a rate over the short
-window trails a sudden rise by most of the window. A model that a popularity shift made hot
-then gains one copy per window at best. The recent rate sees the rise within a few buckets
-(Knative's autoscaler watches a "panic" window of a tenth of its stable one for the same
-reason), and the queue shows what the busy copies could not answer. Copies are sized for the
-largest of rate, forecast and recent; shrinking still needs the whole short window and the
-planner's cool-down, so a short burst adds a copy at most, never takes one away.
+Why `recent`: Triton counts the requests it ANSWERED, so a model whose copies are all busy shows
+what they serve, not what is asked, and the short window trails a sudden rise by most of its
+length (after a popularity shift the new hot model gained one copy per window at best). The
+recent window sees the rise within a few buckets (Knative's "panic" window is a tenth of its
+stable one for the same reason) and the queue shows what the busy copies could not answer.
+Shrinking still needs the short window and the planner's cool-down.
 """
 
 from __future__ import annotations
