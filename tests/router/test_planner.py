@@ -855,6 +855,45 @@ def test_shrink_unloads_the_least_recently_used_copy_past_the_churn_guard() -> N
     assert done.scale_down.low_since["m"] == NOW  # timer restarted
 
 
+def test_shrink_never_unloads_the_only_copy_serving_while_another_loads() -> None:
+    """Seen in the shift bench: a second copy of d was planned on a spike, waited in its
+    instance's queue behind other work, and while Triton listed it LOADING the cooled-down
+    shrink unloaded d's one serving copy: 38 requests failed NOT_FOUND before the new one was
+    ready. A copy being loaded is not serving: the shrink waits, and keeps its timer."""
+    fleet = [
+        inst("a", 8, held("m", used_ago=50)),
+        inst("b", 8, held("m", loaded_ago=3600, used_ago=3600)),  # listed: LOADING there
+    ]
+    loading: list[Action] = [Load("m", "b", "earlier spike", footprint_bytes=GIB)]
+    state = ScaleDownState({"m": NOW - 300})
+    done = plan_placement(
+        inputs(fleet, [spec("m")], want("m", 10), in_progress=loading), state, random.Random(1)
+    )
+    assert done.actions == ()
+    assert done.scale_down.low_since["m"] == NOW - 300  # retried next round, no new cool-down
+    decision = done.decision("m")
+    assert decision is not None and "not the only one serving" in decision.reason
+    # Once the load is done (no longer in progress), the least recently used copy goes.
+    done = plan_placement(inputs(fleet, [spec("m")], want("m", 10)), state, random.Random(1))
+    assert brief(done.actions) == ["-m@b"]
+
+
+def test_a_copy_whose_only_peer_is_loading_is_protected_from_eviction() -> None:
+    """x is listed on a (serving) and on b (our load of it still running): evicting x from a to
+    make room for y would leave x nothing serving, so y finds no room."""
+    fleet = [
+        inst("a", 2, held("x", used_ago=900), held("z", used_ago=800)),
+        inst("b", 2, held("x"), held("w")),
+    ]
+    loading: list[Action] = [Load("x", "b", "earlier", footprint_bytes=GIB)]
+    specs = [spec("x"), spec("y"), spec("z", min_copies=1), spec("w", min_copies=1)]
+    wants = (want("x", 1), want("y", 10), want("z", 1), want("w", 1))
+    done = plan(inputs(fleet, specs, *wants, in_progress=loading))
+    assert not done.unloads and not done.loads
+    settled = plan(inputs(fleet, specs, *wants))  # the load finished: x serves on b too
+    assert brief(settled.actions) == ["-x@a", "+y@a"]
+
+
 # --- the memory budget is never exceeded: a seeded property loop -----------------------------
 
 MODELS = [f"m{i}" for i in range(8)]
