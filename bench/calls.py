@@ -9,8 +9,9 @@ generator takes the time to first token and the inter-token gaps.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "Metadata",
     "StreamError",
     "TritonCalls",
+    "closing",
     "codegen_inputs",
     "codegen_request",
     "infer_request_bytes",
@@ -87,6 +89,16 @@ class StreamError(Exception):
     """A ModelStreamInfer response carried an error message, or the stream ended early."""
 
 
+@contextlib.asynccontextmanager
+async def closing(channels: Mapping[str, grpc.aio.Channel]) -> AsyncIterator[None]:
+    """Closes every channel of `channels` (which may still grow inside) on the way out."""
+    try:
+        yield
+    finally:
+        for channel in channels.values():
+            await channel.close()
+
+
 class TritonCalls:
     """Unary and streaming Triton calls over one channel (a sidecar, or a Triton directly)."""
 
@@ -107,6 +119,13 @@ class TritonCalls:
             return None
 
         return call
+
+    def call(self, body: bytes, tokens: int | None = None, metadata: Metadata = ()) -> Call:
+        """`unary` when `tokens` is None, else `stream` reading `tokens` responses (what a
+        bench.testbed.Sender makes)."""
+        if tokens is None:
+            return self.unary(body, metadata)
+        return self.stream(body, tokens, metadata)
 
     def stream(self, body: bytes, responses: int, metadata: Metadata = ()) -> Call:
         """A ModelStreamInfer call: send one request, read `responses` answers (a decoupled

@@ -1,12 +1,15 @@
 """One measured cell: one system, on one testbed, under one workload, once.
 
 The system starts fresh (its own processes), gets a warm-up under the workload's pre-shift
-popularity, then the measured window. Around the window the cell reads, the same way for every
-system: the load generator's records (bench.stats), loads and unloads from the Tritons'
-repository indexes (bench.placement_watch), the system's own count of requests that waited for
-a load, Triton's average batch size, the CPU time and peak RSS of the Tritons, of the router
-and the sidecar where the system has them, and of this process (the load generator, and the
-client-side routing of the baselines), the load average, and the final placement.
+popularity, prolonged while its placement still moves (a system that places by demand starts
+empty and loads during the warm-up; on a busy machine those loads can outlast it, and the
+window is about serving, not about starting), then the measured window. Around the window
+the cell reads, the same way for every system: the load generator's records (bench.stats),
+loads and unloads from the Tritons' repository indexes (bench.placement_watch), the system's
+own count of requests that waited for a load, Triton's average batch size, the CPU time and
+peak RSS of the Tritons, of the router and the sidecar where the system has them, and of this
+process (the load generator, and the client-side routing of the baselines), the load average,
+and the final placement.
 """
 
 from __future__ import annotations
@@ -25,12 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.calls import PROMPTS, codegen_request
+from bench.cell_detail import (
+    instance_work,
+    phases,
+    placement_events,
+    served_by_model,
+    timeline,
+)
 from bench.loadgen import LoadRun, Request, poisson_arrivals, run_closed_loop, run_open_loop
 from bench.placement_watch import LoadCounts, PlacementWatcher, load_counts
 from bench.procstats import ProcessCost, ProcessSampler
 from bench.stats import LoadSummary, summarize
 from bench.testbed import Deployment, System, Testbed, server_version
-from bench.workloads import ModelChooser, Workload, on_off_arrivals
+from bench.workloads import ModelChooser, Workload, long_prompt, on_off_arrivals
 from router.datalayer.triton_metrics import parse_triton_metrics
 
 __all__ = [
@@ -50,6 +60,10 @@ class CellSettings:
     concurrency: int = 16  # closed loop clients
     max_tokens: int = 8  # tokens per request (a stream reads this many responses)
     warmup_s: float = 15.0
+    # The warm-up goes on, `settle_s` at a time and `settle_max_s` at most, until no model was
+    # loaded or unloaded for `settle_s`.
+    settle_s: float = 5.0
+    settle_max_s: float = 30.0
     duration_s: float = 30.0
     timeout_s: float = 10.0  # each request's deadline; a timeout is an infinite latency
     capacity_rps: float = math.nan  # open loops offer a fraction of this
@@ -64,6 +78,8 @@ class CellSettings:
             "concurrency": self.concurrency,
             "max_tokens": self.max_tokens,
             "warmup_s": self.warmup_s,
+            "settle_s": self.settle_s,
+            "settle_max_s": self.settle_max_s,
             "duration_s": self.duration_s,
             "timeout_s": self.timeout_s,
             "capacity_rps": self.capacity_rps,
@@ -104,6 +120,10 @@ class CellResult:
     records_by_tag: Mapping[str, int] = field(default_factory=dict)
     triton_version: str = ""
     start_attempts: int = 1
+    # The warm-up it had, settling included.
+    warmup_s: float = 0.0
+    # What explains the figures (bench.cell_detail): phases, timeline, instances, events.
+    detail: Mapping[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -111,6 +131,7 @@ class CellResult:
             "workload": self.workload,
             "triton_version": self.triton_version,
             "start_attempts": self.start_attempts,
+            "warmup_s": self.warmup_s,
             "repetition": self.repetition,
             "order": self.order,
             "seed": self.seed,
@@ -124,6 +145,7 @@ class CellResult:
             "average_batch_size": self.average_batch,
             "cost": {name: c.to_dict(self.summary.requests) for name, c in self.costs.items()},
             "final_placement": dict(self.placement),
+            "detail": dict(self.detail),
         }
 
 
@@ -166,8 +188,9 @@ async def _phase(
     chooser = ModelChooser(
         bed.models, bed.expected_popularity, seed=seed, streams=streams, shift_at_s=shift_at_s
     )
+    prompts = [long_prompt(p, bed.prompt_bytes) for p in PROMPTS]
     bodies = {
-        m: [codegen_request(p, settings.max_tokens, model=m) for p in PROMPTS] for m in bed.models
+        m: [codegen_request(p, settings.max_tokens, model=m) for p in prompts] for m in bed.models
     }
     tokens = settings.max_tokens if workload.streaming else None
     async with deployment.connect(settings.timeout_s) as send:
@@ -212,6 +235,7 @@ class _Marks:
     delayed: int = 0
     counters: Counters = field(default_factory=dict)
     loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    warmup_s: float = 0.0
     start: float = 0.0
     end: float = 0.0
 
@@ -276,6 +300,21 @@ def run_cell(
                     seed=seed + 500_000,
                     label=f"{label}: warm-up",
                 )
+                marks.warmup_s = settings.warmup_s
+                while marks.warmup_s < settings.warmup_s + settings.settle_max_s and (
+                    watch.changed_within(settings.settle_s)
+                ):
+                    await _phase(
+                        deployment,
+                        bed,
+                        workload,
+                        settings,
+                        duration_s=settings.settle_s,
+                        shift_at_s=None,
+                        seed=seed + 600_000 + round(marks.warmup_s),
+                        label=f"{label}: warm-up, placement settling",
+                    )
+                    marks.warmup_s += settings.settle_s
             marks.delayed, marks.counters = deployment.delayed_requests(), batch_counters(urls)
             marks.loadavg, marks.start = os.getloadavg(), time.perf_counter()
             with ExitStack() as stack:
@@ -297,7 +336,8 @@ def run_cell(
         with PlacementWatcher(deployment.tritons) as watch:
             run = asyncio.run(warm_then_measure())
             time.sleep(0.6)  # Triton refreshes its metrics every 250 ms here
-            batch = average_batch(marks.counters, batch_counters(urls))
+            counters_after = batch_counters(urls)
+            batch = average_batch(marks.counters, counters_after)
             delayed = deployment.delayed_requests() - marks.delayed
         delayed_before, loadavg = marks.delayed, marks.loadavg
         window_start, window_end = marks.start, marks.end
@@ -307,6 +347,14 @@ def run_cell(
         warm = LoadCounts(
             sum(e.loaded for e in before), sum(not e.loaded for e in before), delayed_before, 0.0
         )
+        instance_of_url = {t.metrics_url: t.instance_id for t in deployment.tritons}
+        detail = {
+            "phases": phases(run.records, run.elapsed_s, shift_at_s),
+            "timeline": timeline(run.records, run.elapsed_s),
+            "served_by_model": served_by_model(run.records, run.elapsed_s),
+            "instances": instance_work(marks.counters, counters_after, instance_of_url),
+            "placement_events": placement_events(watch.events, window_start, window_end),
+        }
         by_tag: dict[str, int] = {}
         for record in run.records:
             by_tag[record.tag] = by_tag.get(record.tag, 0) + 1
@@ -328,6 +376,8 @@ def run_cell(
             records_by_tag=dict(sorted(by_tag.items())),
             triton_version=version,
             start_attempts=attempts,
+            warmup_s=marks.warmup_s,
+            detail=detail,
         )
     finally:
         if settings.stop_in_background:

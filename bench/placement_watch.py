@@ -105,6 +105,10 @@ class PlacementWatcher:
             for model in sorted(before - ready):
                 self.events.append(PlacementEvent(now, spec.instance_id, model, False))
 
+    def changed_within(self, seconds: float) -> bool:
+        """Whether the placement changed in the last `seconds` (on the watcher's clock)."""
+        return any(e.at_s >= self._clock() - seconds for e in self.events)
+
     def placement(self) -> dict[str, list[str]]:
         """Per instance, the READY models at the last poll."""
         return {instance: sorted(models) for instance, models in sorted(self._ready.items())}

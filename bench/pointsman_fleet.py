@@ -9,11 +9,22 @@ the values are `COMPRESSED_TIMELINE`, written into every result with the policy 
 
 `random-among-holders` (bench/baselines/random_among_holders.py) is this system with the
 scorers replaced by a uniform pick: same placement, no scoring.
+
+`pointsman-proxyless` is the same router with no proxy hop: the load generator's channels are
+stock gRPC xDS channels (`xds:///MODEL`) that the router's xDS server steers with the same
+placement and weights (router/README.md, "Proxyless (xDS)"), so requests go straight to
+Triton; what a user who cares about the sidecar's CPU would run. gRPC reads the bootstrap file
+named by GRPC_XDS_BOOTSTRAP when it creates its xDS client, which it does again once every xDS
+channel of the process has closed: so the variable names one file for the whole process and
+each cell writes its router's bootstrap there before opening its channels.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -26,12 +37,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.fleet import Fleet, FleetConfig
 from app.triton import TritonSpec
-from bench.calls import Metadata, TritonCalls
+from bench.calls import Metadata, TritonCalls, closing
 from bench.loadgen import Call
 from bench.testbed import Sender, Testbed
 from sidecar.config import PickMode
 
-__all__ = ["COMPRESSED_TIMELINE", "PointsmanDeployment", "PointsmanSystem", "policy_document"]
+__all__ = [
+    "COMPRESSED_TIMELINE",
+    "PointsmanDeployment",
+    "PointsmanSystem",
+    "ProxylessDeployment",
+    "policy_document",
+    "proxyless",
+]
 
 # Placement and demand windows for a benchmark that lasts a minute, not a day.
 COMPRESSED_TIMELINE: Mapping[str, Mapping[str, float]] = {
@@ -43,6 +61,8 @@ COMPRESSED_TIMELINE: Mapping[str, Mapping[str, float]] = {
         "long_window_s": 30,
         "fit_window_s": 10,
         "horizon_s": 5,
+        # Two buckets: the one under way and the last complete one.
+        "recent_window_s": 2,
     },
 }
 
@@ -110,9 +130,7 @@ class PointsmanDeployment:
                 model: str, body: bytes, tokens: int | None = None, metadata: Metadata = ()
             ) -> Call:
                 # The sidecar reads the model from the request itself.
-                if tokens is None:
-                    return calls.unary(body, metadata)
-                return calls.stream(body, tokens, metadata)
+                return calls.call(body, tokens, metadata)
 
             yield send
 
@@ -122,6 +140,46 @@ class PointsmanDeployment:
 
     def stop(self) -> None:
         self.fleet.stop()
+
+
+_BOOTSTRAP_VARIABLE = "GRPC_XDS_BOOTSTRAP"
+
+
+def _process_bootstrap() -> Path:
+    """The one bootstrap file this process's xDS channels read (see the module docstring)."""
+    named = os.environ.get(_BOOTSTRAP_VARIABLE)
+    if named:
+        return Path(named)
+    path = Path(tempfile.mkdtemp(prefix="pointsman-bench-xds-")) / "bootstrap.json"
+    os.environ[_BOOTSTRAP_VARIABLE] = str(path)
+    return path
+
+
+class ProxylessDeployment(PointsmanDeployment):
+    """Pointsman with the load generator on xDS channels, one per model: no sidecar hop."""
+
+    @contextlib.asynccontextmanager
+    async def connect(self, timeout_s: float = 60.0) -> AsyncIterator[Sender]:
+        if self.fleet.xds_bootstrap is None:
+            raise RuntimeError("the fleet wrote no xDS bootstrap")
+        shutil.copyfile(self.fleet.xds_bootstrap, _process_bootstrap())
+        channels: dict[str, grpc.aio.Channel] = {}
+        calls: dict[str, TritonCalls] = {}
+
+        def send(
+            model: str, body: bytes, tokens: int | None = None, metadata: Metadata = ()
+        ) -> Call:
+            if model not in calls:
+                channels[model] = grpc.aio.insecure_channel(f"xds:///{model}")
+                calls[model] = TritonCalls(channels[model], timeout_s)
+            return calls[model].call(body, tokens, metadata)
+
+        async with closing(channels):
+            yield send
+
+    def delayed_requests(self) -> int:
+        """0: with no sidecar nothing waits for a load (a model loaded nowhere has no route)."""
+        return 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +193,8 @@ class PointsmanSystem:
     scheduling: Mapping[str, Any] | None = None
     pick_mode: PickMode = "table"
     timeline: Mapping[str, Any] = field(default_factory=lambda: COMPRESSED_TIMELINE)
+    # Send over xDS channels straight to Triton instead of through the sidecar.
+    proxyless: bool = False
 
     def start(self, bed: Testbed, workdir: Path) -> PointsmanDeployment:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -157,4 +217,16 @@ class PointsmanSystem:
             )
         )
         fleet.start()
-        return PointsmanDeployment(self.name, fleet)
+        deployment = ProxylessDeployment if self.proxyless else PointsmanDeployment
+        return deployment(self.name, fleet)
+
+
+def proxyless() -> PointsmanSystem:
+    return PointsmanSystem(
+        name="pointsman-proxyless",
+        description=(
+            "Pointsman's placement and weights with no proxy hop: stock gRPC xDS channels "
+            "(xds:///MODEL) steered by the router, straight to Triton"
+        ),
+        proxyless=True,
+    )

@@ -3,7 +3,9 @@
 `ProcessSampler` samples a set of processes (with their descendants: Triton's Python-backend
 model stubs) on a thread while a load runs, and keeps the start and peak RSS and the CPU
 seconds spent in between, so a result can say "CPU ms per request" and "peak RSS" beside its
-latencies.
+latencies. CPU is summed per process: one that starts during the window (a model loaded)
+counts from zero, one that ends (a model unloaded) keeps what it used up to its last sample,
+so a system that loads and unloads is not credited with the CPU of the copies it removed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcessCost", "ProcessSampler", "cpu_seconds", "rss_bytes", "with_descendants"]
+__all__ = [
+    "ProcessCost",
+    "ProcessSampler",
+    "cpu_by_pid",
+    "cpu_seconds",
+    "rss_bytes",
+    "with_descendants",
+]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -48,14 +57,19 @@ def rss_bytes(pids: Sequence[int]) -> int:
     return total
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU seconds the processes have used so far."""
-    total = 0
+def cpu_by_pid(pids: Sequence[int]) -> dict[int, float]:
+    """User + system CPU seconds each live process has used so far (ended ones are absent)."""
+    used: dict[int, float] = {}
     for pid in pids:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = _stat_fields(pid)
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / _TICKS
+            used[pid] = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (14, 15)
+    return used
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes have used so far."""
+    return sum(cpu_by_pid(pids).values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +99,9 @@ class ProcessSampler:
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._cpu_start = 0.0
+        # Per process: CPU at the start (0 for one born later), and at its latest sample.
+        self._cpu_first: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
         self.start_rss = self.peak_rss = 0
         self.cost = ProcessCost(0, 0, 0.0)
 
@@ -93,7 +109,11 @@ class ProcessSampler:
         return sorted(with_descendants(self._roots)) if self._descendants else self._roots
 
     def _sample(self) -> None:
-        self.peak_rss = max(self.peak_rss, rss_bytes(self._pids()))
+        pids = self._pids()
+        self.peak_rss = max(self.peak_rss, rss_bytes(pids))
+        for pid, used in cpu_by_pid(pids).items():
+            self._cpu_first.setdefault(pid, 0.0)
+            self._cpu_last[pid] = used
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
@@ -102,7 +122,8 @@ class ProcessSampler:
     def __enter__(self) -> ProcessSampler:
         pids = self._pids()
         self.start_rss = self.peak_rss = rss_bytes(pids)
-        self._cpu_start = cpu_seconds(pids)
+        self._cpu_first = cpu_by_pid(pids)
+        self._cpu_last = dict(self._cpu_first)
         self._thread.start()
         return self
 
@@ -110,5 +131,5 @@ class ProcessSampler:
         self._stop.set()
         self._thread.join(5)
         self._sample()
-        cpu = cpu_seconds(self._pids()) - self._cpu_start
+        cpu = sum(last - self._cpu_first[pid] for pid, last in self._cpu_last.items())
         self.cost = ProcessCost(self.start_rss, self.peak_rss, max(0.0, cpu))

@@ -4,13 +4,14 @@ A benchmark needs several models that cost the same and differ only in name and 
 copy is the shipped model's config with its name, its own weight seed, one version, optionally
 no dynamic batcher, and optionally another declared footprint (`pointsman.memory_bytes`, which
 the model allocates, so the footprint is real memory); its model.py links to the shipped one,
-so the shipped models are never edited.
+so the shipped models are never edited. `parameters` replaces the values of named config
+parameters (the emulated accelerator of bench.testbed sets the prefill and decode ones).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from app.triton import DEFAULT_MODEL_REPOSITORY
@@ -42,10 +43,12 @@ def model_config(
     *,
     batcher: bool = True,
     footprint_bytes: int | None = None,
+    parameters: Mapping[str, str] | None = None,
 ) -> str:
     """A shipped model's config as model `name`: one version, its own weight seed, with or
     without the dynamic batcher (its block, queue policy included), with its declared
-    footprint replaced when `footprint_bytes` is given."""
+    footprint replaced when `footprint_bytes` is given, and the value of each parameter named
+    in `parameters` replaced (each must be in the shipped config)."""
     source = re.search(r'^name: "([^"]+)"', template, re.M)
     if source is None:
         raise ValueError("the template config has no name")
@@ -60,6 +63,12 @@ def model_config(
         text, replaced = _FOOTPRINT.subn(rf'\1"{footprint_bytes}"', text)
         if replaced != 1:
             raise ValueError(f"{source.group(1)}'s config declares no pointsman.memory_bytes")
+    for key, value in (parameters or {}).items():
+        pattern = rf'(key: "{re.escape(key)}" value: \{{ string_value: )"[^"]*"'
+        escaped = value.replace("\\", "\\\\")  # the replacement's only special characters
+        text, replaced = re.subn(pattern, rf'\1"{escaped}"', text)
+        if replaced != 1:
+            raise ValueError(f"{source.group(1)}'s config has no parameter {key!r}")
     return text
 
 
@@ -70,9 +79,10 @@ def bench_repository(
     template: str = "codegen",
     batcher: bool = True,
     footprint_bytes: int | None = None,
+    parameters: Mapping[str, str] | None = None,
 ) -> Path:
-    """A model repository at `root` of copies of the shipped model `template`, one per name;
-    each copy's model.py links to the shipped one."""
+    """A model repository at `root` of copies of the shipped model `template`, one per name
+    (`model_config`'s options); each copy's model.py links to the shipped one."""
     config = (DEFAULT_MODEL_REPOSITORY / template / "config.pbtxt").read_text()
     source = (DEFAULT_MODEL_REPOSITORY / template / "1" / "model.py").resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -80,7 +90,12 @@ def bench_repository(
         (root / name / "1").mkdir(parents=True, exist_ok=True)
         (root / name / "config.pbtxt").write_text(
             model_config(
-                config, name, 20240607 + index, batcher=batcher, footprint_bytes=footprint_bytes
+                config,
+                name,
+                20240607 + index,
+                batcher=batcher,
+                footprint_bytes=footprint_bytes,
+                parameters=parameters,
             )
         )
         link = root / name / "1" / "model.py"

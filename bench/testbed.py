@@ -8,6 +8,14 @@ system adds (a router and a sidecar, or client-side routing in this process), a 
 turns (model, request bytes) into a call, and its count of requests that waited for a load.
 Loads themselves are counted for every system alike, from the Tritons' repository indexes
 (bench.placement_watch), never from the systems' own accounts.
+
+Two kinds of unary testbed. On the **CPU** testbed each request's work is real decoding on
+this machine's cores, which every copy of every instance shares: a second copy of a model adds
+no capacity (the cores are the limit, whoever holds the model), so placement cannot matter
+much there. On the **emulated accelerator** testbed (`EmulatedAccelerator`) each request's
+work is a prefill that holds its model copy (a wait, as a prefill holds a GPU) and uses
+little of the host's CPU: every copy is its own capacity, as on a fleet with one accelerator
+per instance, and where the copies of a hot model are is what decides how much is served.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from bench.loadgen import Call
 
 __all__ = [
     "Deployment",
+    "EmulatedAccelerator",
     "Sender",
     "System",
     "Testbed",
@@ -39,6 +48,63 @@ __all__ = [
 ]
 
 MiB = 1024**2
+
+# The shipped codegen's prefill model (triton_models/codegen/1/prefix_cache.py): a prompt of
+# the reference length takes PREFILL_RATIO x REFERENCE_COMPLETION_TOKENS decode steps.
+_PREFILL_RATIO = 0.26
+_REFERENCE_COMPLETION_TOKENS = 13
+_REFERENCE_PROMPT_TOKENS = 1469
+_BYTES_PER_TOKEN = 4
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatedAccelerator:
+    """Model copies whose work holds the copy rather than this machine's cores.
+
+    Each request carries a prompt of the reference length (1469 tokens: the median prompt of
+    Azure's 2023 code-completion trace), the prefix cache is off so every prompt is prefilled,
+    and the decode step is set so that one prefill lasts `prefill_ms`. The model prefills a
+    batch's prompts one after another (compute-bound), so one copy serves at most
+    1000 / `prefill_ms` requests per second whatever the batch. Decoding stays on the CPU with
+    a small hidden state, so the host's cores are not what limits.
+    """
+
+    prefill_ms: float = 40.0
+    hidden_size: int = 256
+    # What Pointsman's policy is told one copy serves: this share of its ceiling, the
+    # utilisation an operator sizes copies for.
+    sizing_utilisation: float = 0.8
+
+    @property
+    def prompt_bytes(self) -> int:
+        return _REFERENCE_PROMPT_TOKENS * _BYTES_PER_TOKEN
+
+    @property
+    def copy_ceiling_rps(self) -> float:
+        return 1000.0 / self.prefill_ms
+
+    @property
+    def per_copy_capacity_rps(self) -> float:
+        return self.sizing_utilisation * self.copy_ceiling_rps
+
+    def model_parameters(self) -> dict[str, str]:
+        """The config parameters of every model copy (bench.repository)."""
+        decode_step_ms = self.prefill_ms / (_PREFILL_RATIO * _REFERENCE_COMPLETION_TOKENS)
+        return {
+            "hidden_size": str(self.hidden_size),
+            "prefix_cache_blocks": "0",
+            "prefill_ratio": str(_PREFILL_RATIO),
+            "bytes_per_token": str(_BYTES_PER_TOKEN),
+            "decode_step_ms": repr(decode_step_ms),
+        }
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "prefill_ms": self.prefill_ms,
+            "prompt_bytes": self.prompt_bytes,
+            "copy_ceiling_rps": self.copy_ceiling_rps,
+            "model_parameters": self.model_parameters(),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +119,13 @@ class Testbed:
     # Requests per second one copy serves: Pointsman's policy sizes copies with it.
     per_copy_capacity_rps: float = 20.0
     streaming: bool = False  # the models are decoupled (codegen_stream copies)
+    # Set: the emulated accelerator testbed (its copies' parameters are in the repository).
+    accelerator: EmulatedAccelerator | None = None
+
+    @property
+    def prompt_bytes(self) -> int:
+        """Each request's prompt length; 0: the short prompts of bench.calls."""
+        return self.accelerator.prompt_bytes if self.accelerator else 0
 
     @property
     def slots_per_instance(self) -> int:
@@ -75,6 +148,7 @@ class Testbed:
             "expected_popularity": list(self.expected_popularity),
             "per_copy_capacity_rps": self.per_copy_capacity_rps,
             "streaming": self.streaming,
+            "accelerator": self.accelerator.describe() if self.accelerator else None,
         }
 
 

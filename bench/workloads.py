@@ -7,6 +7,9 @@
   then a trickle for `off_s`, with the same mean rate as a steady run.
 - **streaming**: the models are decoupled; each request streams its tokens, measured for time
   to first token and inter-token latency (bench.calls.TritonCalls.stream).
+- **accelerator** (`-acc` in the name): the same shapes on the emulated accelerator testbed
+  (bench.testbed.EmulatedAccelerator), where each copy is its own capacity, with prompts of
+  the reference length (`long_prompt`).
 
 Open loop at a fraction of measured capacity or closed loop with N clients: `WORKLOADS` names
 every cell the comparison scenario can run.
@@ -21,7 +24,14 @@ from typing import Literal
 
 from bench.loadgen import poisson_arrivals
 
-__all__ = ["WORKLOADS", "ModelChooser", "Workload", "on_off_arrivals", "shifted"]
+__all__ = [
+    "WORKLOADS",
+    "ModelChooser",
+    "Workload",
+    "long_prompt",
+    "on_off_arrivals",
+    "shifted",
+]
 
 Loop = Literal["closed", "open"]
 
@@ -34,6 +44,14 @@ class Workload:
     shift_at: float | None = None  # fraction of the measured window when popularity reverses
     bursts: bool = False
     streaming: bool = False
+    accelerator: bool = False  # on the emulated accelerator testbed
+
+    @property
+    def testbed(self) -> str:
+        """Which testbed it runs on: "streaming", "accelerator" or "unary" (the CPU one)."""
+        if self.streaming:
+            return "streaming"
+        return "accelerator" if self.accelerator else "unary"
 
     def describe(self) -> dict[str, object]:
         return {
@@ -43,6 +61,7 @@ class Workload:
             "shift_at": self.shift_at,
             "bursts": self.bursts,
             "streaming": self.streaming,
+            "accelerator": self.accelerator,
         }
 
 
@@ -58,8 +77,33 @@ WORKLOADS: dict[str, Workload] = {
         Workload("shift-closed", "closed", shift_at=0.5),
         Workload("bursts-open-80", "open", 0.8, bursts=True),
         Workload("streaming-closed", "closed", streaming=True),
+        Workload("steady-acc-closed", "closed", accelerator=True),
+        Workload("shift-acc-closed", "closed", shift_at=0.5, accelerator=True),
+        Workload("shift-acc-open-80", "open", 0.8, shift_at=0.5, accelerator=True),
     )
 }
+
+# Code-ish filler that pads a prompt to a given length (a source file's worth of context).
+_FILLER = (
+    "    for index, item in enumerate(items):\n"
+    "        if item is None:\n"
+    "            continue\n"
+    "        result.append(transform(item, index))\n"
+    "    return result\n\n"
+    "def transform(value, position):\n"
+    "    return value * 2 + position\n\n"
+)
+
+
+def long_prompt(prompt: str, size_bytes: int) -> str:
+    """`prompt` preceded by filler code up to `size_bytes` bytes in all (ASCII); `prompt`
+    itself when it is already that long or `size_bytes` is 0. The prompt's own text comes
+    last, as a completion request's cursor does."""
+    missing = size_bytes - len(prompt.encode())
+    if missing <= 0:
+        return prompt
+    filler = (_FILLER * (missing // len(_FILLER) + 1))[:missing]
+    return filler + prompt
 
 
 def shifted(popularity: Sequence[float]) -> list[float]:

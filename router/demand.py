@@ -19,6 +19,16 @@ Formulas (b = bucket length, B(t) = floor(t / b), now = the clock):
                       midpoint) of the complete buckets of the fit window, evaluated h seconds
                       after now, floored at 0. The current bucket is left out: it is partial, and
                       its low count would read as a fall.
+    recent          = rate(recent window) + queued / recent window: what was answered lately,
+                      plus the requests waiting now (Triton's queue, `queued` in `snapshot`),
+                      to be answered within the same window.
+
+Why `recent`: Triton counts the requests it ANSWERED, so a model whose copies are all busy shows
+what they serve, not what is asked, and the short window trails a sudden rise by most of its
+length (after a popularity shift the new hot model gained one copy per window at best). The
+recent window sees the rise within a few buckets (Knative's "panic" window is a tenth of its
+stable one for the same reason) and the queue shows what the busy copies could not answer.
+Shrinking still needs the short window and the planner's cool-down.
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ class DemandWindows:
     long_window_s: float = field(default=300.0, metadata=rule(above=0))
     # The trend behind the forecast is fitted over this window.
     fit_window_s: float = field(default=60.0, metadata=rule(above=0))
+    # A rise shows within this window, and the requests waiting are counted over it.
+    recent_window_s: float = field(default=6.0, metadata=rule(above=0))
     # A zero horizon forecasts the rate of now.
     horizon_s: float = field(default=30.0, metadata=rule(minimum=0))
 
@@ -58,7 +70,7 @@ class DemandWindows:
             raise ValueError("bucket_s must be finite and > 0")
         if not (math.isfinite(self.span_s) and self.span_s >= 2 * self.bucket_s):
             raise ValueError("span_s must be finite and at least two buckets")
-        for name in ("short_window_s", "long_window_s", "fit_window_s"):
+        for name in ("short_window_s", "long_window_s", "fit_window_s", "recent_window_s"):
             window = getattr(self, name)
             if not (math.isfinite(window) and 0 < window <= self.span_s):
                 raise ValueError(f"{name} must be in (0, span_s={self.span_s:g}], got {window}")
@@ -77,6 +89,10 @@ class ModelDemand:
     long_rate_rps: float = 0.0
     # Requests per second expected `horizon_s` from now (trend of the fit window, floored at 0).
     forecast_rps: float = 0.0
+    # Requests per second over the recent window, plus those queued now spread over it.
+    recent_rps: float = 0.0
+    # Requests waiting in Triton's queues for the model now (all instances).
+    queued: int = 0
     # Clock time of the latest request; None when none in the tracker's memory.
     last_seen: float | None = None
     # Short-window rate per version; "" is requests that pinned no version.
@@ -84,9 +100,10 @@ class ModelDemand:
 
     @property
     def sizing_rps(self) -> float:
-        """The rate that copies are sized for: max(rate, forecast), so a rising wave counts
-        before it peaks and a forecast fall never hides the traffic of now."""
-        return max(self.rate_rps, self.forecast_rps)
+        """The rate that copies are sized for: max(rate, forecast, recent), so a rising wave
+        counts before it peaks, a sudden rise and a queue count within the recent window, and
+        a forecast fall never hides the traffic of now."""
+        return max(self.rate_rps, self.forecast_rps, self.recent_rps)
 
     def seen_within(self, now: float, seconds: float) -> bool:
         """True if a request came in the last `seconds` before `now`."""
@@ -101,6 +118,7 @@ class DemandSnapshot:
     short_window_s: float = 60.0
     long_window_s: float = 300.0
     horizon_s: float = 30.0
+    recent_window_s: float = 6.0
     models: Mapping[str, ModelDemand] = field(default_factory=dict)
 
     def of(self, model: str) -> ModelDemand:
@@ -155,6 +173,7 @@ class DemandTracker:
         long_window_s: float = 300.0,
         fit_window_s: float = 60.0,
         horizon_s: float = 30.0,
+        recent_window_s: float = 6.0,
     ) -> None:
         self._clock = clock
         self._started_at = clock()
@@ -167,6 +186,7 @@ class DemandTracker:
                 long_window_s=long_window_s,
                 fit_window_s=fit_window_s,
                 horizon_s=horizon_s,
+                recent_window_s=recent_window_s,
             )
         )
 
@@ -288,18 +308,24 @@ class DemandTracker:
             if any(s.last_seen >= cutoff for s in versions.values())
         )
 
-    def snapshot(self, horizon_s: float | None = None) -> DemandSnapshot:
+    def snapshot(
+        self, horizon_s: float | None = None, queued: Mapping[str, int] | None = None
+    ) -> DemandSnapshot:
         """Every tracked model's rates, forecast `horizon_s` ahead (default: the windows'
-        horizon) and last request, frozen."""
+        horizon), recent demand with the requests `queued` per model now, and last request,
+        frozen. A model with requests queued and none answered in memory is included."""
         if horizon_s is None:
             horizon_s = self._windows.horizon_s
+        queued = {m: n for m, n in (queued or {}).items() if n > 0}
         now = self._clock()
         self._prune(now)
+        recent_s = self._windows.recent_window_s
         models: dict[str, ModelDemand] = {}
-        for model in sorted(self._series):
-            versions = sorted(self._series[model])
+        for model in sorted(set(self._series) | set(queued)):
+            versions = sorted(self._series.get(model, {}))
             rate = self.rate(model, self._windows.short_window_s)
             long_rate = self.rate(model, self._windows.long_window_s)
+            waiting = queued.get(model, 0)
             models[model] = ModelDemand(
                 model=model,
                 rate_rps=rate,
@@ -310,6 +336,8 @@ class DemandTracker:
                 forecast_rps=min(
                     self.forecast(model, horizon_s), FORECAST_CAP * max(rate, long_rate)
                 ),
+                recent_rps=self.rate(model, recent_s) + waiting / recent_s,
+                queued=waiting,
                 last_seen=self.last_seen(model),
                 version_rates_rps={
                     v: self.rate(model, self._windows.short_window_s, version=v) for v in versions
@@ -320,6 +348,7 @@ class DemandTracker:
             short_window_s=self._windows.short_window_s,
             long_window_s=self._windows.long_window_s,
             horizon_s=horizon_s,
+            recent_window_s=recent_s,
             models=models,
         )
 

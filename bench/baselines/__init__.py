@@ -7,8 +7,8 @@
 | `random-among-holders` | `random_among_holders` | ablation: Pointsman's placement, uniform pick |
 | `round-robin-load-on-miss` | `round_robin_load_on_miss` | WORST CASE: model-blind, loads on miss |
 
-`SYSTEMS` maps each name, and `pointsman` (bench.pointsman_fleet), to a factory of its
-`System` (bench.testbed). bench/README.md says why each is fair.
+`SYSTEMS` maps each name, and `pointsman` and `pointsman-proxyless` (bench.pointsman_fleet),
+to a factory of its `System` (bench.testbed). bench/README.md says why each is fair.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from bench.baselines.everything_everywhere import EverythingEverywhere
 from bench.baselines.random_among_holders import random_among_holders
 from bench.baselines.round_robin_load_on_miss import RoundRobinLoadOnMiss
 from bench.baselines.static_split import StaticSplit
-from bench.pointsman_fleet import PointsmanSystem
+from bench.pointsman_fleet import PointsmanSystem, proxyless
 from bench.testbed import System
 
 __all__ = ["FAIR_BASELINES", "SYSTEMS", "WORST_CASE"]
 
 SYSTEMS: dict[str, Callable[[], System]] = {
     "pointsman": PointsmanSystem,
+    "pointsman-proxyless": proxyless,
     "everything-everywhere": EverythingEverywhere,
     "static-split": StaticSplit,
     "random-among-holders": random_among_holders,

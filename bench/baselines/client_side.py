@@ -14,7 +14,7 @@ from typing import Protocol
 import grpc
 
 from app.triton import TritonSpec
-from bench.calls import Metadata, TritonCalls
+from bench.calls import Metadata, TritonCalls, closing
 from bench.loadgen import Call, Responses
 from bench.testbed import Sender, TritonGroup
 
@@ -61,20 +61,15 @@ class ClientSideDeployment:
             model: str, body: bytes, tokens: int | None = None, metadata: Metadata = ()
         ) -> Call:
             def at(address: str) -> Call:
-                if tokens is None:
-                    return calls[address].unary(body, metadata)
-                return calls[address].stream(body, tokens, metadata)
+                return calls[address].call(body, tokens, metadata)
 
             async def call() -> Responses:
                 return await router.send(model, at)
 
             return call
 
-        try:
+        async with closing(channels):
             yield send
-        finally:
-            for channel in channels.values():
-                await channel.close()
 
     def delayed_requests(self) -> int:
         return self.router.delayed_requests()

@@ -31,7 +31,7 @@ from bench.report import ScenarioResult
 from bench.repository import bench_repository, copy_names, zipf_popularity
 from bench.scenarios import Options, Say
 from bench.scenarios.comparison_report import comparison_result
-from bench.testbed import Testbed
+from bench.testbed import EmulatedAccelerator, Testbed
 from bench.workloads import WORKLOADS
 
 __all__ = ["ComparisonSettings", "interleaved", "run_comparison", "scenario"]
@@ -52,6 +52,7 @@ class ComparisonSettings:
     zipf_exponent: float = 1.2
     per_copy_capacity_rps: float = 20.0
     capacity_s: float = 15.0
+    accelerator: EmulatedAccelerator = field(default_factory=EmulatedAccelerator)
     cell: CellSettings = field(default_factory=CellSettings)
 
     @property
@@ -66,6 +67,7 @@ class ComparisonSettings:
             "capacity_s": self.capacity_s,
             "capacity_system": CAPACITY_SYSTEM,
             "zipf_exponent": self.zipf_exponent,
+            "accelerator": self.accelerator.describe(),
             "cell": self.cell.describe(),
         }
 
@@ -76,19 +78,26 @@ def interleaved(systems: Sequence[str], repetition: int) -> list[str]:
     return [*systems[shift:], *systems[:shift]]
 
 
-def _testbeds(settings: ComparisonSettings, workdir: Path) -> dict[bool, Testbed]:
-    """The unary and the streaming testbed (codegen or codegen_stream copies)."""
+def _testbeds(settings: ComparisonSettings, workdir: Path) -> dict[str, Testbed]:
+    """The testbeds by kind (Workload.testbed): "unary" (codegen copies, decoding on the CPU),
+    "streaming" (codegen_stream copies) and "accelerator" (codegen copies on the emulated
+    accelerator). The same instances, models, footprint, budget and popularity for all."""
+    kinds = {
+        "unary": ("codegen", None),
+        "streaming": ("codegen_stream", None),
+        "accelerator": ("codegen", settings.accelerator),
+    }
     beds = {}
-    for streaming in (False, True):
-        template = "codegen_stream" if streaming else "codegen"
+    for kind, (template, accelerator) in kinds.items():
         names = copy_names(template, settings.models)
         repository = bench_repository(
-            workdir / f"repo-{template}",
+            workdir / f"repo-{kind}",
             names,
             template=template,
             footprint_bytes=settings.footprint_bytes,
+            parameters=accelerator.model_parameters() if accelerator else None,
         )
-        beds[streaming] = Testbed(
+        beds[kind] = Testbed(
             instances=settings.instances,
             models=names,
             repository=repository,
@@ -96,19 +105,41 @@ def _testbeds(settings: ComparisonSettings, workdir: Path) -> dict[bool, Testbed
             budget_bytes=settings.budget_bytes,
             expected_popularity=tuple(zipf_popularity(settings.models, settings.zipf_exponent)),
             workdir=workdir,
-            per_copy_capacity_rps=settings.per_copy_capacity_rps,
-            streaming=streaming,
+            per_copy_capacity_rps=(
+                accelerator.per_copy_capacity_rps if accelerator else settings.per_copy_capacity_rps
+            ),
+            streaming=kind == "streaming",
+            accelerator=accelerator,
         )
     return beds
 
 
-def measure_capacity(settings: ComparisonSettings, bed: Testbed, workdir: Path) -> CellResult:
-    """The static split's closed-loop goodput under steady popularity: the offered load of the
-    open-loop workloads is a fraction of it."""
+# A Triton can crash under a starved machine (the Python backend's IPC lock times out:
+# boost::interprocess::lock_exception, triton-inference-server/server#8882); the capacity,
+# which every open loop of its testbed needs, is measured again on fresh processes.
+CAPACITY_ATTEMPTS = 3
+
+
+def measure_capacity(
+    settings: ComparisonSettings, bed: Testbed, workdir: Path, say: Say = lambda _line: None
+) -> CellResult:
+    """The static split's closed-loop goodput under steady popularity on `bed`: the offered
+    load of the open-loop workloads on that testbed is a fraction of it."""
     cell = replace(settings.cell, duration_s=settings.capacity_s)
-    return run_cell(
-        SYSTEMS[CAPACITY_SYSTEM](), bed, WORKLOADS["steady-closed"], cell, workdir / "capacity"
-    )
+    for attempt in range(1, CAPACITY_ATTEMPTS + 1):
+        try:
+            return run_cell(
+                SYSTEMS[CAPACITY_SYSTEM](),
+                bed,
+                WORKLOADS["steady-closed"],
+                cell,
+                workdir / f"attempt-{attempt}",
+            )
+        except Exception as exc:
+            if attempt == CAPACITY_ATTEMPTS:
+                raise
+            say(f"comparison: capacity cell failed ({exc!r}); measuring it again")
+    raise AssertionError("unreachable")
 
 
 def run_comparison(
@@ -123,20 +154,23 @@ def run_comparison(
     workdir = Path(tempfile.mkdtemp(prefix="pointsman-bench-comparison-"))
     beds = _testbeds(settings, workdir)
     journal = workdir / "cells.jsonl"
-    capacity_rps = math.nan
-    capacity: CellResult | None = None
-    if any(WORKLOADS[w].loop == "open" for w in settings.workloads):
-        say(f"comparison: measuring capacity ({CAPACITY_SYSTEM}, closed loop) ...")
-        capacity = measure_capacity(settings, beds[False], workdir)
-        capacity_rps = capacity.summary.throughput_rps
-        say(f"comparison: capacity {capacity_rps:.1f} req/s")
-    cell_settings = replace(settings.cell, capacity_rps=capacity_rps)
+    capacities: dict[str, CellResult] = {}
+    open_loops = [WORKLOADS[w] for w in settings.workloads if WORKLOADS[w].loop == "open"]
+    for kind in sorted({w.testbed for w in open_loops}):
+        say(f"comparison: measuring capacity, {kind} testbed ({CAPACITY_SYSTEM}, closed loop) ...")
+        capacities[kind] = measure_capacity(settings, beds[kind], workdir / f"capacity-{kind}", say)
+        say(f"comparison: capacity ({kind}) {capacities[kind].summary.throughput_rps:.1f} req/s")
     cells: list[CellResult] = []
     failures: list[dict[str, object]] = []
     total = settings.repetitions * len(settings.workloads) * len(settings.systems)
     for repetition in range(settings.repetitions):
         for workload_name in settings.workloads:
             workload = WORKLOADS[workload_name]
+            capacity = capacities.get(workload.testbed)
+            cell_settings = replace(
+                settings.cell,
+                capacity_rps=capacity.summary.throughput_rps if capacity else math.nan,
+            )
             for order, system_name in enumerate(interleaved(settings.systems, repetition)):
                 say(
                     f"comparison: [{len(cells) + 1}/{total}] repetition {repetition + 1}, "
@@ -145,7 +179,7 @@ def run_comparison(
                 try:
                     cell = run_cell(
                         SYSTEMS[system_name](),
-                        beds[workload.streaming],
+                        beds[workload.testbed],
                         workload,
                         cell_settings,
                         workdir / f"r{repetition}-{workload_name}-{system_name}",
@@ -169,8 +203,8 @@ def run_comparison(
                     out.write(json.dumps(cell.to_dict(), default=str) + "\n")
     return comparison_result(
         settings_data=settings.describe(),
-        testbeds={"unary": beds[False].describe(), "streaming": beds[True].describe()},
-        capacity=capacity,
+        testbeds={kind: bed.describe() for kind, bed in beds.items()},
+        capacities=capacities,
         cells=cells,
         seed=settings.cell.seed,
         failures=failures,

@@ -34,6 +34,16 @@ def _cost(name: str, key: str) -> Callable[[CellResult], float]:
     return read
 
 
+def _after_shift(key: str) -> Callable[[CellResult], float]:
+    def read(cell: CellResult) -> float:
+        phases = cell.detail.get("phases")
+        if not isinstance(phases, Mapping) or "after" not in phases:
+            return math.nan
+        return float(phases["after"][key])
+
+    return read
+
+
 # (key, column title, how to read it from a cell)
 METRICS: tuple[tuple[str, str, Callable[[CellResult], float]], ...] = (
     ("p50_ms", "p50 ms", lambda c: c.summary.p50_ms),
@@ -44,6 +54,8 @@ METRICS: tuple[tuple[str, str, Callable[[CellResult], float]], ...] = (
     ("ttft_p50_ms", "TTFT p50 ms", lambda c: c.summary.ttft_p50_ms),
     ("ttft_p99_ms", "TTFT p99 ms", lambda c: c.summary.ttft_p99_ms),
     ("itl_p99_ms", "ITL p99 ms", lambda c: c.summary.itl_p99_ms),
+    ("after_shift_goodput_rps", "after shift req/s", _after_shift("goodput_rps")),
+    ("after_shift_p99_ms", "after shift p99 ms", _after_shift("p99_ms")),
     ("loads", "loads", lambda c: float(c.loads.loads)),
     ("delayed_requests", "delayed by a load", lambda c: float(c.loads.delayed_requests)),
     ("converge_s", "converge s", lambda c: c.loads.converge_s),
@@ -66,6 +78,8 @@ _LATENCY = (
     "converge_s",
 )
 _STREAM = ("ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms")
+# The second half of a shift workload: what following the shift bought.
+_SHIFT = ("after_shift_goodput_rps", "after_shift_p99_ms")
 _COST = (
     "average_batch",
     "sidecar_cpu_ms_per_request",
@@ -152,7 +166,8 @@ def _tables(aggregates: Aggregates, repetitions: Mapping[str, int]) -> list[Tabl
     tables = []
     for workload, systems in aggregates.items():
         streamed = any(not math.isnan(s["ttft_p50_ms"].median) for s in systems.values())
-        latency = _LATENCY + (_STREAM if streamed else ())
+        shifted = any(not math.isnan(s["after_shift_p99_ms"].median) for s in systems.values())
+        latency = _LATENCY + (_STREAM if streamed else ()) + (_SHIFT if shifted else ())
         n = repetitions.get(workload, 0)
         tables.append(
             Table(
@@ -175,12 +190,17 @@ def comparison_result(
     *,
     settings_data: Mapping[str, object],
     testbeds: Mapping[str, object],
-    capacity: CellResult | None,
     cells: Sequence[CellResult],
     seed: int,
     notes: Sequence[str],
     failures: Sequence[Mapping[str, object]] = (),
+    capacity: CellResult | None = None,
+    capacities: Mapping[str, CellResult] | None = None,
 ) -> ScenarioResult:
+    """The scenario's result; `capacities` per testbed kind ("unary", "accelerator"), or
+    `capacity` alone for the unary testbed."""
+    if capacities is None:
+        capacities = {"unary": capacity} if capacity is not None else {}
     aggregates = aggregate(cells, seed)
     repetitions: dict[str, int] = {}
     for cell in cells:
@@ -205,7 +225,9 @@ def comparison_result(
                 tuple(m["goodput_rps"].median for m in systems.values()),
             )
         )
-    capacity_rps = capacity.summary.throughput_rps if capacity else math.nan
+    measured = ", ".join(
+        f"{kind} {cell.summary.throughput_rps:.1f} req/s" for kind, cell in capacities.items()
+    )
     return ScenarioResult(
         name="comparison",
         title="Comparison: Pointsman vs fair baselines, repeated and interleaved",
@@ -213,8 +235,8 @@ def comparison_result(
         bars=tuple(bars),
         targets=tuple(_goal_checks(aggregates)),
         notes=(
-            f"Capacity (static split, closed loop, steady): {capacity_rps:.1f} req/s; open loops "
-            "offer a fraction of it.",
+            f"Capacity (static split, closed loop, steady), per testbed: {measured or 'none'}; "
+            "open loops offer a fraction of their testbed's.",
             "A timeout counts as an infinite latency in the percentiles (inf); failed and timed "
             "out requests stand beside them. Loads: models that became READY in the measured "
             "window, from the Tritons' repository indexes, the same for every system.",
@@ -225,7 +247,8 @@ def comparison_result(
         data={
             "settings": dict(settings_data),
             "testbeds": dict(testbeds),
-            "capacity": capacity.to_dict() if capacity else None,
+            "capacity": capacities["unary"].to_dict() if "unary" in capacities else None,
+            "capacities": {kind: cell.to_dict() for kind, cell in capacities.items()},
             "aggregates": {
                 w: {s: {k: i.to_dict() for k, i in m.items()} for s, m in systems.items()}
                 for w, systems in aggregates.items()

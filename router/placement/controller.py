@@ -19,6 +19,8 @@ A tick (`tick`, every `interval_s` in `run`, and at once on a cold request or a 
                   when fully loaded anywhere) > `unknown_footprint_bytes`
       requested   models a request asked for (`request_model`) while ready nowhere, until
                   they are ready somewhere or `cold_request_ttl_s` passes
+      demand      the tracker's snapshot, with each model's requests queued in Triton now
+                  (pending_requests of healthy instances): the copies' backlog
       backoffs, in_progress   from the executor
  4. The plan's actions go to the executor; each model's latest acting decision is kept for
     ListModels (`model_placement`).
@@ -255,19 +257,19 @@ class PlacementController:
             now=now,
             instances=tuple(self._instance_state(inst, specs, now) for inst in snapshot.instances),
             specs=tuple(specs.values()),
-            demand=self._demand_snapshot(),
+            demand=self._demand_snapshot(_queued(snapshot)),
             requested_while_absent=frozenset(self._cold),
             backoffs=self.executor.backoffs(),
             in_progress=self.executor.in_progress(),
             policy=self._placement_policy(),
         )
 
-    def _demand_snapshot(self) -> DemandSnapshot:
+    def _demand_snapshot(self, queued: Mapping[str, int]) -> DemandSnapshot:
         if self._demand_windows is None:
-            return self.tracker.snapshot(self.settings.forecast_horizon_s)
+            return self.tracker.snapshot(self.settings.forecast_horizon_s, queued=queued)
         # A policy reload may change the windows; the tracker keeps its history across.
         self.tracker.reconfigure(self._demand_windows())
-        return self.tracker.snapshot()
+        return self.tracker.snapshot(queued=queued)
 
     def footprint(self, model: str) -> int:
         """Bytes one copy takes: measured, else declared, else `unknown_footprint_bytes`."""
@@ -423,3 +425,16 @@ class PlacementController:
             forecast_rps=demand.forecast_rps,
             last_decision=last,
         )
+
+
+def _queued(snapshot: FleetSnapshot) -> dict[str, int]:
+    """Per model, the requests waiting in the queues of healthy instances (Triton's
+    nv_inference_pending_request_count at the latest scrape)."""
+    queued: dict[str, int] = {}
+    for inst in snapshot.instances:
+        if not inst.healthy:
+            continue
+        for name, loaded in inst.models.items():
+            if loaded.pending_requests > 0:
+                queued[name] = queued.get(name, 0) + loaded.pending_requests
+    return queued

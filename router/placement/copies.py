@@ -1,7 +1,9 @@
 """How many copies of a model: desired from demand and policy, then a target that grows at once
 and shrinks slowly.
 
-    demand    = max(rate, forecast)                     (the forecast sees a wave before its peak)
+    demand    = max(rate, forecast, recent)             (the forecast sees a wave before its peak,
+                                                         recent a sudden rise and a queue:
+                                                         router/demand.py)
     needed    = ceil(demand / per_copy_capacity)        (0 without demand)
     floor     = max(min_copies, 1 if a request came within keep_warm_s or one waits now)
     ceiling   = min(max_copies, healthy instances)
@@ -46,6 +48,7 @@ class CopyBound(enum.Enum):
 
     DEMAND = "demand"
     FORECAST = "forecast"
+    RECENT = "recent demand"
     MIN_COPIES = "min copies"
     KEEP_WARM = "keep warm"
     REQUESTED = "requested"
@@ -68,11 +71,13 @@ class CopyCount:
     per_copy_capacity_rps: float
     # min(max_copies, healthy instances): the most copies the model may have now.
     ceiling: int
+    # The recent window's rate plus the queued requests spread over it.
+    recent_rps: float = 0.0
 
     @property
     def demand_rps(self) -> float:
-        """max(rate, forecast): what copies are sized for."""
-        return max(self.rate_rps, self.forecast_rps)
+        """max(rate, forecast, recent): what copies are sized for."""
+        return max(self.rate_rps, self.forecast_rps, self.recent_rps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +105,12 @@ def desired_copies(
     recently_used: bool,
     requested: bool,
     healthy_instances: int,
+    recent_rps: float = 0.0,
 ) -> CopyCount:
     """The module's `desired` formula; `bound` names the term that decided it."""
-    needed = copies_for_demand(max(rate_rps, forecast_rps), spec.per_copy_capacity_rps)
-    bound = CopyBound.FORECAST if forecast_rps > rate_rps else CopyBound.DEMAND
+    demand = max(rate_rps, forecast_rps, recent_rps)
+    needed = copies_for_demand(demand, spec.per_copy_capacity_rps)
+    bound = _demand_bound(rate_rps, forecast_rps, recent_rps)
     desired = needed
     if needed == 0:
         bound = CopyBound.NO_DEMAND
@@ -134,7 +141,15 @@ def desired_copies(
         forecast_rps=forecast_rps,
         per_copy_capacity_rps=spec.per_copy_capacity_rps,
         ceiling=ceiling,
+        recent_rps=recent_rps,
     )
+
+
+def _demand_bound(rate_rps: float, forecast_rps: float, recent_rps: float) -> CopyBound:
+    """Which demand term is the largest (the rate on a tie)."""
+    if recent_rps > max(rate_rps, forecast_rps):
+        return CopyBound.RECENT
+    return CopyBound.FORECAST if forecast_rps > rate_rps else CopyBound.DEMAND
 
 
 def scale_target(
@@ -186,7 +201,7 @@ def scale_target(
 
 
 def _growth_reason(current: int, count: CopyCount, demand: str, capacity: str) -> str:
-    if count.bound in (CopyBound.DEMAND, CopyBound.FORECAST):
+    if count.bound in (CopyBound.DEMAND, CopyBound.FORECAST, CopyBound.RECENT):
         reason = f"{demand} > {copies(current)} x {capacity}"
     elif count.bound is CopyBound.MIN_COPIES:
         reason = f"min copies {count.desired} > {current}"
@@ -200,4 +215,5 @@ def _growth_reason(current: int, count: CopyCount, demand: str, capacity: str) -
 
 
 def _bound_noun(count: CopyCount) -> str:
-    return "forecast" if count.forecast_rps > count.rate_rps else "demand"
+    bound = _demand_bound(count.rate_rps, count.forecast_rps, count.recent_rps)
+    return "demand" if bound is CopyBound.DEMAND else bound.value

@@ -52,6 +52,8 @@ class Ledger:
                     self.committed[iid] += action.footprint_bytes or footprints.get(action.model, 0)
                 self.present.setdefault(action.model, set()).add(iid)
                 self.counting.setdefault(action.model, set()).add(iid)
+                # Triton lists a copy while it loads: it serves nothing yet, and may fail.
+                self.established.get(action.model, set()).discard(iid)
             else:
                 # Its memory stays committed until the unload is done.
                 self.unloading.add((action.model, iid))

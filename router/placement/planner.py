@@ -7,7 +7,8 @@ One round, all pure (the only state carried between rounds is `ScaleDownState`):
     copy goes to an instance drawn from the shortlist (`ranking.py`); when no instance has room,
     to the instance whose evictions (`eviction.py`) are coldest, the Unloads placed just before
     the Load. When neither works the model gets no action and its decision says why.
- 3. Models above target shed one copy: the least recently used one past the churn guard.
+ 3. Models above target shed one copy: the least recently used one past the churn guard, never
+    the only copy serving (a copy Triton lists while our load of it runs serves nothing yet).
 
 Memory is accounted as the plan goes: a load is planned only if the instance's committed bytes
 (max(measured use, sum of its models) + loads in progress + loads planned - evictions planned)
@@ -50,7 +51,7 @@ class ModelDecision:
     copies: int
     desired: int
     target: int
-    # max(rate, forecast), requests per second.
+    # max(rate, forecast, recent), requests per second.
     demand_rps: float
     reason: str
 
@@ -182,6 +183,7 @@ class _Round:
             spec,
             rate_rps=demand.rate_rps,
             forecast_rps=demand.forecast_rps,
+            recent_rps=demand.recent_rps,
             recently_used=recently_used,
             requested=requested,
             healthy_instances=len(self.ledger.instances),
@@ -216,18 +218,24 @@ class _Round:
         if self.ledger.copies(view.model) <= view.step.target:
             return  # an eviction in this plan already took the copy
         candidates = []
+        serving = self.ledger.established.get(view.model, set())
         for iid in sorted(self.ledger.counting.get(view.model, ())):
             loaded = self.ledger.instances[iid].model(view.model)
             if loaded is None or self.ledger.busy(view.model, iid):
                 continue  # a load in progress, or already acted on
             if self.now - loaded.loaded_at < self.policy.churn_guard_s:
                 continue
+            if serving <= {iid}:
+                continue  # the only copy serving: the others are still loading
             candidates.append((loaded.last_used, loaded.loaded_at, iid, loaded.memory_bytes))
         if not candidates:
             # Keep the old timer so the shrink is retried next round, not after a new cool-down.
             previous = self.state.low_since.get(view.model)
             self.low_since[view.model] = self.now if previous is None else previous
-            view.reason = f"{view.step.reason}; no copy past the churn guard to unload yet"
+            view.reason = (
+                f"{view.step.reason}; no copy to unload yet (past the churn guard, and not the "
+                "only one serving)"
+            )
             return
         _, _, iid, memory_bytes = min(candidates)
         self.actions.append(Unload(view.model, iid, view.step.reason, memory_bytes))

@@ -34,6 +34,7 @@ Typed and frozen, parsed and validated once. A file looks like (see examples/pol
       long_window_s: 300
       fit_window_s: 60                     # the trend behind the forecast
       horizon_s: 30                        # how far ahead the forecast looks
+      recent_window_s: 6                   # a sudden rise and the queue count within this
     priority_classes:                      # name -> Triton priority level (1 = highest)
       high: {triton_priority: 1}
       low: {triton_priority: 2, sheddable: true}

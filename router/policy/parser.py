@@ -141,7 +141,7 @@ def _versions(raw: Any, at: str) -> VersionRules:
 def _demand(raw: Any, at: str) -> DemandWindows:
     values = read_fields(DemandWindows, raw, at)
     given = raw if isinstance(raw, Mapping) else {}
-    windows = ("short_window_s", "long_window_s", "fit_window_s")
+    windows = ("short_window_s", "long_window_s", "fit_window_s", "recent_window_s")
     for name in windows:
         if name not in given:  # a window left out is at most the span that was set
             values[name] = min(values[name], values["span_s"])

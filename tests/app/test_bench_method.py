@@ -171,7 +171,7 @@ def test_least_request_prefers_the_idle_holder_and_sends_unplaced_models_anywher
 
 
 def test_systems_registry() -> None:
-    assert set(SYSTEMS) == {"pointsman", *FAIR_BASELINES, WORST_CASE}
+    assert set(SYSTEMS) == {"pointsman", "pointsman-proxyless", *FAIR_BASELINES, WORST_CASE}
     for name, make in SYSTEMS.items():
         assert make().name == name
 

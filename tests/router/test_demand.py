@@ -136,6 +136,8 @@ def test_zero_count_is_no_demand_and_negative_is_refused() -> None:
         pytest.param({"span_s": 1.0}, id="span-one-bucket"),
         pytest.param({"short_window_s": 301}, id="window-past-span"),
         pytest.param({"fit_window_s": 0}, id="fit-window-zero"),
+        pytest.param({"recent_window_s": 0}, id="recent-window-zero"),
+        pytest.param({"recent_window_s": 301}, id="recent-window-past-span"),
     ],
 )
 def test_invalid_settings_are_refused(kwargs: dict[str, float]) -> None:
@@ -274,6 +276,47 @@ def test_snapshot_caps_the_forecast_at_twice_the_observed_rate(
     else:
         assert raw > expected_cap * observed
         assert demand.forecast_rps == pytest.approx(expected_cap * observed)
+
+
+# --- recent demand: a sudden rise, and the queue --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recent_window_s", "queued", "expected_recent_rps"),
+    [
+        # 5 rps for 58 s, then 25 rps for 2 s: buckets 55..60 cover the 5 s from 55 to now,
+        # 3 s at 5 and 2 s at 25 (the module's formula).
+        pytest.param(6.0, 0, (3 * 5 + 2 * 25) / 5, id="six-second-window"),
+        pytest.param(2.0, 0, 25.0, id="two-second-window-sees-the-step"),
+        # 12 requests waiting, to be answered within the window: 6 more per second.
+        pytest.param(2.0, 12, 25.0 + 6.0, id="queue-counts"),
+    ],
+)
+def test_recent_demand_sees_a_step_the_short_window_smooths(
+    recent_window_s: float, queued: int, expected_recent_rps: float
+) -> None:
+    clock = FakeClock(0.0)
+    tracker = DemandTracker(clock, recent_window_s=recent_window_s)
+    for second in range(60):
+        clock.now = float(second)
+        tracker.record("m", count=5 if second < 58 else 25)
+    clock.now = 60.0
+    demand = tracker.snapshot(queued={"m": queued}).of("m")
+    assert demand.rate_rps == pytest.approx((57 * 5 + 2 * 25) / 59)  # the short window lags
+    assert demand.recent_rps == pytest.approx(expected_recent_rps)
+    assert demand.queued == queued
+    assert demand.sizing_rps >= demand.recent_rps
+
+
+def test_a_model_with_requests_queued_and_none_answered_has_demand() -> None:
+    clock = FakeClock(0.0)
+    tracker = DemandTracker(clock, recent_window_s=4.0)
+    clock.now = 10.0
+    snapshot = tracker.snapshot(queued={"stuck": 8, "idle": 0})
+    assert set(snapshot.models) == {"stuck"}
+    stuck = snapshot.of("stuck")
+    assert (stuck.rate_rps, stuck.queued, stuck.recent_rps, stuck.last_seen) == (0.0, 8, 2.0, None)
+    assert snapshot.recent_window_s == 4.0
 
 
 # --- reconfiguring (a policy reload) ---------------------------------------------------------

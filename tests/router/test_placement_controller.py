@@ -411,9 +411,9 @@ async def test_plan_inputs_from_the_snapshot() -> None:
     book = _book()
     source = FakeSource(
         _fleet(
-            _instance("i1", {"codegen": 128 * MiB}, ips=12.5),
+            _instance("i1", {"codegen": 128 * MiB}, ips=12.5, pending={"codegen": 6}),
             _instance("i2", {"echo": 40 * MiB}, gpu_used=900 * MiB, loading=("codegen",)),
-            _instance("i3", {"echo": 40 * MiB}, now=990.0),  # stale
+            _instance("i3", {"echo": 40 * MiB}, now=990.0, pending={"echo": 3}),  # stale
             _instance("i4", budget=0),
             known=("cold",),
         )
@@ -442,6 +442,12 @@ async def test_plan_inputs_from_the_snapshot() -> None:
     assert specs["codegen"].footprint_bytes == 128 * MiB
     assert specs["cold"].footprint_bytes == 64 * MiB  # never seen loaded
     assert inputs.demand.of("codegen").last_seen == 998.0
+    # Requests waiting in Triton's queues are demand the answered ones do not show.
+    assert (inputs.demand.of("codegen").queued, inputs.demand.of("echo").queued) == (6, 3)
+    recent_s = inputs.demand.recent_window_s
+    assert inputs.demand.of("codegen").recent_rps == pytest.approx(
+        controller.tracker.rate("codegen", recent_s) + 6 / recent_s
+    )
     assert inputs.requested_while_absent == frozenset()
     controller.request_model("cold")
     controller.request_model("echo")  # ready on i2: not absent

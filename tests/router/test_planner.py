@@ -89,15 +89,21 @@ def spec(
 
 
 def want(
-    model: str, rps: float = 0.0, *, forecast: float | None = None, seen_ago: float | None = 0.0
+    model: str,
+    rps: float = 0.0,
+    *,
+    forecast: float | None = None,
+    recent: float = 0.0,
+    seen_ago: float | None = 0.0,
 ) -> ModelDemand:
-    """Demand for `model`: `rps` now, `forecast` (default = rps), last request `seen_ago` s ago
-    (None: never, and then no rate either)."""
+    """Demand for `model`: `rps` now, `forecast` (default = rps), `recent` demand, last request
+    `seen_ago` s ago (None: never, and then no rate either)."""
     return ModelDemand(
         model,
         rate_rps=rps,
         long_rate_rps=rps,
         forecast_rps=rps if forecast is None else forecast,
+        recent_rps=recent,
         last_seen=None if seen_ago is None else NOW - seen_ago,
     )
 
@@ -230,6 +236,34 @@ def test_desired_copies(
         healthy_instances=healthy,
     )
     assert (count.desired, count.bound) == (expected, bound)
+
+
+@pytest.mark.parametrize(
+    ("rate", "forecast", "recent", "expected", "bound"),
+    [
+        pytest.param(20, 30, 0, 1, CopyBound.FORECAST, id="no-recent"),
+        pytest.param(20, 30, 120, 3, CopyBound.RECENT, id="recent-above-both"),
+        pytest.param(120, 30, 100, 3, CopyBound.DEMAND, id="recent-below-rate"),
+        pytest.param(20, 20, 20, 1, CopyBound.DEMAND, id="tie-is-demand"),
+    ],
+)
+def test_desired_copies_size_for_the_recent_demand_too(
+    rate: float, forecast: float, recent: float, expected: int, bound: CopyBound
+) -> None:
+    count = desired_copies(
+        spec("m"),
+        rate_rps=rate,
+        forecast_rps=forecast,
+        recent_rps=recent,
+        recently_used=True,
+        requested=False,
+        healthy_instances=4,
+    )
+    assert (count.desired, count.bound, count.demand_rps) == (
+        expected,
+        bound,
+        max(rate, forecast, recent),
+    )
 
 
 @pytest.mark.parametrize(
@@ -711,6 +745,12 @@ def test_requested_flag_ignored_once_a_copy_exists() -> None:
             id="requested",
         ),
         pytest.param(
+            [inst("a", 8, held("m")), inst("b", 8)],
+            [want("m", 30, recent=80)],
+            "recent demand 80 rps > 1 copy x 50 rps: loading on b",
+            id="recent",
+        ),
+        pytest.param(
             [inst("a", 8, held("m")), inst("b", 8, held("m"))],
             [want("m", 60)],
             "steady at 2 copies: demand 60 rps",
@@ -733,6 +773,39 @@ def test_decision_reasons(
     assert decision.reason == expected_reason
     for load in done.loads:
         assert load.reason == expected_reason.split(": loading")[0]
+
+
+def test_a_shift_evicts_the_cooled_model_for_the_one_with_a_queue_at_once() -> None:
+    """Popularity shifted: "new"'s short window still trails (30 rps: 1 copy), but its copy
+    answers at its ceiling with a queue (recent 140 rps: 3 copies); "old" has fallen to one
+    copy's worth. Both extra copies of "new" are planned in this one round, each in place of a
+    copy of "old" (the last copies of x and y are kept warm); without the recent demand, none
+    would be."""
+    fleet = [
+        inst("a", 2, held("new"), held("old")),
+        inst("b", 2, held("old"), held("x")),
+        inst("c", 2, held("old"), held("y")),
+    ]
+    specs = [spec("new"), spec("old"), spec("x"), spec("y")]
+    done = plan(
+        inputs(
+            fleet,
+            specs,
+            want("new", 30, recent=140),
+            want("old", 40, recent=5),
+            want("x", 1, seen_ago=100),
+            want("y", 1, seen_ago=100),
+        )
+    )
+    loads = sorted((a.model, a.instance_id) for a in done.loads)
+    assert loads == [("new", "b"), ("new", "c")]
+    decision = done.decision("new")
+    assert decision is not None and decision.target == 3
+    assert decision.reason.startswith("recent demand 140 rps > 1 copy x 50 rps")
+    unloads = sorted((a.model, a.instance_id) for a in done.unloads)
+    assert unloads == [("old", "b"), ("old", "c")]
+    trailing = plan(inputs(fleet, specs, want("new", 30), want("old", 40)))
+    assert not trailing.loads
 
 
 def test_in_progress_actions_count_and_block() -> None:
@@ -780,6 +853,45 @@ def test_shrink_unloads_the_least_recently_used_copy_past_the_churn_guard() -> N
     done = plan_placement(inputs(fleet, [spec("m")], want("m", 10)), state, random.Random(1))
     assert brief(done.actions) == ["-m@b"]
     assert done.scale_down.low_since["m"] == NOW  # timer restarted
+
+
+def test_shrink_never_unloads_the_only_copy_serving_while_another_loads() -> None:
+    """Seen in the shift bench: a second copy of d was planned on a spike, waited in its
+    instance's queue behind other work, and while Triton listed it LOADING the cooled-down
+    shrink unloaded d's one serving copy: 38 requests failed NOT_FOUND before the new one was
+    ready. A copy being loaded is not serving: the shrink waits, and keeps its timer."""
+    fleet = [
+        inst("a", 8, held("m", used_ago=50)),
+        inst("b", 8, held("m", loaded_ago=3600, used_ago=3600)),  # listed: LOADING there
+    ]
+    loading: list[Action] = [Load("m", "b", "earlier spike", footprint_bytes=GIB)]
+    state = ScaleDownState({"m": NOW - 300})
+    done = plan_placement(
+        inputs(fleet, [spec("m")], want("m", 10), in_progress=loading), state, random.Random(1)
+    )
+    assert done.actions == ()
+    assert done.scale_down.low_since["m"] == NOW - 300  # retried next round, no new cool-down
+    decision = done.decision("m")
+    assert decision is not None and "not the only one serving" in decision.reason
+    # Once the load is done (no longer in progress), the least recently used copy goes.
+    done = plan_placement(inputs(fleet, [spec("m")], want("m", 10)), state, random.Random(1))
+    assert brief(done.actions) == ["-m@b"]
+
+
+def test_a_copy_whose_only_peer_is_loading_is_protected_from_eviction() -> None:
+    """x is listed on a (serving) and on b (our load of it still running): evicting x from a to
+    make room for y would leave x nothing serving, so y finds no room."""
+    fleet = [
+        inst("a", 2, held("x", used_ago=900), held("z", used_ago=800)),
+        inst("b", 2, held("x"), held("w")),
+    ]
+    loading: list[Action] = [Load("x", "b", "earlier", footprint_bytes=GIB)]
+    specs = [spec("x"), spec("y"), spec("z", min_copies=1), spec("w", min_copies=1)]
+    wants = (want("x", 1), want("y", 10), want("z", 1), want("w", 1))
+    done = plan(inputs(fleet, specs, *wants, in_progress=loading))
+    assert not done.unloads and not done.loads
+    settled = plan(inputs(fleet, specs, *wants))  # the load finished: x serves on b too
+    assert brief(settled.actions) == ["-x@a", "+y@a"]
 
 
 # --- the memory budget is never exceeded: a seeded property loop -----------------------------
