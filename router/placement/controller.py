@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping
 from opentelemetry import trace
 
 from pointsman.clock import Clock
-from router.contracts import FleetSnapshot, InstanceSnapshot, MemorySource, ModelOnInstance
+from router.contracts import FleetSnapshot
 from router.datalayer.collector import RequestDelta
 from router.demand import DemandSnapshot, DemandTracker, DemandWindows, ModelDemand
 from router.metrics import RouterMetrics
@@ -56,15 +56,10 @@ from router.placement.controller_types import (
     SpecProvider,
 )
 from router.placement.executor import PlacementExecutor
-from router.placement.inputs import (
-    InstanceState,
-    LoadedModel,
-    ModelSpec,
-    PlacementPolicy,
-    PlanInputs,
-)
+from router.placement.inputs import ModelSpec, PlacementPolicy, PlanInputs
 from router.placement.jobs import ExecutorSettings, Job, JobState
 from router.placement.planner import PlacementPlanner, Plan
+from router.placement.records import CopyRecords, queued_requests
 from router.routes import RouteBook
 
 __all__ = [
@@ -122,25 +117,20 @@ class PlacementController:
         self._placement_policy = placement_policy or PlacementPolicy
         # None: the tracker keeps its windows and the settings' forecast horizon applies.
         self._demand_windows = demand_windows
+        self.records = CopyRecords(self.settings.unknown_footprint_bytes)
         self.executor = PlacementExecutor(
             control,
             book=book,
             clock=clock,
             snapshot=source.snapshot,
             gpu_memory=source.gpu_memory,
-            last_request_at=lambda model, instance_id: self._last_used.get((model, instance_id)),
+            last_request_at=self.records.last_used,
             on_routes_changed=on_routes_changed,
             on_finished=self._finished,
             settings=executor_settings,
             tracer=tracer,
         )
         self._wake = asyncio.Event()
-        # (model, instance) -> load start or first sighting; latest scrape its counters moved.
-        self._loaded_at: dict[tuple[str, str], float] = {}
-        self._last_used: dict[tuple[str, str], float] = {}
-        # model -> bytes: GPU memory risen over its latest load; declared for its loaded versions.
-        self._measured: dict[str, int] = {}
-        self._declared: dict[str, int] = {}
         # model -> clock time its cold request expires.
         self._cold: dict[str, float] = {}
         self._decisions: dict[str, PlacementDecision] = {}
@@ -241,7 +231,7 @@ class PlacementController:
     def build_inputs(self, snapshot: FleetSnapshot) -> PlanInputs:
         """The planner's inputs from `snapshot` and what the controller remembers."""
         now = self._clock()
-        self._remember(snapshot, now)
+        self.records.remember(snapshot, {j.key for j in self.executor.jobs}, now)
         names = set(snapshot.known_models)
         for inst in snapshot.instances:
             names.update(inst.models)
@@ -255,9 +245,12 @@ class PlacementController:
                 del self._cold[model]
         return PlanInputs(
             now=now,
-            instances=tuple(self._instance_state(inst, specs, now) for inst in snapshot.instances),
+            instances=tuple(
+                self.records.instance_state(inst, specs, now, self.settings.stale_after_s)
+                for inst in snapshot.instances
+            ),
             specs=tuple(specs.values()),
-            demand=self._demand_snapshot(_queued(snapshot)),
+            demand=self._demand_snapshot(queued_requests(snapshot)),
             requested_while_absent=frozenset(self._cold),
             backoffs=self.executor.backoffs(),
             in_progress=self.executor.in_progress(),
@@ -273,68 +266,12 @@ class PlacementController:
 
     def footprint(self, model: str) -> int:
         """Bytes one copy takes: measured, else declared, else `unknown_footprint_bytes`."""
-        return (
-            self._measured.get(model)
-            or self._declared.get(model)
-            or self.settings.unknown_footprint_bytes
-        )
-
-    def _instance_state(
-        self, inst: InstanceSnapshot, specs: Mapping[str, ModelSpec], now: float
-    ) -> InstanceState:
-        iid = inst.instance_id
-        models = []
-        for name in sorted(inst.models):
-            loaded_at = self._loaded_at.get((name, iid), now)
-            models.append(
-                LoadedModel(
-                    name=name,
-                    memory_bytes=self._memory_of(name, inst.models[name], specs.get(name)),
-                    loaded_at=loaded_at,
-                    last_used=max(loaded_at, self._last_used.get((name, iid), loaded_at)),
-                )
-            )
-        fresh = inst.refreshed_at > 0 and now - inst.refreshed_at <= self.settings.stale_after_s
-        measured = inst.memory_source is MemorySource.GPU_METRICS
-        return InstanceState(
-            instance_id=iid,
-            memory_budget_bytes=inst.memory_budget_bytes,
-            memory_used_bytes=inst.memory_used_bytes if measured else 0,
-            models=tuple(models),
-            load=max(0.0, inst.inferences_per_second),
-            healthy=inst.healthy and fresh,
-        )
-
-    def _memory_of(self, name: str, loaded: ModelOnInstance, spec: ModelSpec | None) -> int:
-        if name in self._measured:
-            return self._measured[name]
-        if loaded.declared_memory_bytes and not loaded.is_loading:
-            return loaded.declared_memory_bytes
-        fallback = spec.footprint_bytes if spec is not None else self.footprint(name)
-        return max(loaded.declared_memory_bytes, fallback)
-
-    def _remember(self, snapshot: FleetSnapshot, now: float) -> None:
-        """First sightings, forgotten copies, and declared footprints of fully loaded models."""
-        busy = {(j.model, j.instance_id) for j in self.executor.jobs}
-        listed: set[tuple[str, str]] = set()
-        declared: dict[str, int] = {}
-        for inst in snapshot.instances:
-            for name, loaded in inst.models.items():
-                key = (name, inst.instance_id)
-                listed.add(key)
-                self._loaded_at.setdefault(key, now)
-                if loaded.declared_memory_bytes and not loaded.is_loading:
-                    declared[name] = max(declared.get(name, 0), loaded.declared_memory_bytes)
-        self._declared.update(declared)
-        for key in [k for k in self._loaded_at if k not in listed and k not in busy]:
-            del self._loaded_at[key]
-            self._last_used.pop(key, None)
+        return self.records.footprint(model)
 
     def _feed_demand(self, deltas: list[RequestDelta]) -> None:
         for delta in deltas:
             self.tracker.record(delta.model, delta.version, delta.count, at=delta.at)
-            key = (delta.model, delta.instance_id)
-            self._last_used[key] = max(self._last_used.get(key, delta.at), delta.at)
+            self.records.used(delta.model, delta.instance_id, delta.at)
 
     def _default_spec(self, model: str, footprint_bytes: int) -> ModelSpec:
         return ModelSpec(model, footprint_bytes, self.settings.default_capacity_rps)
@@ -349,10 +286,7 @@ class PlacementController:
             if job.state is JobState.FAILED:
                 self._load_failed(job)
                 return
-            if job.started_at is not None:
-                self._loaded_at[key] = job.started_at
-            if job.measured_bytes:
-                self._measured[job.model] = job.measured_bytes
+            self.records.loaded(key, job.started_at, job.measured_bytes)
             if job.load_seconds is not None and self._metrics is not None:
                 self._metrics.observe_model_load(job.model, job.load_seconds)
             took = f" (loaded in {job.load_seconds:.1f} s)" if job.load_seconds else ""
@@ -425,16 +359,3 @@ class PlacementController:
             forecast_rps=demand.forecast_rps,
             last_decision=last,
         )
-
-
-def _queued(snapshot: FleetSnapshot) -> dict[str, int]:
-    """Per model, the requests waiting in the queues of healthy instances (Triton's
-    nv_inference_pending_request_count at the latest scrape)."""
-    queued: dict[str, int] = {}
-    for inst in snapshot.instances:
-        if not inst.healthy:
-            continue
-        for name, loaded in inst.models.items():
-            if loaded.pending_requests > 0:
-                queued[name] = queued.get(name, 0) + loaded.pending_requests
-    return queued
