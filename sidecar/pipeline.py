@@ -89,6 +89,7 @@ class InferencePipeline:
         series: RequestSeries | None = None
         decision: Decision | None = None
         code, message = _OK, ""
+        recorded = False
         try:
             head = read_head(request, metadata, session_header=self._decider.sessions.header)
             decision = self._decider.prepare(head, request)
@@ -106,9 +107,13 @@ class InferencePipeline:
             raise
         except Exception as error:
             code, message = status_of(error)
+            # Counted before the status leaves: a caller that reads the metrics once answered
+            # must find its call there.
+            recorded = self._done(INFER, started, series, decision, span, code, message)
             await self._abort(context, decision, error, code, message)
         finally:
-            self._done(INFER, started, series, decision, span, code, message)
+            if not recorded:
+                self._done(INFER, started, series, decision, span, code, message)
 
     async def _infer(
         self, head: CallHead, decision: Decision, series: RequestSeries, request: bytes,
@@ -146,7 +151,7 @@ class InferencePipeline:
         decision: Decision | None = None
         code, message = _OK, ""
         feed: StreamFeed | None = None
-        admitted = False
+        admitted = recorded = False
         try:
             try:
                 first = await anext(requests)
@@ -189,13 +194,15 @@ class InferencePipeline:
             raise
         except Exception as error:
             code, message = status_of(error)
+            recorded = self._done(STREAM, started, series, decision, span, code, message)
             await self._abort(context, decision, error, code, message)
         finally:
             if admitted:
                 self._admission.leave()
             if feed is not None:
                 feed.close()
-            self._done(STREAM, started, series, decision, span, code, message)
+            if not recorded:
+                self._done(STREAM, started, series, decision, span, code, message)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -208,12 +215,14 @@ class InferencePipeline:
     def _done(
         self, method: str, started: float, series: RequestSeries | None,
         decision: Decision | None, span: Span | None, code: grpc.StatusCode, message: str,
-    ) -> None:  # fmt: skip
-        """A call ended with (code, message): its metrics, and its server span's last words."""
+    ) -> bool:  # fmt: skip
+        """A call ended with (code, message): its metrics, and its server span's last words.
+        Returns True (recorded)."""
         (series or self._metrics.series("", "", method)).done(code, perf_counter() - started)
         if span is not None:
             model, version = ("", "") if decision is None else (decision.model, decision.version)
             RpcTracer.end(span, code, message, {MODEL: model, MODEL_VERSION: version})
+        return True
 
     async def _abort(
         self, context: Context, decision: Decision | None, error: Exception,
