@@ -28,6 +28,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+from app.arguments import positive_seconds
 from bench.report import (
     BenchRun,
     ScenarioResult,
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + " (repeatable; default: all)",
     )
     parser.add_argument(
-        "--duration", type=_positive_seconds, help="measured seconds of each cell or run"
+        "--duration", type=positive_seconds, help="measured seconds of each cell or run"
     )
     parser.add_argument("--repetitions", type=_positive_int, help="repetitions (rounds) per cell")
     parser.add_argument(
@@ -69,16 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: small and short")
     parser.add_argument("--seed", type=int, default=7, help="random seed of every workload")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
-    return value
 
 
 def _positive_int(text: str) -> int:
