@@ -23,13 +23,14 @@ import io
 import json
 import os
 import pstats
+import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import CodeType
 from typing import Any
@@ -97,22 +98,26 @@ async def _measure(
 ) -> dict[str, Any]:
     argv = ["-m", "bench.sidecar_profile", "--client", address, "--duration", str(duration_s),
             "--concurrency", str(concurrency)]  # fmt: skip
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE
-    )
+    # Popen (vfork, where uvloop's spawn forks: a fork beside grpc's threads can crash the child).
+    child = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE)
     assert child.stdout is not None
-    if await child.stdout.readline() != b"start\n":
-        raise RuntimeError(f"the client exited ({await child.wait()}) before its load")
+    out, running = child.stdout, asyncio.get_running_loop()
+
+    async def line() -> bytes:
+        return await running.run_in_executor(None, out.readline)
+
+    if await line() != b"start\n":
+        raise RuntimeError(f"the client exited ({child.wait()}) before its load")
     threads, cpu, loop = cpu_by_thread_name(os.getpid()), time.process_time(), time.thread_time()
     if profile:
         profile.enable()
-    await child.stdout.readline()  # "stop"
+    await line()  # "stop"
     if profile:
         profile.disable()
     loop, cpu = time.thread_time() - loop, time.process_time() - cpu
     after = cpu_by_thread_name(os.getpid())
-    summary = json.loads(await child.stdout.readline())
-    if await child.wait() != 0:
+    summary = json.loads(await line())
+    if child.wait() != 0:
         raise RuntimeError("the client failed")
     per_call = 1e6 / max(1, summary["calls"])
     by_thread = {name: (used - threads.get(name, 0.0)) * per_call for name, used in after.items()}
@@ -167,11 +172,12 @@ def _reading(runs: dict[int, dict[str, Any]]) -> str:
         ours = share["ours"] + share["prometheus_client"]
         parts.append(
             f"at concurrency {concurrency} the sidecar process spent {total:.0f} us of CPU per "
-            f"request, {total - loop:.0f} on grpc's C-core threads and {loop:.0f} on the event "
-            f"loop, whose profile is {share['outside Python frames']:.0%} outside any Python "
-            f"frame (grpc.aio's Cython, the C core work it does inline, uvloop), "
-            f"{share['grpc']:.0%} grpc's Python, {share['asyncio'] + share['uvloop']:.0%} "
-            f"asyncio, {share['other']:.0%} other and {ours:.0%} ours (sidecar/, pointsman/, "
+            f"request, {total - loop:.0f} on other threads (grpc's event engine and completion "
+            f"queue poller) and {loop:.0f} on the event loop, whose profile is "
+            f"{share['outside Python frames']:.0%} outside any Python frame (grpc.aio's Cython, "
+            f"the C core work it does inline, uvloop), {share['grpc']:.0%} grpc's Python, "
+            f"{share['asyncio'] + share['uvloop']:.0%} asyncio, {share['other']:.0%} other "
+            f"(stdlib helpers: abc, inspect, ...) and {ours:.0%} ours (sidecar/, pointsman/, "
             f"prometheus_client): about {ours * loop:.0f} us per request"
         )
     return (
@@ -198,11 +204,12 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="pointsman-sidecar-profile-"))
     config = FleetConfig(instances=1, placement={"triton-0": (MODEL,)}, models=(MODEL,),
                          sidecar_port=0, router_port=0, run_dir=workdir)  # fmt: skip
+    began = provenance()
     with Fleet(config) as fleet:
         runs = uvloop.run(_runs(fleet.router_address, args))
     command = "python -m bench.sidecar_profile " + " ".join(sys.argv[1:])
     head = {"command": command, "label": args.label, "machine": asdict(machine_info()),
-            "provenance": asdict(provenance(os.getloadavg()))}  # fmt: skip
+            "provenance": asdict(replace(began, loadavg_end=os.getloadavg()))}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     figures = {c: {k: v for k, v in run.items() if k != "tables"} for c, run in runs.items()}
     (args.out / "profile.json").write_text(json.dumps({**head, "runs": figures}, indent=1) + "\n")
