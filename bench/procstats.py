@@ -21,6 +21,7 @@ __all__ = [
     "ProcessCost",
     "ProcessSampler",
     "cpu_by_pid",
+    "cpu_by_thread_name",
     "cpu_seconds",
     "rss_bytes",
     "with_descendants",
@@ -64,6 +65,20 @@ def cpu_by_pid(pids: Sequence[int]) -> dict[int, float]:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = _stat_fields(pid)
             used[pid] = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (14, 15)
+    return used
+
+
+def cpu_by_thread_name(pid: int) -> dict[str, float]:
+    """User + system CPU seconds the live threads of `pid` have used so far, summed by thread
+    name (grpc names its C threads; Python's are named after the program), the main thread
+    apart as "main"."""
+    used: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            name = "main" if tid == str(pid) else text.partition("(")[2].rpartition(")")[0]
+            fields = text.rpartition(")")[2].split()
+            used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _TICKS
     return used
 
 

@@ -2,7 +2,7 @@
 
 One real Triton serves `add_one` (FP32[16] + 1). The same requests go four ways: straight to
 Triton; through the Pointsman sidecar (its own process, a static route, as in a pod); through
-the least a Python proxy can be (`MINIMAL_PROXY`: 20 lines of grpc.aio with uvloop, one fixed
+the least a Python proxy can be (`paths.MINIMAL_PROXY`: 20 lines of grpc.aio with uvloop, one fixed
 upstream, no parsing, no routing), which separates the sidecar's own cost from grpc.aio's;
 and through nghttpx (a C HTTP/2 proxy, the reference for a compiled data plane). Two drivers:
 the project's load generator (grpc.aio, raw bytes) and h2load (C); each at concurrency 1 and
@@ -24,7 +24,6 @@ from pathlib import Path
 
 from app.processes import ManagedProcess, ProcessSpec, free_port, stop_all
 from app.triton import TritonSpec
-from bench.calls import INFER_METHOD
 from bench.report import BarGroup, ScenarioResult, Table, TargetCheck
 from bench.scenarios import Options, Say
 from bench.scenarios.h2load import INSTALL_HINT, h2load_run, nghttpx_process
@@ -34,6 +33,7 @@ from bench.scenarios.paths import (
     PathFigures,
     PathSettings,
     measure_rounds,
+    minimal_proxy_process,
     path_figures,
     python_run,
     request_body,
@@ -44,32 +44,12 @@ from bench.scenarios.quick_fleet import SharedFleet, one_triton
 from bench.stats import LoadSummary
 from bench.testbed import server_version
 
-__all__ = ["MINIMAL_PROXY", "run_overhead", "scenario"]
+__all__ = ["run_overhead", "scenario"]
 
 # The foundation issue's targets for the sidecar.
 TARGET_ADDED_P50_MS = 0.35
 TARGET_ADDED_P99_MS = 0.7
 TARGET_THROUGHPUT_RATIO = 0.25
-
-# The floor for comparison: the least a grpc.aio proxy can do (one fixed upstream, no peek,
-# no routing, no metadata, no deadline), with uvloop and a registered raw-bytes handler.
-MINIMAL_PROXY = """
-import sys, grpc, uvloop
-async def main(port, upstream):
-    channel = grpc.aio.insecure_channel(upstream)
-    call = channel.unary_unary(sys.argv[3], request_serializer=None,
-                               response_deserializer=None, _registered_method=True)
-    async def infer(request, context):
-        return await call(request)
-    server = grpc.aio.server()
-    server.add_registered_method_handlers(
-        "inference.GRPCInferenceService",
-        {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)})
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
-uvloop.run(main(sys.argv[1], sys.argv[2]))
-"""
 
 
 def _python_process(name: str, argv: Sequence[str], workdir: Path) -> ManagedProcess:
@@ -83,7 +63,7 @@ def _proxies(
 ) -> tuple[list[ManagedProcess], dict[str, str]]:
     """The processes in front of Triton, and every path's address (direct first)."""
     paths = {"direct": triton.grpc_address}
-    sidecar_port, proxy_port = free_port(), free_port()
+    sidecar_port = free_port()
     config = workdir / "sidecar.yaml"
     config.write_text(
         f"listen: 127.0.0.1:{sidecar_port}\nstatic_routes:\n  {MODEL}: [{triton.grpc_address}]\n"
@@ -94,14 +74,10 @@ def _proxies(
             ["-m", "app", "sidecar", "--config", str(config), "--log-level", "WARNING"],
             workdir,
         ),
-        _python_process(
-            "minimal-proxy",
-            ["-c", MINIMAL_PROXY, str(proxy_port), triton.grpc_address, INFER_METHOD],
-            workdir,
-        ),
     ]
     paths["sidecar"] = f"127.0.0.1:{sidecar_port}"
-    paths["minimal proxy"] = f"127.0.0.1:{proxy_port}"
+    minimal_proxy, paths["minimal proxy"] = minimal_proxy_process(triton.grpc_address, workdir)
+    processes.append(minimal_proxy)
     if nghttpx := nghttpx_process(triton.grpc_address, workdir, notes):
         processes.append(nghttpx[0])
         paths["nghttpx"] = nghttpx[1]

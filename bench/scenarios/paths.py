@@ -1,5 +1,6 @@
 """The method of the scenarios that compare paths to one Triton serving `add_one` (overhead,
-proxyless): the request and its check, the Python driver (`python_run`: one closed-loop run of
+proxyless): the request and its check, the bare proxy both measure as the floor
+(`MINIMAL_PROXY`), the Python driver (`python_run`: one closed-loop run of
 the project's load generator, with an optional window around the load for CPU sampling),
 rotated rounds (`measure_rounds`), and the figures of a path against direct (`path_figures`:
 medians over rounds with 95 % bootstrap intervals, the added latency taken per round against
@@ -11,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -22,7 +25,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as triton_pb
 
-from app.processes import ManagedProcess
+from app.processes import ManagedProcess, ProcessSpec, free_port
 from bench.calls import INFER_METHOD, TritonCalls, infer_request_bytes
 from bench.loadgen import Request, run_closed_loop
 from bench.report import ratio
@@ -31,6 +34,7 @@ from bench.scenarios.comparison import interleaved
 from bench.stats import Interval, LoadSummary, bootstrap_median, summarize
 
 __all__ = [
+    "MINIMAL_PROXY",
     "MODEL",
     "PATH_COLUMNS",
     "QUICK",
@@ -39,6 +43,7 @@ __all__ = [
     "PathSettings",
     "check_answer",
     "measure_rounds",
+    "minimal_proxy_process",
     "path_figures",
     "python_run",
     "request_body",
@@ -70,6 +75,38 @@ class PathSettings:
 
 
 QUICK = PathSettings(duration_s=0.3, warmup_s=0.1, rounds=1, h2load=False)
+
+
+# The floor for comparison: the least a grpc.aio proxy can do (one fixed upstream, no peek,
+# no routing, no metadata, no deadline), with uvloop and a registered raw-bytes handler.
+MINIMAL_PROXY = """
+import sys, grpc, uvloop
+async def main(port, upstream):
+    channel = grpc.aio.insecure_channel(upstream)
+    call = channel.unary_unary(sys.argv[3], request_serializer=None,
+                               response_deserializer=None, _registered_method=True)
+    async def infer(request, context):
+        return await call(request)
+    server = grpc.aio.server()
+    server.add_registered_method_handlers(
+        "inference.GRPCInferenceService",
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)})
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+uvloop.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def minimal_proxy_process(
+    upstream: str, log_dir: Path, name: str = "minimal-proxy"
+) -> tuple[ManagedProcess, str]:
+    """`MINIMAL_PROXY` in front of `upstream` on a free port, its own process (not started
+    yet), and its address."""
+    port = free_port()
+    argv = [sys.executable, "-c", MINIMAL_PROXY, str(port), upstream, INFER_METHOD]
+    process = ManagedProcess(ProcessSpec(name, argv, log_path=log_dir / f"{name}.log"))
+    return process, f"127.0.0.1:{port}"
 
 
 def request_body() -> bytes:

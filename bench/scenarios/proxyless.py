@@ -1,23 +1,29 @@
-"""Scenario `proxyless`: direct, proxyless (xDS), sidecar and nghttpx side by side.
+"""Scenario `proxyless`: direct, proxyless (xDS), sidecar, bare proxy and nghttpx side by side.
 
 A one-Triton fleet serves `add_one` (`app.fleet.Fleet`: the Triton, the router, which serves
 xDS, and a sidecar that follows the router, as in a pod); nghttpx proxies to the Triton (a
 compiled data plane, for reference). The proxyless path is the channel `xds:///add_one` with
 GRPC_XDS_BOOTSTRAP naming the router: gRPC's own xDS client picks the instance and connects
-straight to Triton. One driver for all four paths and overhead's method (bench.scenarios.paths:
+straight to Triton. The bare proxy is overhead's `MINIMAL_PROXY` (grpc.aio with uvloop, one
+fixed upstream, raw bytes, nothing else), its own process: the floor that grpc.aio's own
+machinery and thread hops set for any Python proxy, so that the sidecar's cost splits into
+grpc's and ours. One driver for all five paths and overhead's method (bench.scenarios.paths:
 the Python load generator, grpc.aio, raw bytes, in this process; rotated rounds, medians over
 rounds with 95 % bootstrap intervals, the added latency taken per round against that round's
 direct run), at concurrency 1 and 64.
 
 CPU per request over each run (warm-up included, divided by every call made): this process
 (the client: the load generator and gRPC, the xDS client's balancer included), the proxy (the
-sidecar, or nghttpx with its worker), and the Triton (with its model stub); beside them the
-router's CPU in cores over the run (its background work, since no request passes through it)
-and the proxy's peak RSS.
+sidecar, the bare proxy, or nghttpx with its worker), and the Triton (with its model stub);
+beside them the router's CPU in cores over the run (its background work, since no request
+passes through it) and the proxy's peak RSS.
 
 The goal (issue 15): proxyless p50 within noise of direct, i.e. the 95 % interval of the added
-p50 over rounds includes 0; judged from 3 rounds or more. GRPC_XDS_BOOTSTRAP is set in this
-process, and gRPC reads it when the process makes its first xDS channel.
+p50 over rounds includes 0; judged from 3 rounds or more. The sidecar's targets (issue 15:
+<= 200 us of its CPU per request at concurrency 64, +p50 <= 0.45 ms at concurrency 1) are
+reported with the bare proxy's figures beside them, the floor of the same run.
+GRPC_XDS_BOOTSTRAP is set in this process, and gRPC reads it when the process makes its first
+xDS channel.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +50,7 @@ from bench.scenarios.paths import (
     PathFigures,
     PathSettings,
     measure_rounds,
+    minimal_proxy_process,
     path_figures,
     python_run,
     settings_for,
@@ -59,6 +66,9 @@ MiB = 1024**2
 # Whose CPU time each request costs, and where.
 CPU_PARTS = ("client", "proxy", "triton")
 MIN_ROUNDS_FOR_NOISE = 3
+# Issue 15's targets for the sidecar, with every feature on.
+TARGET_SIDECAR_CPU_US = 200.0
+TARGET_SIDECAR_ADDED_P50_MS = 0.45
 
 
 class CostWindow:
@@ -169,13 +179,17 @@ def run_proxyless(
         }
         # What serves each path (its exit ends the wait for an answer).
         serving = {"proxyless": _process(fleet, "router"), "sidecar": _process(fleet, "sidecar")}
-        nghttpx: list[ManagedProcess] = []
+        bare, addresses["bare proxy"] = minimal_proxy_process(
+            triton.grpc_address, workdir, "bare-proxy"
+        )
+        serving["bare proxy"] = bare
+        own = [bare]  # the proxies this scenario starts and stops
         if found := nghttpx_process(triton.grpc_address, workdir, notes):
-            nghttpx.append(found[0])
+            own.append(found[0])
             addresses["nghttpx"] = found[1]
             serving["nghttpx"] = found[0]
         try:
-            for process in nghttpx:
+            for process in own:
                 process.start()
             for path, process in serving.items():
                 wait_for_answer(addresses[path], process, timeout_s=60)
@@ -183,10 +197,8 @@ def run_proxyless(
                 "triton": _pid(fleet, triton.instance_id),
                 "router": _pid(fleet, "router"),
             }
-            proxies = {"sidecar": _pid(fleet, "sidecar")}
-            for process in nghttpx:
-                if process.pid is not None:
-                    proxies[process.name] = process.pid
+            proxies = {path: process.pid for path, process in serving.items() if process.pid}
+            del proxies["proxyless"]  # the router serves xDS, no request passes through it
 
             def measure(path: str, concurrency: int) -> PathRun:
                 pids = base | ({"proxy": proxies[path]} if path in proxies else {})
@@ -194,7 +206,7 @@ def run_proxyless(
 
             runs = measure_rounds(list(addresses), settings, measure, say, "proxyless")
         finally:
-            stop_all(nghttpx)
+            stop_all(own)
     if shared is not None:
         notes.append(f"quick mode: on the quick run's shared fleet (logs: {fleet.run_dir})")
     notes.append(f"logs: {workdir}")
@@ -262,7 +274,7 @@ def _result(
     cpu_columns = (*CPU_PARTS, "client + proxy")
     return ScenarioResult(
         name="proxyless",
-        title="Proxyless: direct vs proxyless (xDS) vs sidecar vs nghttpx on add_one",
+        title="Proxyless: direct vs proxyless (xDS) vs sidecar vs bare proxy vs nghttpx on add_one",
         tables=(
             Table(
                 f"add_one FP32[16], one Triton, Python driver, {settings.duration_s:g} s per run, "
@@ -312,7 +324,10 @@ def _result(
                 tuple(at[(high, p)].cpu_us_per_request["client + proxy"].median for p in paths),
             ),
         ),
-        targets=(_noise_target(at[(low, "proxyless")].figures.added_p50_ms, low),),
+        targets=(
+            _noise_target(at[(low, "proxyless")].figures.added_p50_ms, low),
+            *_sidecar_targets(at, low, high),
+        ),
         notes=(
             *notes,
             "The client is this Python process; CPU per request counts the warm-up's calls too.",
@@ -334,6 +349,41 @@ def _noise_target(added: Interval, concurrency: int) -> TargetCheck:
         f"{added.text()} ms"
         + ("" if judged else f" (under {MIN_ROUNDS_FOR_NOISE} rounds: not judged)"),
         (added.low <= 0.0 <= added.high) if judged else None,
+    )
+
+
+def _sidecar_targets(
+    at: Mapping[tuple[int, str], _Cell], low: int, high: int
+) -> tuple[TargetCheck, ...]:
+    """Issue 15's sidecar targets, each with the bare proxy's figure of the same run beside
+    it (where it ran): what grpc.aio alone costs, which no Python proxy goes under."""
+    if (high, "sidecar") not in at:
+        return ()
+
+    def floor(concurrency: int, figure: Callable[[_Cell], Interval], unit: str) -> str:
+        bare = at.get((concurrency, "bare proxy"))
+        return "" if bare is None else f" (bare proxy: {figure(bare).median:.3g} {unit})"
+
+    def cpu(cell: _Cell) -> Interval:
+        return cell.cpu_us_per_request["proxy"]
+
+    def added(cell: _Cell) -> Interval:
+        return cell.figures.added_p50_ms
+
+    used, plus = cpu(at[(high, "sidecar")]), added(at[(low, "sidecar")])
+    return (
+        TargetCheck(
+            f"sidecar CPU per request (concurrency {high})",
+            f"<= {TARGET_SIDECAR_CPU_US:g} us",
+            f"{used.text()} us" + floor(high, cpu, "us"),
+            used.median <= TARGET_SIDECAR_CPU_US,
+        ),
+        TargetCheck(
+            f"sidecar adds, p50 (concurrency {low})",
+            f"<= {TARGET_SIDECAR_ADDED_P50_MS} ms",
+            f"{plus.text()} ms" + floor(low, added, "ms"),
+            plus.median <= TARGET_SIDECAR_ADDED_P50_MS,
+        ),
     )
 
 

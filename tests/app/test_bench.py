@@ -551,7 +551,7 @@ def test_bench_quick_smokes_every_scenario_on_real_tritons(tmp_path: Path) -> No
     ]
     assert len(pointsman) == 2 and sum(pointsman) > 0, pointsman
     _check_paths(scenarios["overhead"], {"direct", "sidecar", "minimal proxy"})
-    _check_paths(scenarios["proxyless"], {"direct", "proxyless", "sidecar"})
+    _check_paths(scenarios["proxyless"], {"direct", "proxyless", "sidecar", "bare proxy"})
     _check_proxyless_costs(scenarios["proxyless"]["data"]["cells"])
     batching = scenarios["batching"]["data"]
     assert set(batching["decode_step_ms"]) == {"1", "2", "4", "8"}
@@ -615,5 +615,7 @@ def _check_proxyless_costs(cells: list[dict[str, Any]]) -> None:
         cpu = cell["cpu_us_per_request"]
         assert cpu["client"]["median"] > 0, cell  # the load generator is this process
         assert (cpu["proxy"]["median"] is None) is (cell["path"] in ("direct", "proxyless"))
-    # The sidecar spends CPU on the requests it proxies (summed: one short run each).
-    assert sum(c["cpu_us_per_request"]["proxy"]["median"] for c in cells if c["path"] == "sidecar")
+    # The sidecar and the bare proxy spend CPU on the requests they proxy (summed: one short
+    # run each).
+    for proxy in ("sidecar", "bare proxy"):
+        assert sum(c["cpu_us_per_request"]["proxy"]["median"] for c in cells if c["path"] == proxy)

@@ -80,7 +80,25 @@ def test_figures_per_path_take_cpu_medians_and_the_proxy_only_where_there_is_one
     assert direct["proxy"].samples == 0 and direct["client + proxy"].median == 210.0
     settings = PathSettings(rounds=3, concurrencies=(1,))
     result = _result(runs, settings, ["direct", "proxyless", "sidecar"], [])
-    (target,) = result.targets
-    assert target.met is True  # added p50 per round: 0.1, -0.1, 0.0
+    noise, sidecar_cpu, sidecar_p50 = result.targets
+    assert noise.met is True  # added p50 per round: 0.1, -0.1, 0.0
+    assert sidecar_cpu.met is False and sidecar_cpu.measured.endswith("us")  # 410 > 200
+    assert sidecar_p50.met is False  # +1 ms
     rows = {row[1]: row for row in result.tables[1].rows}
     assert rows["direct"][3] == "-" and rows["sidecar"][3].startswith("410 [")
+
+
+def test_the_sidecar_targets_show_the_bare_proxy_floor_of_the_same_run() -> None:
+    runs = {
+        (1, "direct"): [_run(1.0, 200.0)] * 3,
+        (1, "proxyless"): [_run(1.0, 200.0)] * 3,
+        (1, "sidecar"): [_run(1.3, 300.0, 180.0)] * 3,
+        (1, "bare proxy"): [_run(1.2, 250.0, 150.0)] * 3,
+    }
+    settings = PathSettings(rounds=3, concurrencies=(1,))
+    _, cpu, p50 = _result(runs, settings, [path for _, path in runs], []).targets
+    assert cpu.met is True and cpu.measured.endswith("(bare proxy: 150 us)")
+    assert p50.met is True and p50.measured.endswith("(bare proxy: 0.2 ms)")
+    without_sidecar = {key: value for key, value in runs.items() if key[1] != "sidecar"}
+    paths = [path for _, path in without_sidecar]
+    assert len(_result(without_sidecar, settings, paths, []).targets) == 1
