@@ -186,7 +186,6 @@ class SidecarMetrics:
         labels = (model_label, version_label, method)
         series = self._by_labels.get(labels)
         if series is None:
-            model_label = labels[0]
             series = self._by_labels[labels] = RequestSeries(
                 *labels,
                 retries=self.retries.labels(model_label),

@@ -26,17 +26,15 @@ from typing import NoReturn
 import grpc
 from opentelemetry.trace import Span
 
-from pointsman.clock import Clock, monotonic
 from pointsman.errors import status_of
 from sidecar.admission import Admission, ShedError
 from sidecar.attempts import AttemptLoop
 from sidecar.config import SidecarConfig
 from sidecar.decide import Decider, Decision
-from sidecar.flow import FlowControl, queue_full, stream_refusal
+from sidecar.flow import queue_full, stream_refusal
 from sidecar.head import CallHead, Context, read_head, time_left
 from sidecar.idempotency import IdempotencyStore
 from sidecar.metrics import RequestSeries, SidecarMetrics
-from sidecar.resilience import OutlierDetector
 from sidecar.stream_feed import StreamFeed
 from sidecar.tracing import MODEL, MODEL_VERSION, RpcTracer
 from sidecar.upstream import Metadata, Upstream
@@ -58,13 +56,11 @@ class InferencePipeline:
         config: SidecarConfig,
         decider: Decider,
         *,
+        attempts: AttemptLoop,
         admission: Admission,
-        flow: FlowControl,
         idempotency: IdempotencyStore | None,
-        outliers: OutlierDetector,
         metrics: SidecarMetrics,
         tracer: RpcTracer | None = None,
-        clock: Clock = monotonic,
     ) -> None:
         self._decider = decider
         self._admission = admission
@@ -75,10 +71,7 @@ class InferencePipeline:
         self._tracer = tracer
         self._replay_limit = config.max_message_bytes
         # Stage 3 (sidecar.attempts); its `run`, bound once: called on every request.
-        self._attempts = AttemptLoop(
-            config, decider, admission=admission, flow=flow, outliers=outliers,
-            metrics=metrics, tracer=tracer, clock=clock,
-        ).run  # fmt: skip
+        self._attempts = attempts.run
 
     # -- ModelInfer ----------------------------------------------------------------------------
 
@@ -109,7 +102,8 @@ class InferencePipeline:
             code, message = status_of(error)
             # Counted before the status leaves: a caller that reads the metrics once answered
             # must find its call there.
-            recorded = self._done(INFER, started, series, decision, span, code, message)
+            self._done(INFER, started, series, decision, span, code, message)
+            recorded = True
             await self._abort(context, decision, error, code, message)
         finally:
             if not recorded:
@@ -194,7 +188,8 @@ class InferencePipeline:
             raise
         except Exception as error:
             code, message = status_of(error)
-            recorded = self._done(STREAM, started, series, decision, span, code, message)
+            self._done(STREAM, started, series, decision, span, code, message)
+            recorded = True
             await self._abort(context, decision, error, code, message)
         finally:
             if admitted:
@@ -215,14 +210,12 @@ class InferencePipeline:
     def _done(
         self, method: str, started: float, series: RequestSeries | None,
         decision: Decision | None, span: Span | None, code: grpc.StatusCode, message: str,
-    ) -> bool:  # fmt: skip
-        """A call ended with (code, message): its metrics, and its server span's last words.
-        Returns True (recorded)."""
+    ) -> None:  # fmt: skip
+        """A call ended with (code, message): its metrics, and its server span's last words."""
         (series or self._metrics.series("", "", method)).done(code, perf_counter() - started)
         if span is not None:
             model, version = ("", "") if decision is None else (decision.model, decision.version)
             RpcTracer.end(span, code, message, {MODEL: model, MODEL_VERSION: version})
-        return True
 
     async def _abort(
         self, context: Context, decision: Decision | None, error: Exception,

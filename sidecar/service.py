@@ -28,6 +28,7 @@ from pointsman.errors import (
     abort,
 )
 from sidecar.admission import Admission
+from sidecar.attempts import AttemptLoop
 from sidecar.balancer import pick
 from sidecar.config import SidecarConfig
 from sidecar.decide import Decider
@@ -121,16 +122,18 @@ class InferenceProxy:
             rng=rng,
         )
         flow.follow(cache)
+        attempts = AttemptLoop(
+            config, self._decider, admission=admission, flow=flow, outliers=outliers,
+            metrics=metrics, tracer=tracer, clock=clock,
+        )  # fmt: skip
         self._pipeline = InferencePipeline(
             config,
             self._decider,
+            attempts=attempts,
             admission=admission,
-            flow=flow,
             idempotency=self.idempotency,
-            outliers=outliers,
             metrics=metrics,
             tracer=tracer,
-            clock=clock,
         )
         self._server_live: bytes = pb.ServerLiveResponse(live=True).SerializeToString()
         self._ready_true: bytes = pb.ServerReadyResponse(ready=True).SerializeToString()
